@@ -7,6 +7,7 @@ A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from lens.model import RecurrentDepthLM
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED_MODELS = ("tiny-arith",)
+_WHOLE_FILE_LIMIT = 256 * 2**20  # larger weight files are fingerprinted from samples
+_SAMPLE_BYTES = 2**20
 
 
 class CheckpointError(ValueError):
@@ -62,6 +65,28 @@ def _weight_files(path: Path) -> list[Path]:
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise CheckpointError(f"{path} holds only pickle weights (.bin/.pt); looplens loads safetensors only")
     raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def weights_fingerprint(name_or_path: str | Path) -> str:
+    """A short hash of a model's weight files, recorded in run manifests so that a run is never resumed
+    with other weights under the same model name (a retrained checkpoint, an updated embedded model).
+
+    Files up to 256 MiB are hashed whole; larger shards by their size and a 1 MiB sample every 256 MiB
+    (the first holds the safetensors header), which any retraining or fine-tuning changes.
+    """
+    digest = hashlib.sha256()
+    for file in _weight_files(resolve_model_path(name_or_path)):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size};".encode())
+        with file.open("rb") as fh:
+            if size <= _WHOLE_FILE_LIMIT:
+                for block in iter(lambda: fh.read(_SAMPLE_BYTES), b""):
+                    digest.update(block)
+            else:
+                for offset in range(0, size, _WHOLE_FILE_LIMIT):
+                    fh.seek(offset)
+                    digest.update(fh.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def read_state_dict(path: Path, dtype: torch.dtype | None = None,

@@ -75,6 +75,7 @@ def _model_description(name: str, model: RecurrentDepthLM, device: str, dtype: t
     return {
         "name": str(name),
         "config_name": model.config.name,
+        "weights": lens.loading.weights_fingerprint(name),
         "parameters": model.num_parameters(),
         "dtype": str(dtype or model.dtype).replace("torch.", ""),
         "device": device,

@@ -135,7 +135,8 @@ def run_evaluation(model_name: str, depths: Sequence[int] | None = None, n: int 
     template = resolve_template(None, model.tokenizer)
     settings = {"depths": list(depths), "n": n, "seed": seed, "tasks": list(arithmetic.TASKS)}
     run = Run.create(out, f"eval-{Path(str(model_name)).name}-n{n}-s{seed}",
-                     {"model": {"name": str(model_name)}, "settings": settings,
+                     {"model": {"name": str(model_name), "weights": lens.loading.weights_fingerprint(model_name)},
+                      "settings": settings,
                       "prompt_template": template.to_dict()})
     for depth in tqdm(depths, desc="eval depths"):
         if not run.has_shard("answers", depth):

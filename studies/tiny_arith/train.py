@@ -43,7 +43,7 @@ class TrainConfig:
     """Everything that determines the trained weights (recorded in the model card)."""
 
     seed: int = 0
-    steps: int = 3300
+    steps: int = 4500
     batch_size: int = 128
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -51,15 +51,16 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     beta2: float = 0.95
-    mean_recurrence: int = 12
+    mean_recurrence: int = 16
+    min_recurrence: int = 5
     backprop_depth: int = 4
     lognormal_sigma: float = 0.5
     task_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     n_embd: int = 128
     n_heads: int = 4
-    intermediate_size: int = 320
+    intermediate_size: int = 160
     n_layers_in_prelude: int = 1
-    n_layers_in_recurrent_block: int = 2
+    n_layers_in_recurrent_block: int = 1
     n_layers_in_coda: int = 1
     block_size: int = 256
     threads: int = 1
@@ -88,11 +89,14 @@ def model_config(cfg: TrainConfig, tokenizer: lens.tokenizer.Tokenizer) -> Recur
 
 
 def sample_depth(cfg: TrainConfig, gen: torch.Generator) -> tuple[int, int]:
-    """Huginn's sampler: total depth ~ Poisson(LogNormal) + 1 around the mean; gradients through the last few."""
+    """Huginn's sampler: total depth ~ Poisson(LogNormal) + 1 around the mean; gradients through the last few.
+
+    Depths below ``min_recurrence`` are raised to it, so that nothing rewards answering in fewer iterations.
+    """
     s = cfg.backprop_depth
     mu = math.log(cfg.mean_recurrence) - cfg.lognormal_sigma**2 / 2
     rate = float(torch.empty(1).log_normal_(mu, cfg.lognormal_sigma, generator=gen))
-    total = int(torch.poisson(torch.tensor([rate]), generator=gen)) + 1
+    total = max(int(torch.poisson(torch.tensor([rate]), generator=gen)) + 1, cfg.min_recurrence)
     return max(total - s, 0), min(s, total)
 
 

@@ -77,6 +77,29 @@ def test_sharded_checkpoint_loads(tmp_path):
         assert torch.equal(model(ids, 2, "zeros").logits, again(ids, 2, "zeros").logits)
 
 
+def test_weights_fingerprint_tells_retrained_weights_apart(tmp_path, monkeypatch):
+    import lens.loading as loading
+
+    _, path = _saved_model(tmp_path)
+    first = loading.weights_fingerprint(path)
+    assert first == loading.weights_fingerprint(path) and len(first) == 16
+    assert loading.weights_fingerprint("tiny-arith") != first
+    data = bytearray((path / "model.safetensors").read_bytes())
+    offset = len(data) - 3  # inside the last tensor
+    data[offset] ^= 1
+    (path / "model.safetensors").write_bytes(bytes(data))
+    assert loading.weights_fingerprint(path) != first
+    # large shards are sampled: a change inside a sample is seen, one between samples is not
+    monkeypatch.setattr(loading, "_WHOLE_FILE_LIMIT", 4096)
+    monkeypatch.setattr(loading, "_SAMPLE_BYTES", 1024)
+    sampled = loading.weights_fingerprint(path)
+    for position, seen in ((4096 + 10, True), (4096 + 2000, False)):
+        data[position] ^= 1
+        (path / "model.safetensors").write_bytes(bytes(data))
+        assert (loading.weights_fingerprint(path) != sampled) is seen
+        data[position] ^= 1
+
+
 def test_bad_checkpoints_give_one_clear_error(tmp_path):
     _, path = _saved_model(tmp_path)
     state = load_file(str(path / "model.safetensors"))

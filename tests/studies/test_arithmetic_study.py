@@ -135,7 +135,8 @@ def test_study_sized_run_on_the_embedded_model_resumes_after_a_kill(tmp_path, mo
     run = run_arithmetic_study(**settings)
     assert {p.name: p.stat().st_mtime_ns for p in (path / "ranks").glob("*.parquet") if p.name in written} == written
     ranks = run.table("ranks")
-    layers = 1 + 16 * 2 + 1
+    layout = lens.load_model("tiny-arith").layout
+    layers = layout.prelude + 16 * layout.core + layout.coda
     per_prompt = ranks.query("target_kind == 'predicted' and unrolled_index >= 0").groupby("prompt_id").size()
     assert len(per_prompt) == 200 and (per_prompt == 2 * layers - 1).all()  # the Coda Lens stops before the coda
     assert not ranks.duplicated(["prompt_id", "site", "iteration", "lens", "target_kind"]).any()

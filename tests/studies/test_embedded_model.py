@@ -50,6 +50,6 @@ def test_card_matches_a_fresh_measurement_and_recurrence_does_work(model):
         assert abs(measured[depth] - card[depth]) < 5, (depth, measured[depth], card[depth])
     best = max(card.values())
     assert card[default] >= 95  # the acceptance bar of the embedded model
-    assert card[default] - card[1] >= 5  # recurrence helps (the card states by how much)
+    assert card[default] - card[1] >= 30  # recurrence does real work: one iteration is far from enough
     assert best - card[4 * default] <= 5  # iterating past the training mean does not collapse
-    assert measured[default] - measured[1] > 5
+    assert measured[default] - measured[1] >= 25

@@ -52,12 +52,17 @@ def test_resume_refuses_a_different_recipe(tmp_path):
         train(other, tmp_path / "a")
 
 
-def test_depth_sampler_follows_the_mean():
+def test_depth_sampler_follows_the_mean_above_its_floor():
     cfg = TrainConfig()
     gen = torch.Generator().manual_seed(0)
     depths = [sum(sample_depth(cfg, gen)) for _ in range(2000)]
     assert abs(sum(depths) / len(depths) - (cfg.mean_recurrence + 1)) < 0.6
-    assert sum(d <= 2 for d in depths) / len(depths) < 0.01  # one or two iterations are rare
+    assert min(depths) == cfg.min_recurrence  # never fewer iterations than the floor, and the floor is hit
+    huginn = TrainConfig(min_recurrence=1)
+    gen = torch.Generator().manual_seed(0)
+    unfloored = [sum(sample_depth(huginn, gen)) for _ in range(2000)]
+    assert depths == [max(d, cfg.min_recurrence) for d in unfloored]  # the floor only raises short draws
+    assert min(unfloored) < cfg.min_recurrence
     no_grad, with_grad = sample_depth(cfg, torch.Generator().manual_seed(1))
     assert with_grad == min(cfg.backprop_depth, no_grad + with_grad)
     assert training.lr_at(cfg, 0) < training.lr_at(cfg, cfg.warmup_steps) > training.lr_at(cfg, cfg.steps - 1)

@@ -33,6 +33,18 @@ def small_config(**overrides):
     return lens.RecurrentDepthConfig(**kwargs)
 
 
+def save_arith_model(directory: Path, **overrides) -> Path:
+    """A small random model with the tiny-arith tokenizer, saved where ``lens.load_model`` and the CLI read it."""
+    import lens
+    from studies.tiny_arith.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = small_config(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       **{"block_size": 128, **overrides})
+    return lens.save_model(lens.RecurrentDepthLM(cfg, tokenizer=tok).eval(), directory)
+
+
 @pytest.fixture
 def small_model():
     import lens

@@ -8,45 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests.app.runs import corrupt_shard, write_run
-
-MODEL_LAYOUT = dict(n_embd=64, n_heads=4, intermediate_size=96, n_layers_in_prelude=1,
-                    n_layers_in_recurrent_block=2, n_layers_in_coda=1, mean_recurrence=4, block_size=256)
-
-
-def build_tokenizer():
-    """The tiny-arith tokenizer when ``studies.tiny_arith`` has it, else a word-level one built here."""
-    try:
-        from studies.tiny_arith.tokenizer import build_tokenizer as tiny
-
-        return tiny()
-    except ImportError:
-        pass
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
-    from lens.tokenizer import Tokenizer
-
-    words = ["<|pad|>", "<|end_text|>", "<|unk|>", "\n", " "]
-    words += [p + w for p in ("", " ") for w in [*"0123456789", *"+-*():?", "Question", "Answer", "What", "is",
-                                                  "the", "plus", "minus", "times"]]
-    backend = Backend(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|unk|>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?\d| ?[A-Za-z]+|\n| ?[^\sA-Za-z\d]| "), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return Tokenizer(backend, {"eos_token": "<|end_text|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"})
+from tests.conftest import save_arith_model
 
 
 def write_model(directory: Path) -> Path:
-    """A random recurrent-depth model (prelude 1, core 2 × 4, coda 1) with a tokenizer, via ``lens.save_model``."""
-    import torch
-
-    import lens
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = lens.RecurrentDepthConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
-                                    pad_token_id=tok.pad_token_id, **MODEL_LAYOUT)
-    model = lens.RecurrentDepthLM(cfg, tokenizer=tok).eval()
-    return lens.save_model(model, directory)
+    """A random recurrent-depth model (prelude 1, core 2 × 4, coda 1) with the tiny-arith tokenizer."""
+    return save_arith_model(directory, block_size=256)
 
 
 @pytest.fixture(scope="session")

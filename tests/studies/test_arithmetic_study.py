@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import lens
@@ -12,20 +11,14 @@ import probes.api
 from lens.cli import app
 from probes.store import Run
 from studies.arithmetic import run_arithmetic_study
-from studies.tiny_arith.tokenizer import build_tokenizer
-from tests.conftest import small_config
+from tests.conftest import save_arith_model
 
 SETTINGS = dict(n=12, steps=3, batch_size=4, depths=(1, 3), depth_n=4, seed=0)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = lens.RecurrentDepthLM(small_config(vocab_size=tok.vocab_size, block_size=128,
-                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-                                  tokenizer=tok)
-    return lens.save_model(model.eval(), tmp_path_factory.mktemp("model") / "tiny-random")
+    return save_arith_model(tmp_path_factory.mktemp("model") / "tiny-random")
 
 
 @pytest.fixture(scope="module")

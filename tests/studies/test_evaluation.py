@@ -11,17 +11,12 @@ import lens
 from probes.store import Run, RunMismatchError
 from studies.evaluation import CARD_BEGIN, CARD_END, run_evaluation
 from studies.tasks import arithmetic
-from studies.tiny_arith.tokenizer import build_tokenizer
-from tests.conftest import small_config
+from tests.conftest import save_arith_model
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    model = lens.RecurrentDepthLM(small_config(vocab_size=tok.vocab_size, block_size=128, mean_recurrence=2),
-                                  tokenizer=tok).eval()
-    path = lens.save_model(model, tmp_path / "ckpt")
+    path = save_arith_model(tmp_path / "ckpt", mean_recurrence=2)
     (path / "README.md").write_text(f"# card\n\n{CARD_BEGIN}\nold table\n{CARD_END}\n\nkept text\n")
     return path
 

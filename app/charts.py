@@ -28,9 +28,24 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = [
-    "DASHES", "LENS_COLORS", "TARGET_ORDER", "StageLayout", "accuracy_by_depth", "compare_trajectories", "empty_figure", "heatmap_grid",
-    "layer_label", "lens_grid", "pca_trajectories", "rank_heatmap", "rank_trajectory", "series_label",
-    "step_curves", "steps_used_bar", "token_text", "verdict_bar",
+    "DASHES",
+    "LENS_COLORS",
+    "TARGET_ORDER",
+    "StageLayout",
+    "accuracy_by_depth",
+    "compare_trajectories",
+    "empty_figure",
+    "heatmap_grid",
+    "layer_label",
+    "lens_grid",
+    "pca_trajectories",
+    "rank_heatmap",
+    "rank_trajectory",
+    "series_label",
+    "step_curves",
+    "steps_used_bar",
+    "token_text",
+    "verdict_bar",
 ]
 
 #: One colour per lens (targets are told apart by dash style).
@@ -39,11 +54,18 @@ _EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f
 #: Order in which target kinds are listed; with several targets on one figure each gets the next dash.
 TARGET_ORDER = ("predicted", "final", "intermediate", "intermediate_alt", "control")
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
-_TARGET_COLORS = {"predicted": "#1f77b4", "final": "#d62728", "intermediate": "#2ca02c",
-                  "intermediate_alt": "#98df8a", "control": "#7f7f7f"}
+_TARGET_COLORS = {
+    "predicted": "#1f77b4",
+    "final": "#d62728",
+    "intermediate": "#2ca02c",
+    "intermediate_alt": "#98df8a",
+    "control": "#7f7f7f",
+}
 _FONT = dict(family="Inter, -apple-system, Segoe UI, Helvetica, Arial, sans-serif", size=13)
 _MARGIN = dict(l=60, r=20, t=60, b=50)
-_HOVER = dict(bgcolor="rgba(255,255,255,0.95)", bordercolor="#999", font=dict(size=12, color="#222"), align="left")
+_HOVER = dict(
+    bgcolor="rgba(255,255,255,0.95)", bordercolor="#999", font=dict(size=12, color="#222"), align="left"
+)
 _LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.2, x=0, xanchor="left")
 _MARGIN_LEGEND = dict(l=60, r=20, t=60, b=110)
 
@@ -79,17 +101,29 @@ def _lens_color(lens: str, index: int = 0) -> str:
 
 def _rgba(hex_color: str, alpha: float) -> str:
     h = hex_color.lstrip("#")
-    r, g, b = (int(h[i: i + 2], 16) for i in (0, 2, 4))
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
 
 
 def empty_figure(message: str, height: int = 260) -> go.Figure:
     """A blank figure carrying a centred note (for selections with no data)."""
     fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, font=dict(size=15, color="#666"),
-                       xref="paper", yref="paper", x=0.5, y=0.5)
-    fig.update_layout(height=height, xaxis=dict(visible=False), yaxis=dict(visible=False),
-                      margin=dict(l=10, r=10, t=30, b=10), font=_FONT)
+    fig.add_annotation(
+        text=message,
+        showarrow=False,
+        font=dict(size=15, color="#666"),
+        xref="paper",
+        yref="paper",
+        x=0.5,
+        y=0.5,
+    )
+    fig.update_layout(
+        height=height,
+        xaxis=dict(visible=False),
+        yaxis=dict(visible=False),
+        margin=dict(l=10, r=10, t=30, b=10),
+        font=_FONT,
+    )
     return fig
 
 
@@ -119,8 +153,9 @@ class StageLayout:
         )
 
 
-def _stage_shapes(layout: StageLayout, *, x_scale: float = 1.0, col: int | None = None,
-                  labels: bool = True) -> tuple[list[dict], list[dict]]:
+def _stage_shapes(
+    layout: StageLayout, *, x_scale: float = 1.0, col: int | None = None, labels: bool = True
+) -> tuple[list[dict], list[dict]]:
     """Shapes shading prelude and coda and marking iteration boundaries, and annotations naming the
     stages along the top: plain dicts, set in one layout update by the caller (``add_vline`` per
     line re-validates the whole layout and is slow with many iterations)."""
@@ -138,13 +173,26 @@ def _stage_shapes(layout: StageLayout, *, x_scale: float = 1.0, col: int | None 
     if P:
         shapes.append({**band, "x0": sx(-0.5), "x1": sx(P - 0.5), "fillcolor": "rgba(120,120,160,0.10)"})
     if C:
-        shapes.append({**band, "x0": sx(L - C - 0.5), "x1": sx(L - 0.5), "fillcolor": "rgba(160,120,120,0.10)"})
+        shapes.append(
+            {**band, "x0": sx(L - C - 0.5), "x1": sx(L - 0.5), "fillcolor": "rgba(160,120,120,0.10)"}
+        )
     if J and T > 1:
         stride = max(1, math.ceil(T / 16))
         for t in range(stride, T, stride):
             x = sx(P + t * J - 0.5)
-            shapes.append(dict(type="line", xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below",
-                               line=dict(color="rgba(0,0,0,0.10)", width=1, dash="dot")))
+            shapes.append(
+                dict(
+                    type="line",
+                    xref=xref,
+                    yref=yref,
+                    x0=x,
+                    x1=x,
+                    y0=0,
+                    y1=1,
+                    layer="below",
+                    line=dict(color="rgba(0,0,0,0.10)", width=1, dash="dot"),
+                )
+            )
     notes: list[dict] = []
     if labels:
         marks = []
@@ -154,8 +202,19 @@ def _stage_shapes(layout: StageLayout, *, x_scale: float = 1.0, col: int | None 
             marks.append((sx(P + (J * T - 1) / 2), f"core × {T}"))
         if C:
             marks.append((sx(L - C + (C - 1) / 2), "coda"))
-        notes = [dict(x=x, y=1.0, xref=xref, yref="paper", yanchor="bottom", text=text, showarrow=False,
-                      font=dict(size=11, color="#666")) for x, text in marks]
+        notes = [
+            dict(
+                x=x,
+                y=1.0,
+                xref=xref,
+                yref="paper",
+                yanchor="bottom",
+                text=text,
+                showarrow=False,
+                font=dict(size=11, color="#666"),
+            )
+            for x, text in marks
+        ]
     return shapes, notes
 
 
@@ -164,7 +223,7 @@ def _log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
     vals, text = [], []
     for e in range(0, max(1, math.ceil(math.log10(max(hi, 1)))) + 1):
         vals.append(float(e))
-        text.append(f"{10 ** e:,}" if e < 3 else f"{10 ** (e - 3):g}k" if e < 6 else f"1e{e}")
+        text.append(f"{10**e:,}" if e < 3 else f"{10 ** (e - 3):g}k" if e < 6 else f"1e{e}")
     return vals, text
 
 
@@ -174,15 +233,24 @@ def _hover_lookup(hover: pd.DataFrame | None, keys: Sequence[str]) -> dict[tuple
     return dict(zip(map(tuple, hover[list(keys)].to_numpy().tolist()), hover["top"], strict=False))
 
 
-def _trajectory_traces(rows: pd.DataFrame, hover: pd.DataFrame | None, agg_hover: pd.DataFrame | None,
-                       *, show_prompts: bool, x_scale: float = 1.0, legend: bool = True,
-                       color_by: str = "lens") -> list[go.Scatter]:
+def _trajectory_traces(
+    rows: pd.DataFrame,
+    hover: pd.DataFrame | None,
+    agg_hover: pd.DataFrame | None,
+    *,
+    show_prompts: bool,
+    x_scale: float = 1.0,
+    legend: bool = True,
+    color_by: str = "lens",
+) -> list[go.Scatter]:
     """Thin per-prompt lines (one trace per series, gaps between prompts) and a bold median per series."""
     traces: list[go.Scatter] = []
     many = rows["prompt_id"].nunique() > 1
     per_prompt = {} if many else _hover_lookup(hover, ["lens", "prompt_id", "unrolled_index"])
     per_layer = _hover_lookup(agg_hover, ["lens", "unrolled_index"]) if many else {}
-    groups = sorted(rows.groupby(["lens", "target_kind"], sort=False), key=lambda item: _series_order(*item[0]))
+    groups = sorted(
+        rows.groupby(["lens", "target_kind"], sort=False), key=lambda item: _series_order(*item[0])
+    )
     kinds = sorted(rows["target_kind"].unique(), key=lambda k: _series_order("", k)[2:])
     for i, ((lens, kind), group) in enumerate(groups):
         color = _lens_color(lens, i) if color_by == "lens" else _TARGET_COLORS.get(kind, _EXTRA_COLORS[i % 6])
@@ -191,12 +259,25 @@ def _trajectory_traces(rows: pd.DataFrame, hover: pd.DataFrame | None, agg_hover
         group = group.sort_values(["prompt_id", "unrolled_index"])
         if show_prompts and many:
             x, y, text = _prompt_lines(group, hover, lens, x_scale)
-            traces.append(go.Scatter(
-                x=x, y=y, mode="lines", line=dict(color=_rgba(color, 0.28), width=1), name=f"{name} (prompts)",
-                legendgroup=name, showlegend=False, text=text, connectgaps=False,
-                hovertemplate="%{text}<br>rank %{y}<extra></extra>"))
-        med = group.groupby("unrolled_index").agg(rank=("rank", "median"), site=("site", "first"),
-                                                  iteration=("iteration", "first")).reset_index()
+            traces.append(
+                go.Scatter(
+                    x=x,
+                    y=y,
+                    mode="lines",
+                    line=dict(color=_rgba(color, 0.28), width=1),
+                    name=f"{name} (prompts)",
+                    legendgroup=name,
+                    showlegend=False,
+                    text=text,
+                    connectgaps=False,
+                    hovertemplate="%{text}<br>rank %{y}<extra></extra>",
+                )
+            )
+        med = (
+            group.groupby("unrolled_index")
+            .agg(rank=("rank", "median"), site=("site", "first"), iteration=("iteration", "first"))
+            .reset_index()
+        )
         if many:
             tops = [per_layer.get((lens, u), "") for u in med["unrolled_index"]]
             head = f"median of {group['prompt_id'].nunique()} prompts"
@@ -204,12 +285,23 @@ def _trajectory_traces(rows: pd.DataFrame, hover: pd.DataFrame | None, agg_hover
             pid = group["prompt_id"].iloc[0]
             tops = [per_prompt.get((lens, pid, u), "") for u in med["unrolled_index"]]
             head = f"prompt #{pid}"
-        text = [f"<b>{name}</b> · {layer_label(s, t)}<br>{head}: rank %{{y:,.0f}}<br>{top}"
-                for s, t, top in zip(med["site"], med["iteration"], tops, strict=True)]
-        traces.append(go.Scatter(
-            x=med["unrolled_index"] * x_scale, y=med["rank"], mode="lines+markers", name=name, legendgroup=name,
-            showlegend=legend, line=dict(color=color, width=3, dash=dash), marker=dict(size=5, color=color),
-            hovertemplate=[t + "<extra></extra>" for t in text]))
+        text = [
+            f"<b>{name}</b> · {layer_label(s, t)}<br>{head}: rank %{{y:,.0f}}<br>{top}"
+            for s, t, top in zip(med["site"], med["iteration"], tops, strict=True)
+        ]
+        traces.append(
+            go.Scatter(
+                x=med["unrolled_index"] * x_scale,
+                y=med["rank"],
+                mode="lines+markers",
+                name=name,
+                legendgroup=name,
+                showlegend=legend,
+                line=dict(color=color, width=3, dash=dash),
+                marker=dict(size=5, color=color),
+                hovertemplate=[t + "<extra></extra>" for t in text],
+            )
+        )
     return traces
 
 
@@ -220,8 +312,9 @@ def _layer_labels(frame: pd.DataFrame) -> pd.Series:
     return site.where(~recurrent, site + " · t=" + frame["iteration"].astype(str))
 
 
-def _prompt_lines(group: pd.DataFrame, hover: pd.DataFrame | None, lens: str,
-                  x_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _prompt_lines(
+    group: pd.DataFrame, hover: pd.DataFrame | None, lens: str, x_scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All prompts of one series as one line with a gap (NaN) between prompts, and its hover text.
 
     Built with array operations: a 100-prompt × 68-layer series has 6,800 points, and plotly
@@ -234,8 +327,14 @@ def _prompt_lines(group: pd.DataFrame, hover: pd.DataFrame | None, lens: str,
     else:
         g = g.assign(top="")
     g = g.sort_values(["prompt_id", "unrolled_index"])
-    text = ("prompt #" + g["prompt_id"].astype(str) + " · " + _layer_labels(g) + "<br>"
-            + g["top"].fillna("").astype(str)).to_numpy(dtype=object)
+    text = (
+        "prompt #"
+        + g["prompt_id"].astype(str)
+        + " · "
+        + _layer_labels(g)
+        + "<br>"
+        + g["top"].fillna("").astype(str)
+    ).to_numpy(dtype=object)
     starts = np.flatnonzero(np.diff(g["prompt_id"].to_numpy())) + 1  # where each next prompt begins
     x = np.insert(g["unrolled_index"].to_numpy(dtype=float) * x_scale, starts, np.nan)
     y = np.insert(g["rank"].to_numpy(dtype=float), starts, np.nan)
@@ -243,7 +342,9 @@ def _prompt_lines(group: pd.DataFrame, hover: pd.DataFrame | None, lens: str,
 
 
 def _rank_axis(y_range: tuple[float, float] | None) -> dict:
-    axis = dict(type="log", title="rank (log, 1 = top)", gridcolor="rgba(0,0,0,0.08)", zeroline=False, dtick=1)
+    axis = dict(
+        type="log", title="rank (log, 1 = top)", gridcolor="rgba(0,0,0,0.08)", zeroline=False, dtick=1
+    )
     if y_range is not None:
         axis["range"] = [math.log10(max(y_range[0], 0.8)), math.log10(max(y_range[1], 1.0) * 1.3)]
     return axis
@@ -277,12 +378,22 @@ def rank_trajectory(
     fig = go.Figure(_trajectory_traces(rows, hover, agg_hover, show_prompts=show_prompts, color_by=color_by))
     shapes, notes = _stage_shapes(layout)
     fig.update_layout(
-        shapes=shapes, annotations=notes,
+        shapes=shapes,
+        annotations=notes,
         title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height, font=_FONT, hoverlabel=_HOVER, margin=_MARGIN_LEGEND, hovermode="closest", plot_bgcolor="white",
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN_LEGEND,
+        hovermode="closest",
+        plot_bgcolor="white",
         legend=_LEGEND_BELOW,
-        xaxis=dict(title="unrolled layer (prelude → core iterations → coda)", gridcolor="rgba(0,0,0,0.05)",
-                   range=[-0.7, layout.num_unrolled - 0.3], zeroline=False),
+        xaxis=dict(
+            title="unrolled layer (prelude → core iterations → coda)",
+            gridcolor="rgba(0,0,0,0.05)",
+            range=[-0.7, layout.num_unrolled - 0.3],
+            zeroline=False,
+        ),
         yaxis=_rank_axis(y_range or rank_range(rows)),
     )
     return fig
@@ -294,13 +405,24 @@ def heatmap_grid(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]
     Returns ``(cells, row_labels, col_labels)`` where ``cells`` has ``row, col, unrolled_index,
     site, iteration, rank`` (rows: ``prelude``, ``t=1`` … ``t=T``, ``coda``; top to bottom).
     """
-    med = rows.groupby("unrolled_index").agg(rank=("rank", "median"), site=("site", "first"),
-                                             iteration=("iteration", "first"), block=("block", "first")).reset_index()
+    med = (
+        rows.groupby("unrolled_index")
+        .agg(
+            rank=("rank", "median"),
+            site=("site", "first"),
+            iteration=("iteration", "first"),
+            block=("block", "first"),
+        )
+        .reset_index()
+    )
     kind = med["site"].astype(str).str.split(".").str[0]
     med["row"] = np.where(kind == "core", "t=" + med["iteration"].astype(str), kind)
     steps = sorted(med.loc[kind == "core", "iteration"].unique())
-    row_labels = (["prelude"] if (kind == "prelude").any() else []) + [f"t={t}" for t in steps] + \
-        (["coda"] if (kind == "coda").any() else [])
+    row_labels = (
+        (["prelude"] if (kind == "prelude").any() else [])
+        + [f"t={t}" for t in steps]
+        + (["coda"] if (kind == "coda").any() else [])
+    )
     width = int(med["block"].max()) + 1 if len(med) else 0
     med["col"] = med["block"].astype(int)
     return med, row_labels, [f"b{j}" for j in range(width)]
@@ -326,34 +448,62 @@ def rank_heatmap(
     z = np.full((R, C), np.nan)
     text = np.full((R, C), "", dtype=object)
     hover_text = np.full((R, C), "", dtype=object)
-    tops = {} if hover is None or hover.empty else dict(zip(hover["unrolled_index"], hover["top"], strict=False))
+    tops = (
+        {} if hover is None or hover.empty else dict(zip(hover["unrolled_index"], hover["top"], strict=False))
+    )
     rindex = {label: i for i, label in enumerate(row_labels)}
     for c in cells.itertuples():
         r, k = rindex[c.row], c.col
         z[r, k] = math.log10(max(c.rank, 1))
         text[r, k] = f"{c.rank:,.0f}"
-        hover_text[r, k] = (f"<b>{layer_label(c.site, c.iteration)}</b> (layer {c.unrolled_index})<br>"
-                            f"rank {c.rank:,.0f}<br>{tops.get(c.unrolled_index, '')}")
-    lo, hi = z_range if z_range is not None else (1.0, float(np.nanmax(10 ** z)) if np.isfinite(z).any() else 10.0)
+        hover_text[r, k] = (
+            f"<b>{layer_label(c.site, c.iteration)}</b> (layer {c.unrolled_index})<br>"
+            f"rank {c.rank:,.0f}<br>{tops.get(c.unrolled_index, '')}"
+        )
+    lo, hi = (
+        z_range if z_range is not None else (1.0, float(np.nanmax(10**z)) if np.isfinite(z).any() else 10.0)
+    )
     tickvals, ticktext = _log_ticks(lo, hi)
     show_text = R * C <= 160
-    fig = go.Figure(go.Heatmap(
-        z=z, x=col_labels, y=row_labels, text=text if show_text else None,
-        texttemplate="%{text}" if show_text else None, textfont=dict(size=11),
-        customdata=hover_text, hovertemplate="%{customdata}<extra></extra>", colorscale="Viridis_r",
-        zmin=math.log10(max(lo, 1)), zmax=max(math.log10(max(hi, 1)), 0.5), showscale=show_scale,
-        colorbar=dict(title=dict(text="rank"), tickvals=tickvals, ticktext=ticktext, len=0.9), xgap=2, ygap=2))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=col_labels,
+            y=row_labels,
+            text=text if show_text else None,
+            texttemplate="%{text}" if show_text else None,
+            textfont=dict(size=11),
+            customdata=hover_text,
+            hovertemplate="%{customdata}<extra></extra>",
+            colorscale="Viridis_r",
+            zmin=math.log10(max(lo, 1)),
+            zmax=max(math.log10(max(hi, 1)), 0.5),
+            showscale=show_scale,
+            colorbar=dict(title=dict(text="rank"), tickvals=tickvals, ticktext=ticktext, len=0.9),
+            xgap=2,
+            ygap=2,
+        )
+    )
     fig.update_layout(
         title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height or min(900, max(260, 70 + 26 * R)), font=_FONT, hoverlabel=_HOVER, margin=_MARGIN, plot_bgcolor="white",
+        height=height or min(900, max(260, 70 + 26 * R)),
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN,
+        plot_bgcolor="white",
         yaxis=dict(autorange="reversed", title=None, tickfont=dict(size=11)),
         xaxis=dict(side="bottom", title=dict(text="core block", font=dict(size=12)), tickangle=0),
     )
     return fig
 
 
-def lens_grid(cells: pd.DataFrame, position_tokens: Sequence[str], *, title: str | None = None,
-              height: int | None = None) -> go.Figure:
+def lens_grid(
+    cells: pd.DataFrame,
+    position_tokens: Sequence[str],
+    *,
+    title: str | None = None,
+    height: int | None = None,
+) -> go.Figure:
     """The classic logit-lens picture: layers × positions, the top-1 token in each cell, coloured by its
     probability.
 
@@ -377,19 +527,42 @@ def lens_grid(cells: pd.DataFrame, position_tokens: Sequence[str], *, title: str
         text[i, j] = tok if len(tok) <= 10 else tok[:9] + "…"
         hov[i, j] = getattr(c, "hover", None) or f"{tok} {c.prob:.3f}"
     labels = [f"{token_text(position_tokens[p]) if 0 <= p < len(position_tokens) else p}" for p in positions]
-    fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(len(positions))), y=list(range(len(rows))), text=text, texttemplate="%{text}",
-        textfont=dict(size=11), customdata=hov, zmin=0, zmax=1, colorscale="Blues", xgap=1, ygap=1,
-        hovertemplate="%{customdata}<extra></extra>",
-        colorbar=dict(title=dict(text="p(top-1)"), len=0.9)))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(len(positions))),
+            y=list(range(len(rows))),
+            text=text,
+            texttemplate="%{text}",
+            textfont=dict(size=11),
+            customdata=hov,
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            xgap=1,
+            ygap=1,
+            hovertemplate="%{customdata}<extra></extra>",
+            colorbar=dict(title=dict(text="p(top-1)"), len=0.9),
+        )
+    )
     fig.update_layout(
         title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height or min(1400, max(300, 130 + 30 * len(rows))), font=_FONT, hoverlabel=_HOVER, margin=dict(l=120, r=20, t=50, b=80),
+        height=height or min(1400, max(300, 130 + 30 * len(rows))),
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=dict(l=120, r=20, t=50, b=80),
         plot_bgcolor="white",
-        xaxis=dict(tickmode="array", tickvals=list(range(len(positions))), ticktext=labels, side="bottom",
-                   title=dict(text="input token at each position (a cell predicts the token after it)",
-                              font=dict(size=12)),
-                   tickangle=0 if len(positions) <= 24 else -60, tickfont=dict(size=12)),
+        xaxis=dict(
+            tickmode="array",
+            tickvals=list(range(len(positions))),
+            ticktext=labels,
+            side="bottom",
+            title=dict(
+                text="input token at each position (a cell predicts the token after it)", font=dict(size=12)
+            ),
+            tickangle=0 if len(positions) <= 24 else -60,
+            tickfont=dict(size=12),
+        ),
         yaxis=dict(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows, title=None),
     )
     return fig
@@ -401,8 +574,15 @@ def _trajectory_label(key: object, color_by: str, labels: Mapping | None) -> str
     return f"{'prompt #' if color_by == 'prompt_id' else 'position '}{key}"
 
 
-def step_curves(dyn: pd.DataFrame, metric: str = "step_norm", *, color_by: str = "prompt_id",
-                labels: Mapping | None = None, title: str | None = None, height: int = 380) -> go.Figure:
+def step_curves(
+    dyn: pd.DataFrame,
+    metric: str = "step_norm",
+    *,
+    color_by: str = "prompt_id",
+    labels: Mapping | None = None,
+    title: str | None = None,
+    height: int = 380,
+) -> go.Figure:
     """A per-iteration latent statistic (``step_norm`` on a log axis, ``cos_to_last``, ``norm``), one line
     per trajectory and the median in black."""
     data = dyn.dropna(subset=[metric]) if dyn is not None and len(dyn) else None
@@ -415,24 +595,56 @@ def step_curves(dyn: pd.DataFrame, metric: str = "step_norm", *, color_by: str =
         g = g.sort_values("iteration")
         verdict = g["verdict"].iloc[0] if "verdict" in g and isinstance(g["verdict"].iloc[0], str) else ""
         label = _trajectory_label(key, color_by, labels) + (f" · {verdict}" if verdict else "")
-        fig.add_trace(go.Scatter(x=g["iteration"], y=g[metric], mode="lines+markers", name=label,
-                                 line=dict(color=color, width=1.5), marker=dict(size=4), opacity=0.85,
-                                 hovertemplate=f"{label}<br>t=%{{x}}<br>{metric} %{{y:.4g}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=g["iteration"],
+                y=g[metric],
+                mode="lines+markers",
+                name=label,
+                line=dict(color=color, width=1.5),
+                marker=dict(size=4),
+                opacity=0.85,
+                hovertemplate=f"{label}<br>t=%{{x}}<br>{metric} %{{y:.4g}}<extra></extra>",
+            )
+        )
     if len(groups) > 1:
         med = data.groupby("iteration")[metric].median()
-        fig.add_trace(go.Scatter(x=med.index, y=med.values, mode="lines", name="median",
-                                 line=dict(color="black", width=3),
-                                 hovertemplate=f"median<br>t=%{{x}}<br>{metric} %{{y:.4g}}<extra></extra>"))
-    names = {"step_norm": "relative step (log)", "cos_to_last": "cosine to the last iteration", "norm": "‖hₜ‖"}
+        fig.add_trace(
+            go.Scatter(
+                x=med.index,
+                y=med.values,
+                mode="lines",
+                name="median",
+                line=dict(color="black", width=3),
+                hovertemplate=f"median<br>t=%{{x}}<br>{metric} %{{y:.4g}}<extra></extra>",
+            )
+        )
+    names = {
+        "step_norm": "relative step (log)",
+        "cos_to_last": "cosine to the last iteration",
+        "norm": "‖hₜ‖",
+    }
     fig.update_layout(
         title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height, font=_FONT, hoverlabel=_HOVER, margin=_MARGIN, plot_bgcolor="white",
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN,
+        plot_bgcolor="white",
         legend=dict(font=dict(size=11)) if len(groups) <= 12 else dict(visible=False),
         showlegend=len(groups) <= 12,
-        xaxis=dict(title="iteration t", dtick=max(1, math.ceil(int(data["iteration"].max()) / 8)), tickangle=0,
-                   gridcolor="rgba(0,0,0,0.06)"),
-        yaxis=dict(title=names.get(metric, metric), type="log" if metric == "step_norm" else "linear",
-                   dtick=1 if metric == "step_norm" else None, gridcolor="rgba(0,0,0,0.08)"),
+        xaxis=dict(
+            title="iteration t",
+            dtick=max(1, math.ceil(int(data["iteration"].max()) / 8)),
+            tickangle=0,
+            gridcolor="rgba(0,0,0,0.06)",
+        ),
+        yaxis=dict(
+            title=names.get(metric, metric),
+            type="log" if metric == "step_norm" else "linear",
+            dtick=1 if metric == "step_norm" else None,
+            gridcolor="rgba(0,0,0,0.08)",
+        ),
     )
     return fig
 
@@ -446,8 +658,15 @@ def _palette(n: int) -> list[str]:
     return pc.sample_colorscale("Turbo", [i / max(n - 1, 1) for i in range(n)])
 
 
-def pca_trajectories(dyn: pd.DataFrame, dims: int = 2, *, color_by: str = "prompt_id", labels: Mapping | None = None,
-                     title: str | None = None, height: int = 480) -> go.Figure:
+def pca_trajectories(
+    dyn: pd.DataFrame,
+    dims: int = 2,
+    *,
+    color_by: str = "prompt_id",
+    labels: Mapping | None = None,
+    title: str | None = None,
+    height: int = 480,
+) -> go.Figure:
     """Latent trajectories across iterations in their first principal components (2-D or 3-D); each
     trajectory a line from ○ (t=1) to ◆ (t=T), markers shaded by iteration."""
     cols = ["pc1", "pc2", "pc3"][:dims]
@@ -464,49 +683,112 @@ def pca_trajectories(dyn: pd.DataFrame, dims: int = 2, *, color_by: str = "promp
         hover = f"{label}<br>t=%{{customdata}}<extra></extra>"
         sizes = [9 if t in (1, T) else 5 for t in g["iteration"]]
         symbols = ["circle-open" if t == 1 else "diamond" if t == T else "circle" for t in g["iteration"]]
-        marker = dict(color=g["iteration"], colorscale="Greys", cmin=0, cmax=T, size=sizes,
-                      line=dict(color=color, width=1.5))
+        marker = dict(
+            color=g["iteration"],
+            colorscale="Greys",
+            cmin=0,
+            cmax=T,
+            size=sizes,
+            line=dict(color=color, width=1.5),
+        )
         if dims == 3:
-            fig.add_trace(go.Scatter3d(x=g["pc1"], y=g["pc2"], z=g["pc3"], mode="lines+markers", name=label,
-                                       line=dict(color=color, width=4), marker={**marker, "size": [s - 2 for s in sizes]},
-                                       customdata=g["iteration"], hovertemplate=hover))
+            fig.add_trace(
+                go.Scatter3d(
+                    x=g["pc1"],
+                    y=g["pc2"],
+                    z=g["pc3"],
+                    mode="lines+markers",
+                    name=label,
+                    line=dict(color=color, width=4),
+                    marker={**marker, "size": [s - 2 for s in sizes]},
+                    customdata=g["iteration"],
+                    hovertemplate=hover,
+                )
+            )
         else:
             marker["symbol"] = symbols
-            fig.add_trace(go.Scatter(x=g["pc1"], y=g["pc2"], mode="lines+markers", name=label,
-                                     line=dict(color=color, width=1.5), marker=marker,
-                                     customdata=g["iteration"], hovertemplate=hover))
+            fig.add_trace(
+                go.Scatter(
+                    x=g["pc1"],
+                    y=g["pc2"],
+                    mode="lines+markers",
+                    name=label,
+                    line=dict(color=color, width=1.5),
+                    marker=marker,
+                    customdata=g["iteration"],
+                    hovertemplate=hover,
+                )
+            )
     fig.update_layout(
         title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height, font=_FONT, hoverlabel=_HOVER, margin=_MARGIN, plot_bgcolor="white", showlegend=len(groups) <= 12,
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN,
+        plot_bgcolor="white",
+        showlegend=len(groups) <= 12,
         legend=dict(font=dict(size=11)),
     )
     if dims == 3:
-        fig.update_layout(scene=dict(xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"),
-                          margin=dict(l=0, r=0, t=50, b=0))
+        fig.update_layout(
+            scene=dict(xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"),
+            margin=dict(l=0, r=0, t=50, b=0),
+        )
     else:
-        fig.update_layout(xaxis=dict(title="PC1", zeroline=False, gridcolor="rgba(0,0,0,0.06)"),
-                          yaxis=dict(title="PC2", zeroline=False, gridcolor="rgba(0,0,0,0.06)",
-                                     scaleanchor="x", scaleratio=1))
+        fig.update_layout(
+            xaxis=dict(title="PC1", zeroline=False, gridcolor="rgba(0,0,0,0.06)"),
+            yaxis=dict(
+                title="PC2", zeroline=False, gridcolor="rgba(0,0,0,0.06)", scaleanchor="x", scaleratio=1
+            ),
+        )
     return fig
 
 
-def steps_used_bar(tokens: Sequence[str], steps: Sequence[int], max_steps: int, *, title: str | None = None,
-                   height: int = 320) -> go.Figure:
+def steps_used_bar(
+    tokens: Sequence[str],
+    steps: Sequence[int],
+    max_steps: int,
+    *,
+    title: str | None = None,
+    height: int = 320,
+) -> go.Figure:
     """Iterations each generated token used before the exit criterion fired (dashed: the cap)."""
     if not len(steps):
         return empty_figure("no tokens generated")
     labels = [f"{i}: {token_text(t)}" for i, t in enumerate(tokens)]
     colors = ["#ff7f0e" if s >= max_steps else "#1f77b4" for s in steps]
-    fig = go.Figure(go.Bar(x=list(range(len(steps))), y=list(steps), marker_color=colors, text=list(steps),
-                           textposition="outside", customdata=labels,
-                           hovertemplate="%{customdata}<br>%{y} iterations<extra></extra>"))
-    fig.add_hline(y=max_steps, line=dict(color="#999", dash="dash"), annotation_text=f"cap {max_steps}",
-                  annotation_position="top right")
+    fig = go.Figure(
+        go.Bar(
+            x=list(range(len(steps))),
+            y=list(steps),
+            marker_color=colors,
+            text=list(steps),
+            textposition="outside",
+            customdata=labels,
+            hovertemplate="%{customdata}<br>%{y} iterations<extra></extra>",
+        )
+    )
+    fig.add_hline(
+        y=max_steps,
+        line=dict(color="#999", dash="dash"),
+        annotation_text=f"cap {max_steps}",
+        annotation_position="top right",
+    )
     fig.update_layout(
         title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height, font=_FONT, hoverlabel=_HOVER, margin=_MARGIN, plot_bgcolor="white", showlegend=False,
-        xaxis=dict(tickmode="array", tickvals=list(range(len(steps))), ticktext=[token_text(t) for t in tokens],
-                   title="generated token", tickangle=0 if len(steps) <= 16 else -60),
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN,
+        plot_bgcolor="white",
+        showlegend=False,
+        xaxis=dict(
+            tickmode="array",
+            tickvals=list(range(len(steps))),
+            ticktext=[token_text(t) for t in tokens],
+            title="generated token",
+            tickangle=0 if len(steps) <= 16 else -60,
+        ),
         yaxis=dict(title="iterations used", range=[0, max_steps * 1.18], gridcolor="rgba(0,0,0,0.08)"),
     )
     return fig
@@ -519,17 +801,39 @@ def accuracy_by_depth(frame: pd.DataFrame, *, title: str | None = None, height: 
     fig = go.Figure()
     for (task, g), color in zip(frame.groupby("task"), _palette(frame["task"].nunique()), strict=True):
         g = g.sort_values("num_steps")
-        fig.add_trace(go.Scatter(x=g["num_steps"], y=g["accuracy"], mode="lines+markers", name=str(task),
-                                 line=dict(color=color, width=2.5), customdata=g["n"],
-                                 hovertemplate=f"{task}<br>T=%{{x}}: %{{y:.0%}} of %{{customdata}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=g["num_steps"],
+                y=g["accuracy"],
+                mode="lines+markers",
+                name=str(task),
+                line=dict(color=color, width=2.5),
+                customdata=g["n"],
+                hovertemplate=f"{task}<br>T=%{{x}}: %{{y:.0%}} of %{{customdata}}<extra></extra>",
+            )
+        )
     fig.update_layout(
         title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height, font=_FONT, hoverlabel=_HOVER, margin=_MARGIN, plot_bgcolor="white",
-        xaxis=dict(title="iterations T", type="log", tickvals=sorted(frame["num_steps"].unique()),
-                   gridcolor="rgba(0,0,0,0.06)"),
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN,
+        plot_bgcolor="white",
+        xaxis=dict(
+            title="iterations T",
+            type="log",
+            tickvals=sorted(frame["num_steps"].unique()),
+            gridcolor="rgba(0,0,0,0.06)",
+        ),
         yaxis=dict(title="accuracy", tickformat=".0%", range=[0, 1.05], gridcolor="rgba(0,0,0,0.08)"),
-        legend=dict(x=0.99, xanchor="right", y=0.02, yanchor="bottom", bgcolor="rgba(255,255,255,0.75)",
-                    font=dict(size=11)),
+        legend=dict(
+            x=0.99,
+            xanchor="right",
+            y=0.02,
+            yanchor="bottom",
+            bgcolor="rgba(255,255,255,0.75)",
+            font=dict(size=11),
+        ),
     )
     return fig
 
@@ -539,14 +843,27 @@ def verdict_bar(counts: pd.DataFrame, *, height: int = 260) -> go.Figure:
     if counts is None or counts.empty:
         return empty_figure("no verdicts in this run")
     colors = {"fixed-point": "#2ca02c", "drift": "#d62728"}
-    fig = go.Figure(go.Bar(x=counts["n"], y=counts["verdict"], orientation="h", text=counts["n"],
-                           textposition="auto",
-                           marker_color=[colors.get(v, "#9467bd") for v in counts["verdict"]],
-                           hovertemplate="%{y}: %{x}<extra></extra>"))
-    fig.update_layout(height=height, font=_FONT, hoverlabel=_HOVER, margin=dict(l=100, r=20, t=40, b=40), plot_bgcolor="white",
-                      title=dict(text="latent trajectories end as…", x=0, font=dict(size=15)),
-                      xaxis=dict(title="trajectories", gridcolor="rgba(0,0,0,0.08)"),
-                      yaxis=dict(autorange="reversed"))
+    fig = go.Figure(
+        go.Bar(
+            x=counts["n"],
+            y=counts["verdict"],
+            orientation="h",
+            text=counts["n"],
+            textposition="auto",
+            marker_color=[colors.get(v, "#9467bd") for v in counts["verdict"]],
+            hovertemplate="%{y}: %{x}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=dict(l=100, r=20, t=40, b=40),
+        plot_bgcolor="white",
+        title=dict(text="latent trajectories end as…", x=0, font=dict(size=15)),
+        xaxis=dict(title="trajectories", gridcolor="rgba(0,0,0,0.08)"),
+        yaxis=dict(autorange="reversed"),
+    )
     return fig
 
 
@@ -564,30 +881,58 @@ def compare_trajectories(
     depth (Huginn's 68 layers, a tiny model's 10) line up.
     """
     panels = [(t, r) for t, r in panels]
-    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=[t for t, _ in panels])
+    fig = make_subplots(
+        rows=1,
+        cols=len(panels),
+        shared_yaxes=True,
+        horizontal_spacing=0.04,
+        subplot_titles=[t for t, _ in panels],
+    )
     hovers = list(hovers) if hovers is not None else [None] * len(panels)
     shapes: list[dict] = []
     notes: list[dict] = list(fig.layout.annotations)
     for col, ((_, rows), agg) in enumerate(zip(panels, hovers, strict=True), start=1):
         if rows is None or rows.empty:
-            notes.append(dict(text="no records", showarrow=False, xref=f"x{col} domain" if col > 1 else "x domain",
-                              yref="y domain", x=0.5, y=0.5))
+            notes.append(
+                dict(
+                    text="no records",
+                    showarrow=False,
+                    xref=f"x{col} domain" if col > 1 else "x domain",
+                    yref="y domain",
+                    x=0.5,
+                    y=0.5,
+                )
+            )
             continue
         layout = StageLayout.from_rows(rows)
         scale = 1.0 / max(layout.num_unrolled - 1, 1) if relative_depth else 1.0
-        for trace in _trajectory_traces(rows, None, agg, show_prompts=show_prompts, x_scale=scale,
-                                        legend=False):  # the subplot titles name each side
+        for trace in _trajectory_traces(
+            rows, None, agg, show_prompts=show_prompts, x_scale=scale, legend=False
+        ):  # the subplot titles name each side
             fig.add_trace(trace, row=1, col=col)
         shapes += _stage_shapes(layout, x_scale=scale, col=col, labels=False)[0]
-        fig.update_xaxes(title_text="fraction of unrolled depth" if relative_depth else "unrolled layer",
-                         row=1, col=col, gridcolor="rgba(0,0,0,0.05)", zeroline=False)
+        fig.update_xaxes(
+            title_text="fraction of unrolled depth" if relative_depth else "unrolled layer",
+            row=1,
+            col=col,
+            gridcolor="rgba(0,0,0,0.05)",
+            zeroline=False,
+        )
     rng = rank_range(*[r for _, r in panels])
     fig.update_yaxes(**_rank_axis(rng), row=1, col=1)
     for col in range(2, len(panels) + 1):
         fig.update_yaxes(type="log", dtick=1, row=1, col=col, gridcolor="rgba(0,0,0,0.08)")
-    fig.update_layout(height=height, font=_FONT, hoverlabel=_HOVER, margin=_MARGIN, plot_bgcolor="white", hovermode="closest",
-                      showlegend=False, shapes=shapes, annotations=notes)
+    fig.update_layout(
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN,
+        plot_bgcolor="white",
+        hovermode="closest",
+        showlegend=False,
+        shapes=shapes,
+        annotations=notes,
+    )
     return fig
 
 
@@ -603,8 +948,9 @@ def median_frame_to_rows(medians: pd.DataFrame) -> pd.DataFrame:
     return medians.rename(columns={"median": "rank"}).assign(prompt_id=-1)
 
 
-def overview_figure(medians: pd.DataFrame, target_kinds: Sequence[str], *, height: int = 420,
-                    title: str | None = None) -> go.Figure:
+def overview_figure(
+    medians: pd.DataFrame, target_kinds: Sequence[str], *, height: int = 420, title: str | None = None
+) -> go.Figure:
     """Median rank (with the interquartile band) of each target over all prompts, one colour per target,
     one dash per lens: the run at a glance."""
     data = medians[medians["target_kind"].isin(list(target_kinds))]
@@ -613,25 +959,49 @@ def overview_figure(medians: pd.DataFrame, target_kinds: Sequence[str], *, heigh
     fig = go.Figure()
     lenses = sorted(dict.fromkeys(data["lens"]), key=lambda lens: _series_order(lens, "")[:2])
     dashes = {lens: d for lens, d in zip(lenses, ["solid", "dash", "dot", "dashdot"], strict=False)}
-    groups = sorted(data.groupby(["lens", "target_kind"], sort=False), key=lambda item: _series_order(*item[0]))
+    groups = sorted(
+        data.groupby(["lens", "target_kind"], sort=False), key=lambda item: _series_order(*item[0])
+    )
     for i, ((lens, kind), g) in enumerate(groups):
         g = g.sort_values("unrolled_index")
         color = _TARGET_COLORS.get(kind, _EXTRA_COLORS[i % len(_EXTRA_COLORS)])
         name = series_label(lens, kind)
-        fig.add_trace(go.Scatter(
-            x=list(g["unrolled_index"]) + list(g["unrolled_index"][::-1]), y=list(g["q75"]) + list(g["q25"][::-1]),
-            fill="toself", fillcolor=_rgba(color, 0.10), line=dict(width=0), hoverinfo="skip", showlegend=False,
-            legendgroup=name))
+        fig.add_trace(
+            go.Scatter(
+                x=list(g["unrolled_index"]) + list(g["unrolled_index"][::-1]),
+                y=list(g["q75"]) + list(g["q25"][::-1]),
+                fill="toself",
+                fillcolor=_rgba(color, 0.10),
+                line=dict(width=0),
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=name,
+            )
+        )
         labels = [layer_label(s, t) for s, t in zip(g["site"], g["iteration"], strict=True)]
-        fig.add_trace(go.Scatter(
-            x=g["unrolled_index"], y=g["median"], mode="lines", name=name, legendgroup=name,
-            line=dict(color=color, width=2.5, dash=dashes.get(lens, "solid")), customdata=labels,
-            hovertemplate=f"<b>{name}</b> · %{{customdata}}<br>median rank %{{y:,.0f}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=g["unrolled_index"],
+                y=g["median"],
+                mode="lines",
+                name=name,
+                legendgroup=name,
+                line=dict(color=color, width=2.5, dash=dashes.get(lens, "solid")),
+                customdata=labels,
+                hovertemplate=f"<b>{name}</b> · %{{customdata}}<br>median rank %{{y:,.0f}}<extra></extra>",
+            )
+        )
     shapes, notes = _stage_shapes(StageLayout.from_rows(data))
     fig.update_layout(
-        shapes=shapes, annotations=notes,
+        shapes=shapes,
+        annotations=notes,
         title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height, font=_FONT, hoverlabel=_HOVER, margin=_MARGIN_LEGEND, plot_bgcolor="white", hovermode="closest",
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN_LEGEND,
+        plot_bgcolor="white",
+        hovermode="closest",
         legend=_LEGEND_BELOW,
         xaxis=dict(title="unrolled layer", gridcolor="rgba(0,0,0,0.05)", zeroline=False),
         yaxis=_rank_axis((max(float(data["q25"].min()), 1), float(data["q75"].max()))),

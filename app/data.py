@@ -27,17 +27,31 @@ import streamlit as st
 from probes.store import MANIFEST, Run, RunInfo, list_runs
 
 __all__ = [
-    "TARGET_ORDER", "choices", "depth_accuracy", "dynamics_rows", "figure_files", "find_runs", "headline",
-    "hover_aggregate", "hover_per_prompt", "median_trajectories", "open_run", "prompt_table", "rank_rows",
-    "run_ref", "verdict_counts",
+    "TARGET_ORDER",
+    "choices",
+    "depth_accuracy",
+    "dynamics_rows",
+    "figure_files",
+    "find_runs",
+    "headline",
+    "hover_aggregate",
+    "hover_per_prompt",
+    "median_trajectories",
+    "open_run",
+    "prompt_table",
+    "rank_rows",
+    "run_ref",
+    "verdict_counts",
 ]
 
 #: Target kinds in the order a researcher looks at them; others follow alphabetically.
 TARGET_ORDER = ("predicted", "final", "intermediate", "control")
 
 # A token as hover text: HTML-escaped, spaces and newlines made visible.
-_TOKEN_SQL = ("replace(replace(replace(replace(replace(replace(token, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'), "
-              "' ', '␣'), chr(10), '↵'), chr(9), '⇥')")
+_TOKEN_SQL = (
+    "replace(replace(replace(replace(replace(replace(token, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'), "
+    "' ', '␣'), chr(10), '↵'), chr(9), '⇥')"
+)
 # Rows of the ranks/topk tables at the position a run recorded (-1 = last token, else the largest).
 _POSITION_SQL = "position = (SELECT CASE WHEN min(position) = -1 THEN -1 ELSE max(position) END FROM {table})"
 
@@ -96,8 +110,10 @@ def q_choices(path: str, mtime: int) -> dict[str, list]:
     """Lenses, target kinds and the unrolled layers a run recorded (for the pickers)."""
     pairs = _query(path, mtime, "SELECT DISTINCT lens, target_kind FROM ranks")
     lenses = sorted(pairs["lens"].unique(), key=lambda x: ({"logit": 0, "coda": 1, "tuned": 2}.get(x, 3), x))
-    kinds = sorted(pairs["target_kind"].unique(),
-                   key=lambda x: (TARGET_ORDER.index(x) if x in TARGET_ORDER else len(TARGET_ORDER), x))
+    kinds = sorted(
+        pairs["target_kind"].unique(),
+        key=lambda x: (TARGET_ORDER.index(x) if x in TARGET_ORDER else len(TARGET_ORDER), x),
+    )
     if not lenses:
         lenses = sorted(_query(path, mtime, "SELECT DISTINCT lens FROM topk")["lens"])
     return {"lenses": list(lenses), "target_kinds": list(kinds)}
@@ -112,7 +128,7 @@ def q_prompt_table(path: str, mtime: int) -> pd.DataFrame:
                  any_value(generated) AS generated, bool_and(correct) AS correct,
                  any_value(intermediate) AS intermediate
           FROM answers WHERE prompt_id IN (SELECT prompt_id FROM ids) GROUP BY prompt_id),
-    v AS (SELECT prompt_id, any_value(verdict) AS verdict FROM verdicts WHERE {_POSITION_SQL.format(table='verdicts')}
+    v AS (SELECT prompt_id, any_value(verdict) AS verdict FROM verdicts WHERE {_POSITION_SQL.format(table="verdicts")}
           GROUP BY prompt_id)
     SELECT ids.prompt_id, coalesce(p.prompt_text, a.prompt) AS prompt_text, p.context, p.task,
            coalesce(p.completion, a.expected) AS expected, coalesce(p.intermediate, a.intermediate) AS intermediate,
@@ -134,41 +150,48 @@ def _prompt_label(row: Any) -> str:
     return f"#{row.prompt_id} {text}{mark}".strip()
 
 
-def q_rank_rows(path: str, mtime: int, lenses: Sequence[str], target_kinds: Sequence[str],
-                prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
+def q_rank_rows(
+    path: str,
+    mtime: int,
+    lenses: Sequence[str],
+    target_kinds: Sequence[str],
+    prompt_ids: Sequence[int] | None = None,
+) -> pd.DataFrame:
     """Rank of each target at every unrolled block output (one row per prompt × layer × lens × target)."""
     sql = f"""
     SELECT prompt_id, lens, target_kind, unrolled_index, site, iteration, block, rank, logprob
     FROM ranks
-    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table='ranks')}
-      {_in('lens', lenses)}{_in('target_kind', target_kinds)}{_in('prompt_id', prompt_ids, int)}
+    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
+      {_in("lens", lenses)}{_in("target_kind", target_kinds)}{_in("prompt_id", prompt_ids, int)}
     ORDER BY lens, target_kind, prompt_id, unrolled_index
     """
     return _query(path, mtime, sql)
 
 
-def q_hover_per_prompt(path: str, mtime: int, lenses: Sequence[str],
-                       prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
+def q_hover_per_prompt(
+    path: str, mtime: int, lenses: Sequence[str], prompt_ids: Sequence[int] | None = None
+) -> pd.DataFrame:
     """``lens, prompt_id, unrolled_index, top``: the decoded top-k tokens (with probabilities) as hover text."""
     sql = f"""
     SELECT lens, prompt_id, unrolled_index,
            string_agg(printf('%d. %s  %.3f', k, {_TOKEN_SQL}, exp(logprob)), '<br>' ORDER BY k) AS top
     FROM topk
-    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table='topk')}
-      {_in('lens', lenses)}{_in('prompt_id', prompt_ids, int)}
+    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
+      {_in("lens", lenses)}{_in("prompt_id", prompt_ids, int)}
     GROUP BY ALL
     """
     return _query(path, mtime, sql)
 
 
-def q_hover_aggregate(path: str, mtime: int, lenses: Sequence[str],
-                      prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
+def q_hover_aggregate(
+    path: str, mtime: int, lenses: Sequence[str], prompt_ids: Sequence[int] | None = None
+) -> pd.DataFrame:
     """``lens, unrolled_index, top``: the most frequent top-1 tokens over the prompts, with their counts."""
     sql = f"""
     WITH t AS (SELECT lens, unrolled_index, {_TOKEN_SQL} AS tok, count(*) AS n, avg(exp(logprob)) AS p
                FROM topk
-               WHERE k = 1 AND unrolled_index >= 0 AND {_POSITION_SQL.format(table='topk')}
-                 {_in('lens', lenses)}{_in('prompt_id', prompt_ids, int)}
+               WHERE k = 1 AND unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
+                 {_in("lens", lenses)}{_in("prompt_id", prompt_ids, int)}
                GROUP BY ALL),
     r AS (SELECT *, row_number() OVER (PARTITION BY lens, unrolled_index ORDER BY n DESC, p DESC) AS i FROM t)
     SELECT lens, unrolled_index,
@@ -184,7 +207,7 @@ def q_median_trajectories(path: str, mtime: int) -> pd.DataFrame:
     SELECT lens, target_kind, unrolled_index, any_value(site) AS site, any_value(iteration) AS iteration,
            any_value(block) AS block, median(rank) AS median, quantile_cont(rank, 0.25) AS q25,
            quantile_cont(rank, 0.75) AS q75, count(*) AS n
-    FROM ranks WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table='ranks')}
+    FROM ranks WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
     GROUP BY lens, target_kind, unrolled_index
     ORDER BY lens, target_kind, unrolled_index
     """
@@ -197,7 +220,7 @@ def q_dynamics_rows(path: str, mtime: int, prompt_ids: Sequence[int] | None = No
     SELECT d.prompt_id, d.position, d.site, d.iteration, d.step_norm, d.cos_to_last, d.norm,
            d.pc1, d.pc2, d.pc3, v.verdict
     FROM dynamics d LEFT JOIN verdicts v USING (prompt_id, position, site)
-    WHERE TRUE {_in('d.prompt_id', prompt_ids, int)}
+    WHERE TRUE {_in("d.prompt_id", prompt_ids, int)}
     ORDER BY d.prompt_id, d.position, d.site, d.iteration
     """
     return _query(path, mtime, sql)
@@ -225,9 +248,13 @@ def q_verdict_counts(path: str, mtime: int) -> pd.DataFrame:
 def q_headline(path: str, mtime: int) -> dict[str, Any]:
     """Headline numbers: prompts, accuracy on the probed prompts, rows, and per lens where the answer settles."""
     run = open_run(path, mtime)
-    acc = _query(path, mtime, """
+    acc = _query(
+        path,
+        mtime,
+        """
         SELECT count(*) AS n, avg(CAST(correct AS DOUBLE)) AS accuracy FROM answers
-        WHERE prompt_id IN (SELECT prompt_id FROM ranks UNION SELECT prompt_id FROM prompts)""")
+        WHERE prompt_id IN (SELECT prompt_id FROM ranks UNION SELECT prompt_id FROM prompts)""",
+    )
     n_prompts = _query(path, mtime, "SELECT count(DISTINCT prompt_id) AS n FROM ranks")["n"].item()
     medians = q_median_trajectories(path, mtime)
     settle: dict[str, dict[str, Any]] = {}
@@ -243,9 +270,13 @@ def q_headline(path: str, mtime: int) -> dict[str, Any]:
             "target_kind": kind,
             "final_median_rank": float(rows["median"].iloc[-1]),
             "first_top1_layer": None if first is None else int(first["unrolled_index"]),
-            "first_top1_site": None if first is None else (
-                f"{first['site']} · t={int(first['iteration'])}" if str(first["site"]).startswith("core")
-                else str(first["site"])),
+            "first_top1_site": None
+            if first is None
+            else (
+                f"{first['site']} · t={int(first['iteration'])}"
+                if str(first["site"]).startswith("core")
+                else str(first["site"])
+            ),
             "layers": int(rows["unrolled_index"].max()) + 1,
         }
     n_acc = int(acc["n"].iloc[0]) if len(acc) else 0
@@ -283,10 +314,15 @@ headline = _cached(q_headline)
 
 #: name → (uncached, cached) for the benchmark.
 QUERIES = {
-    "manifest": (q_manifest, manifest), "choices": (q_choices, choices), "prompt_table": (q_prompt_table, prompt_table),
-    "rank_rows": (q_rank_rows, rank_rows), "hover_per_prompt": (q_hover_per_prompt, hover_per_prompt),
+    "manifest": (q_manifest, manifest),
+    "choices": (q_choices, choices),
+    "prompt_table": (q_prompt_table, prompt_table),
+    "rank_rows": (q_rank_rows, rank_rows),
+    "hover_per_prompt": (q_hover_per_prompt, hover_per_prompt),
     "hover_aggregate": (q_hover_aggregate, hover_aggregate),
     "median_trajectories": (q_median_trajectories, median_trajectories),
-    "dynamics_rows": (q_dynamics_rows, dynamics_rows), "depth_accuracy": (q_depth_accuracy, depth_accuracy),
-    "verdict_counts": (q_verdict_counts, verdict_counts), "headline": (q_headline, headline),
+    "dynamics_rows": (q_dynamics_rows, dynamics_rows),
+    "depth_accuracy": (q_depth_accuracy, depth_accuracy),
+    "verdict_counts": (q_verdict_counts, verdict_counts),
+    "headline": (q_headline, headline),
 }

@@ -26,8 +26,18 @@ import pandas as pd
 import streamlit as st
 
 __all__ = [
-    "EXIT_CRITERIA", "GenerationView", "LiveProbe", "arithmetic_examples", "cached_generation", "cached_model",
-    "cached_probe", "generate_adaptive", "grid_cells", "load_model", "probe_text", "render_question",
+    "EXIT_CRITERIA",
+    "GenerationView",
+    "LiveProbe",
+    "arithmetic_examples",
+    "cached_generation",
+    "cached_model",
+    "cached_probe",
+    "generate_adaptive",
+    "grid_cells",
+    "load_model",
+    "probe_text",
+    "render_question",
 ]
 
 #: Exit criteria ``model.generate`` accepts (Huginn's), the default first.
@@ -43,8 +53,10 @@ def load_model(name: str) -> Any:
     model = lens.load_model(str(name))
     configure_threads(model.num_parameters())  # the server process serves this one model
     if model.tokenizer is None:
-        raise ValueError(f"model {name!r} has no tokenizer.json next to its weights; the live probe needs one "
-                         "to turn typed text into tokens")
+        raise ValueError(
+            f"model {name!r} has no tokenizer.json next to its weights; the live probe needs one "
+            "to turn typed text into tokens"
+        )
     return model
 
 
@@ -75,8 +87,12 @@ class LiveProbe:
     def last_position(self) -> int:
         return len(self.token_ids) - 1
 
-    def rank_rows(self, lenses: Sequence[str] | None = None, target_kinds: Sequence[str] | None = None,
-                  position: int | None = None) -> pd.DataFrame:
+    def rank_rows(
+        self,
+        lenses: Sequence[str] | None = None,
+        target_kinds: Sequence[str] | None = None,
+        position: int | None = None,
+    ) -> pd.DataFrame:
         """Block-output ranks at one position (default: the last), shaped like ``app.data.rank_rows``."""
         pos = self.last_position if position is None else position
         df = self.ranks[(self.ranks["unrolled_index"] >= 0) & (self.ranks["position"] == pos)]
@@ -84,8 +100,19 @@ class LiveProbe:
             df = df[df["lens"].isin(list(lenses))]
         if target_kinds is not None:
             df = df[df["target_kind"].isin(list(target_kinds))]
-        return df.assign(prompt_id=0)[["prompt_id", "lens", "target_kind", "unrolled_index", "site", "iteration",
-                                       "block", "rank", "logprob"]]
+        return df.assign(prompt_id=0)[
+            [
+                "prompt_id",
+                "lens",
+                "target_kind",
+                "unrolled_index",
+                "site",
+                "iteration",
+                "block",
+                "rank",
+                "logprob",
+            ]
+        ]
 
     def hover(self, position: int | None = None) -> pd.DataFrame:
         """``lens, prompt_id, unrolled_index, top``: the top-k tokens at one position as hover text."""
@@ -95,8 +122,10 @@ class LiveProbe:
         df = self.topk[(self.topk["unrolled_index"] >= 0) & (self.topk["position"] == pos)].sort_values("k")
         if df.empty:
             return pd.DataFrame(columns=["lens", "prompt_id", "unrolled_index", "top"])
-        lines = [f"{k}. {token_text(t)}  {p:.3f}" for k, t, p in
-                 zip(df["k"], df["token"], df["logprob"].map(_prob), strict=True)]
+        lines = [
+            f"{k}. {token_text(t)}  {p:.3f}"
+            for k, t, p in zip(df["k"], df["token"], df["logprob"].map(_prob), strict=True)
+        ]
         df = df.assign(line=lines)
         out = df.groupby(["lens", "unrolled_index"], sort=False)["line"].agg("<br>".join).reset_index()
         return out.rename(columns={"line": "top"}).assign(prompt_id=0)
@@ -142,8 +171,14 @@ def _first_token(model: Any, text: str) -> int | None:
     return ids[0] if ids else None
 
 
-def probe_text(model: Any, prompt: str, num_steps: int, lenses: Sequence[str] = ("logit", "coda"),
-               targets: dict[str, str] | None = None, topk: int = 5) -> LiveProbe:
+def probe_text(
+    model: Any,
+    prompt: str,
+    num_steps: int,
+    lenses: Sequence[str] = ("logit", "coda"),
+    targets: dict[str, str] | None = None,
+    topk: int = 5,
+) -> LiveProbe:
     """Probe ``prompt`` at ``num_steps`` iterations at every position.
 
     ``targets`` maps a target kind (``"final"``, ``"intermediate"``, …) to text whose first token is
@@ -157,7 +192,9 @@ def probe_text(model: Any, prompt: str, num_steps: int, lenses: Sequence[str] = 
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     if len(ids) > MAX_PROMPT_TOKENS:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the live probe takes at most {MAX_PROMPT_TOKENS}")
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens; the live probe takes at most {MAX_PROMPT_TOKENS}"
+        )
     limit = getattr(model.config, "block_size", None)
     if limit and len(ids) > limit:
         raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {limit}")
@@ -169,28 +206,50 @@ def probe_text(model: Any, prompt: str, num_steps: int, lenses: Sequence[str] = 
         if tid is not None:
             wanted[kind] = [tid]
     started = time.perf_counter()
-    result = probe_prompts(model, [ids], targets=wanted, num_steps=int(num_steps), lenses=list(lenses),
-                           positions="all", topk=topk, batch_size=1)
+    result = probe_prompts(
+        model,
+        [ids],
+        targets=wanted,
+        num_steps=int(num_steps),
+        lenses=list(lenses),
+        positions="all",
+        topk=topk,
+        batch_size=1,
+    )
     seconds = time.perf_counter() - started
     tok = model.tokenizer
     prediction_id = int(result.predictions[0])
     return LiveProbe(
-        prompt=prompt, token_ids=list(ids), tokens=[tok.decode([i]) for i in ids], num_steps=int(num_steps),
-        lenses=list(lenses), ranks=result.ranks, topk=result.topk, dynamics=result.dynamics,
-        prediction=tok.decode([prediction_id]), prediction_id=prediction_id,
-        targets={k: v for k, v in (targets or {}).items() if k in wanted}, seconds=seconds,
+        prompt=prompt,
+        token_ids=list(ids),
+        tokens=[tok.decode([i]) for i in ids],
+        num_steps=int(num_steps),
+        lenses=list(lenses),
+        ranks=result.ranks,
+        topk=result.topk,
+        dynamics=result.dynamics,
+        prediction=tok.decode([prediction_id]),
+        prediction_id=prediction_id,
+        targets={k: v for k, v in (targets or {}).items() if k in wanted},
+        seconds=seconds,
     )
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def cached_probe(model_name: str, prompt: str, num_steps: int, lenses: tuple[str, ...],
-                 targets: tuple[tuple[str, str], ...] = ()) -> LiveProbe:
+def cached_probe(
+    model_name: str,
+    prompt: str,
+    num_steps: int,
+    lenses: tuple[str, ...],
+    targets: tuple[tuple[str, str], ...] = (),
+) -> LiveProbe:
     """``probe_text`` with the cached model; identical questions come from memory."""
     return probe_text(cached_model(model_name), prompt, num_steps, lenses, dict(targets))
 
 
-def grid_cells(probe: LiveProbe, lens: str, iteration: int | None,
-               positions: tuple[int, int] | None = None) -> pd.DataFrame:
+def grid_cells(
+    probe: LiveProbe, lens: str, iteration: int | None, positions: tuple[int, int] | None = None
+) -> pd.DataFrame:
     """Cells of the lens grid: one row per layer × position with the top-1 token and its probability.
 
     Layers, bottom to top: prelude blocks, the core blocks of ``iteration`` (every iteration when
@@ -205,21 +264,28 @@ def grid_cells(probe: LiveProbe, lens: str, iteration: int | None,
     if df.empty:
         return pd.DataFrame(columns=["row", "position", "token", "prob", "hover"])
     kind = df["site"].str.split(".").str[0]
-    keep = kind.isin(["prelude", "coda", "latent", "final"]) | ((kind == "core") & (
-        (df["iteration"] == iteration) if iteration is not None else True))
+    keep = kind.isin(["prelude", "coda", "latent", "final"]) | (
+        (kind == "core") & ((df["iteration"] == iteration) if iteration is not None else True)
+    )
     df = df[keep].copy()
     kind = df["site"].str.split(".").str[0]
     df["order"] = df["unrolled_index"].where(df["unrolled_index"] >= 0, 10**6 + (df["site"] == "final"))
-    df["row"] = [s if k not in ("core", "latent") else f"{s} · t={t}"
-                 for s, k, t in zip(df["site"], kind, df["iteration"], strict=True)]
+    df["row"] = [
+        s if k not in ("core", "latent") else f"{s} · t={t}"
+        for s, k, t in zip(df["site"], kind, df["iteration"], strict=True)
+    ]
     df["prob"] = df["logprob"].map(_prob)
     df = df.sort_values(["order", "position", "k"])
-    lines = [f"{k}. {token_text(t)}  {p:.3f}" for k, t, p in zip(df["k"], df["token"], df["prob"], strict=True)]
+    lines = [
+        f"{k}. {token_text(t)}  {p:.3f}" for k, t, p in zip(df["k"], df["token"], df["prob"], strict=True)
+    ]
     df["line"] = lines
     hover = df.groupby(["row", "position"], sort=False)["line"].agg("<br>".join)
     top1 = df[df["k"] == 1].copy()
-    top1["hover"] = [f"<b>{r}</b> · position {p} ({token_text(probe.tokens[p])})<br>{hover[(r, p)]}"
-                     for r, p in zip(top1["row"], top1["position"], strict=True)]
+    top1["hover"] = [
+        f"<b>{r}</b> · position {p} ({token_text(probe.tokens[p])})<br>{hover[(r, p)]}"
+        for r, p in zip(top1["row"], top1["position"], strict=True)
+    ]
     return top1[["row", "position", "token", "prob", "hover"]].reset_index(drop=True)
 
 
@@ -235,25 +301,34 @@ class GenerationView:
     seconds: float
 
 
-def generate_adaptive(model: Any, prompt: str, max_new_tokens: int, num_steps: int,
-                      exit_criterion: str = "kl") -> GenerationView:
+def generate_adaptive(
+    model: Any, prompt: str, max_new_tokens: int, num_steps: int, exit_criterion: str = "kl"
+) -> GenerationView:
     """Greedy generation with an exit criterion; ``"none"`` runs every token at full depth."""
     if not prompt:
         raise ValueError("type a prompt first")
     started = time.perf_counter()
     crit = None if exit_criterion == "none" else exit_criterion
-    res = model.generate([prompt], max_new_tokens=int(max_new_tokens), num_steps=int(num_steps), exit_criterion=crit)
+    res = model.generate(
+        [prompt], max_new_tokens=int(max_new_tokens), num_steps=int(num_steps), exit_criterion=crit
+    )
     tok = model.tokenizer
     new = res.tokens[0]
     text = res.texts[0] if res.texts else tok.decode(new)
-    return GenerationView(text=text, tokens=[tok.decode([t]) for t in new], steps_used=list(res.steps_used[0]),
-                          max_steps=int(num_steps), criterion=exit_criterion,
-                          seconds=time.perf_counter() - started)
+    return GenerationView(
+        text=text,
+        tokens=[tok.decode([t]) for t in new],
+        steps_used=list(res.steps_used[0]),
+        max_steps=int(num_steps),
+        criterion=exit_criterion,
+        seconds=time.perf_counter() - started,
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def cached_generation(model_name: str, prompt: str, max_new_tokens: int, num_steps: int,
-                      exit_criterion: str) -> GenerationView:
+def cached_generation(
+    model_name: str, prompt: str, max_new_tokens: int, num_steps: int, exit_criterion: str
+) -> GenerationView:
     return generate_adaptive(cached_model(model_name), prompt, max_new_tokens, num_steps, exit_criterion)
 
 
@@ -262,5 +337,7 @@ def describe_model(model: Any, name: str) -> str:
     cfg = model.config
     params = model.num_parameters() if hasattr(model, "num_parameters") else 0
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
-    return (f"{Path(str(name)).name} · {size} parameters · prelude {cfg.n_layers_in_prelude} · "
-            f"core {cfg.n_layers_in_recurrent_block} × {cfg.mean_recurrence} (default) · coda {cfg.n_layers_in_coda}")
+    return (
+        f"{Path(str(name)).name} · {size} parameters · prelude {cfg.n_layers_in_prelude} · "
+        f"core {cfg.n_layers_in_recurrent_block} × {cfg.mean_recurrence} (default) · coda {cfg.n_layers_in_coda}"
+    )

@@ -12,20 +12,13 @@ file without this script (no page config, no sidebar, its own navigation).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import streamlit as st
+
+from app import ui
+
 _APP_DIR = Path(__file__).resolve().parent
-_ROOT = _APP_DIR.parent
-# Streamlit puts the script's folder first on sys.path; the explorer imports ``app.*``, ``lens`` and
-# ``probes`` from the repository root instead (a source checkout need not be pip-installed).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _APP_DIR]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-import streamlit as st  # noqa: E402
-
-from app import ui  # noqa: E402
 
 PAGES = [
     ("overview.py", "Run overview", ":material/dashboard:", "overview"),
@@ -38,11 +31,17 @@ PAGES = [
 
 
 def main() -> None:
-    st.set_page_config(page_title="looplens explorer", page_icon=":material/all_inclusive:", layout="wide",
-                       initial_sidebar_state="expanded",
-                       menu_items={"About": "looplens: interpretability for recurrent-depth (looped) LMs."})
-    pages = [st.Page(_APP_DIR / "views" / file, title=title, icon=icon, url_path=url, default=i == 0)
-             for i, (file, title, icon, url) in enumerate(PAGES)]
+    st.set_page_config(
+        page_title="looplens explorer",
+        page_icon=":material/all_inclusive:",
+        layout="wide",
+        initial_sidebar_state="expanded",
+        menu_items={"About": "looplens: interpretability for recurrent-depth (looped) LMs."},
+    )
+    pages = [
+        st.Page(_APP_DIR / "views" / file, title=title, icon=icon, url_path=url, default=i == 0)
+        for i, (file, title, icon, url) in enumerate(PAGES)
+    ]
     page = st.navigation(pages, position="sidebar", expanded=True)
     settings = ui.settings()
     with st.sidebar:

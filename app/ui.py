@@ -24,8 +24,11 @@ log = logging.getLogger("looplens.app")
 RUN_KEY = "run"  # session key of the sidebar run picker
 STATUS_ICONS = {"complete": "✓", "running": "…", "failed": "⚠", "corrupt": "✗"}
 MAKE_A_RUN = "looplens study arithmetic"
-PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"],
-                 "toImageButtonOptions": {"format": "png", "scale": 2}}
+PLOTLY_CONFIG = {
+    "displaylogo": False,
+    "modeBarButtonsToRemove": ["lasso2d", "select2d"],
+    "toImageButtonOptions": {"format": "png", "scale": 2},
+}
 
 
 def settings() -> Settings:
@@ -52,8 +55,10 @@ def corrupt_message(exc: CorruptRunError, run_path: str | Path | None = None) ->
             where = str(Path(*file.parts[-2:]))
     detail = text.split(": ", 1)[1] if match and ": " in text else text
     head = f"**The run is damaged**: `{where}`" if where else "**The run is damaged**"
-    return (f"{head} — {detail.strip()}\n\nRe-run the study to rewrite it (`{MAKE_A_RUN} --overwrite`, or "
-            "the command that made it), or delete the run folder.")
+    return (
+        f"{head} — {detail.strip()}\n\nRe-run the study to rewrite it (`{MAKE_A_RUN} --overwrite`, or "
+        "the command that made it), or delete the run folder."
+    )
 
 
 def guarded(render: Callable[[], Any]) -> None:
@@ -69,9 +74,11 @@ def guarded(render: Callable[[], Any]) -> None:
 
 
 def model_error(name: str, exc: BaseException) -> None:
-    st.error(f"**Could not load the model `{name}`**: {exc}\n\nStart the explorer with another model: "
-             "`looplens explore RUNS --model PATH_OR_NAME` (a checkpoint directory with config.json, "
-             "model.safetensors and tokenizer.json).")
+    st.error(
+        f"**Could not load the model `{name}`**: {exc}\n\nStart the explorer with another model: "
+        "`looplens explore RUNS --model PATH_OR_NAME` (a checkpoint directory with config.json, "
+        "model.safetensors and tokenizer.json)."
+    )
 
 
 def load_model_or_explain(name: str) -> Any | None:
@@ -107,9 +114,11 @@ def runs_found() -> list[RunInfo]:
 
 
 def no_runs_message(where: Path) -> None:
-    st.info(f"**No runs in `{where}` yet.** Make one with\n\n```bash\n{MAKE_A_RUN}\n```\n\n"
-            f"(it writes `runs/arithmetic-tiny-arith-…/`; start the explorer on another folder with "
-            f"`looplens explore FOLDER`). The **Live probe** and **Lens grid** pages work without runs.")
+    st.info(
+        f"**No runs in `{where}` yet.** Make one with\n\n```bash\n{MAKE_A_RUN}\n```\n\n"
+        f"(it writes `runs/arithmetic-tiny-arith-…/`; start the explorer on another folder with "
+        f"`looplens explore FOLDER`). The **Live probe** and **Lens grid** pages work without runs."
+    )
 
 
 def run_label(info: RunInfo) -> str:
@@ -125,9 +134,13 @@ def sidebar_run_picker(runs: list[RunInfo]) -> RunInfo | None:
     if st.session_state.get(RUN_KEY) not in names:
         st.session_state[RUN_KEY] = next((r.name for r in runs if r.status == "complete"), names[0])
     by_name = {r.name: r for r in runs}
-    choice = st.sidebar.selectbox("Run", names, key=RUN_KEY, format_func=lambda n: run_label(by_name[n]),
-                                  help="Runs found in the runs folder (✓ complete, … still being written, "
-                                       "⚠ failed, ✗ damaged)")
+    choice = st.sidebar.selectbox(
+        "Run",
+        names,
+        key=RUN_KEY,
+        format_func=lambda n: run_label(by_name[n]),
+        help="Runs found in the runs folder (✓ complete, … still being written, ⚠ failed, ✗ damaged)",
+    )
     return by_name.get(choice)
 
 
@@ -138,11 +151,15 @@ def run_state_notice(info: RunInfo) -> bool:
         return False
     if info.status == "running":
         rows = ", ".join(f"{t} {n:,}" for t, n in sorted(info.rows.items()) if n) or "nothing yet"
-        st.info(f"**This run is still being written** (status `running`): showing what is recorded so far "
-                f"({rows}). Reload the page to pick up new shards.")
+        st.info(
+            f"**This run is still being written** (status `running`): showing what is recorded so far "
+            f"({rows}). Reload the page to pick up new shards."
+        )
     elif info.status == "failed":
-        st.warning(f"**This run stopped with an error**: {info.error or 'unknown error'}. Showing what was "
-                   "recorded before it stopped; re-run the study to resume it.")
+        st.warning(
+            f"**This run stopped with an error**: {info.error or 'unknown error'}. Showing what was "
+            "recorded before it stopped; re-run the study to resume it."
+        )
     return True
 
 
@@ -183,19 +200,32 @@ def page_header(title: str, caption: str | None = None) -> None:
         st.caption(caption)
 
 
-def prompt_picker(frame: Any, key: str, label: str = "Prompts", default: int | None = None,
-                  help_text: str | None = None) -> list[int] | None:
+def prompt_picker(
+    frame: Any, key: str, label: str = "Prompts", default: int | None = None, help_text: str | None = None
+) -> list[int] | None:
     """A multiselect over a run's prompts; ``None`` means all of them."""
     labels = dict(zip(frame["prompt_id"], frame["label"], strict=False))
     options = list(labels)
-    chosen = st.multiselect(label, options, default=options[:default] if default else None, key=key,
-                            format_func=lambda i: labels.get(i, f"#{i}"),
-                            placeholder=f"all {len(options)} prompts", help=help_text)
+    chosen = st.multiselect(
+        label,
+        options,
+        default=options[:default] if default else None,
+        key=key,
+        format_func=lambda i: labels.get(i, f"#{i}"),
+        placeholder=f"all {len(options)} prompts",
+        help=help_text,
+    )
     return list(chosen) if chosen else None
 
 
-def heatmaps(rows: Any, lenses: list[str], target_kind: str, hover_for: Callable[[str], Any], key: str,
-             z_range: tuple[float, float] | None = None) -> None:
+def heatmaps(
+    rows: Any,
+    lenses: list[str],
+    target_kind: str,
+    hover_for: Callable[[str], Any],
+    key: str,
+    z_range: tuple[float, float] | None = None,
+) -> None:
     """One iteration × block heat map per lens, side by side, on a shared colour scale."""
     from app import charts
 
@@ -212,6 +242,14 @@ def heatmaps(rows: Any, lenses: list[str], target_kind: str, hover_for: Callable
     cols = st.columns(len(lenses)) if lenses else []
     for col, lens in zip(cols, lenses, strict=True):
         with col:
-            chart(charts.rank_heatmap(per_lens[lens], hover_for(lens), title=f"{lens} lens · {target_kind}",
-                                      z_range=z_range, show_scale=lens == lenses[-1], height=height),
-                  key=f"{key}_heat_{lens}")
+            chart(
+                charts.rank_heatmap(
+                    per_lens[lens],
+                    hover_for(lens),
+                    title=f"{lens} lens · {target_kind}",
+                    z_range=z_range,
+                    show_scale=lens == lenses[-1],
+                    height=height,
+                ),
+                key=f"{key}_heat_{lens}",
+            )

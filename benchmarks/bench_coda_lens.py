@@ -29,13 +29,14 @@ def prompt_cache(model: lens.RecurrentDepthLM, ids: torch.Tensor, iterations: in
     return cache
 
 
-def per_state_with_cache_copy(model: lens.RecurrentDepthLM, ids: torch.Tensor, states: torch.Tensor,
-                              cache: lens.KVCache) -> torch.Tensor:
+def per_state_with_cache_copy(
+    model: lens.RecurrentDepthLM, ids: torch.Tensor, states: torch.Tensor, cache: lens.KVCache
+) -> torch.Tensor:
     """The reference method: for each state, copy the cache, run the coda on the last position."""
     with torch.no_grad():
         out = []
         S = ids.shape[1]
-        freqs = model.freqs_cis[:, S - 1: S]
+        freqs = model.freqs_cis[:, S - 1 : S]
         for state in states:  # [B, S, d] each
             scratch = copy.deepcopy(cache)
             x = model.final_norm(state[:, -1:])
@@ -60,9 +61,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     width, seq, iterations = (128, 32, 8) if args.quick else (256, 96, 32)
-    cfg = lens.RecurrentDepthConfig(n_embd=width, n_heads=4, intermediate_size=2 * width, vocab_size=512,
-                                    block_size=256, n_layers_in_prelude=1, n_layers_in_recurrent_block=2,
-                                    n_layers_in_coda=2)
+    cfg = lens.RecurrentDepthConfig(
+        n_embd=width,
+        n_heads=4,
+        intermediate_size=2 * width,
+        vocab_size=512,
+        block_size=256,
+        n_layers_in_prelude=1,
+        n_layers_in_recurrent_block=2,
+        n_layers_in_coda=2,
+    )
     model = lens.RecurrentDepthLM(cfg).eval()
     ids = torch.randint(0, 512, (1, seq))
     with torch.no_grad():
@@ -72,12 +80,25 @@ def main() -> None:
     naive = time_call(lambda: per_state_with_cache_copy(model, ids, states, cache), repeats=3)
     ours = time_call(lambda: batched(model, states), repeats=3)
     rows = [
-        {"method": "per-state loop, cache copied (reference study)", "states": iterations,
-         "median_ms": naive["median_ms"], "speedup": 1.0},
-        {"method": "looplens CodaLens, one batched pass", "states": iterations, "median_ms": ours["median_ms"],
-         "speedup": naive["median_ms"] / ours["median_ms"]},
+        {
+            "method": "per-state loop, cache copied (reference study)",
+            "states": iterations,
+            "median_ms": naive["median_ms"],
+            "speedup": 1.0,
+        },
+        {
+            "method": "looplens CodaLens, one batched pass",
+            "states": iterations,
+            "median_ms": ours["median_ms"],
+            "speedup": naive["median_ms"] / ours["median_ms"],
+        },
     ]
-    report("coda_lens", rows, args.out, f"Coda Lens over {iterations} iterations (width {width}, {seq} tokens, CPU)")
+    report(
+        "coda_lens",
+        rows,
+        args.out,
+        f"Coda Lens over {iterations} iterations (width {width}, {seq} tokens, CPU)",
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,14 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 BUDGET_MS = 1000.0
-TARGETS = ("predicted", "final", "intermediate", "intermediate_alt", "control", *(f"digit_{d}" for d in range(10)))
+TARGETS = (
+    "predicted",
+    "final",
+    "intermediate",
+    "intermediate_alt",
+    "control",
+    *(f"digit_{d}" for d in range(10)),
+)
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "explorer.json"
 MAIN = REPO / "app" / "main.py"
 
@@ -54,23 +61,56 @@ def _ms(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
 def build_run(root: Path, prompts: int) -> Path:
     from tests.app.runs import write_run
 
-    return write_run(root, "huginn-like-100", n_prompts=prompts, prelude=2, core=4, coda=2, steps=16,
-                     lenses=("logit", "coda"), target_kinds=TARGETS, vocab_size=65536, model_name="huginn-0125",
-                     batches=4, figures=False)
+    return write_run(
+        root,
+        "huginn-like-100",
+        n_prompts=prompts,
+        prelude=2,
+        core=4,
+        coda=2,
+        steps=16,
+        lenses=("logit", "coda"),
+        target_kinds=TARGETS,
+        vocab_size=65536,
+        model_name="huginn-0125",
+        batches=4,
+        figures=False,
+    )
 
 
 def page_queries(path: str, mtime: int, prompt_ids: list[int]) -> dict[str, list[tuple[str, tuple]]]:
     """The queries each page issues on its first visit (their default arguments)."""
     both = ("logit", "coda")
     return {
-        "overview": [("manifest", ()), ("headline", ()), ("choices", ()), ("median_trajectories", ()),
-                     ("depth_accuracy", ()), ("verdict_counts", ()), ("prompt_table", ())],
-        "trajectories": [("choices", ()), ("prompt_table", ()), ("rank_rows", (both, ("final",), None)),
-                         ("hover_per_prompt", (both, None)), ("hover_aggregate", (both, None)),
-                         ("rank_rows", (both, ("final", "intermediate"), tuple(prompt_ids[:1])))],
-        "dynamics": [("prompt_table", ()), ("dynamics_rows", (tuple(prompt_ids[:8]),)), ("verdict_counts", ())],
-        "compare": [("choices", ()), ("rank_rows", (("logit",), ("final",), None)),
-                    ("hover_aggregate", (("logit",), None)), ("manifest", ()), ("headline", ())],
+        "overview": [
+            ("manifest", ()),
+            ("headline", ()),
+            ("choices", ()),
+            ("median_trajectories", ()),
+            ("depth_accuracy", ()),
+            ("verdict_counts", ()),
+            ("prompt_table", ()),
+        ],
+        "trajectories": [
+            ("choices", ()),
+            ("prompt_table", ()),
+            ("rank_rows", (both, ("final",), None)),
+            ("hover_per_prompt", (both, None)),
+            ("hover_aggregate", (both, None)),
+            ("rank_rows", (both, ("final", "intermediate"), tuple(prompt_ids[:1]))),
+        ],
+        "dynamics": [
+            ("prompt_table", ()),
+            ("dynamics_rows", (tuple(prompt_ids[:8]),)),
+            ("verdict_counts", ()),
+        ],
+        "compare": [
+            ("choices", ()),
+            ("rank_rows", (("logit",), ("final",), None)),
+            ("hover_aggregate", (("logit",), None)),
+            ("manifest", ()),
+            ("headline", ()),
+        ],
     }
 
 
@@ -92,8 +132,16 @@ def bench_queries(path: Path, repeats: int) -> list[dict[str, Any]]:
             hit, _ = _ms(lambda cached=cached, args=args: cached(p, mtime, *args), repeats)
             size = len(result) if hasattr(result, "__len__") else 0
             label = name + ("" if not args else f"({_describe(args)})")
-            rows.append({"page": page, "query": label, "rows": size, "cold_ms": cold, "uncached_ms": uncached,
-                         "cached_ms": hit})
+            rows.append(
+                {
+                    "page": page,
+                    "query": label,
+                    "rows": size,
+                    "cold_ms": cold,
+                    "uncached_ms": uncached,
+                    "cached_ms": hit,
+                }
+            )
     return rows
 
 
@@ -130,8 +178,12 @@ def bench_pages(runs: Path, model: str, repeats: int) -> tuple[list[dict[str, An
     t = time.perf_counter()
     live.probe_text(live.cached_model(str(model)), "warm up", 2)  # first forward pass: allocator, kernels
     warm_ms = (time.perf_counter() - t) * 1000
-    actions.append({"page": "(server start)", "action": "load the live model, once", "ms": load_ms, "charts": 0})
-    actions.append({"page": "(server start)", "action": "first forward pass, once", "ms": warm_ms, "charts": 0})
+    actions.append(
+        {"page": "(server start)", "action": "load the live model, once", "ms": load_ms, "charts": 0}
+    )
+    actions.append(
+        {"page": "(server start)", "action": "first forward pass, once", "ms": warm_ms, "charts": 0}
+    )
 
     def check(label: str) -> None:
         if at.exception or at.error:
@@ -149,8 +201,15 @@ def bench_pages(runs: Path, model: str, repeats: int) -> tuple[list[dict[str, An
         check(page)
         rerun, worst = _ms(lambda: at.run(), repeats)
         check(page)
-        pages.append({"page": page, "first_visit_ms": first, "rerun_ms": rerun, "rerun_max_ms": worst,
-                      "charts": len(at.get("plotly_chart"))})
+        pages.append(
+            {
+                "page": page,
+                "first_visit_ms": first,
+                "rerun_ms": rerun,
+                "rerun_max_ms": worst,
+                "charts": len(at.get("plotly_chart")),
+            }
+        )
         for action, fn in _interactions(at, page):
             ms = timed(fn)
             check(f"{page}: {action}")
@@ -166,28 +225,48 @@ def _interactions(at: Any, page: str) -> list[tuple[str, Callable[[], Any]]]:
         next(b for b in at.button if b.label == "Generate").click().run()
 
     if page == "overview":
-        return [("targets: + predicted", lambda: at.pills(key="overview_targets")
-                 .set_value(["predicted", "final", "intermediate", "control"]).run())]
+        return [
+            (
+                "targets: + predicted",
+                lambda: (
+                    at.pills(key="overview_targets")
+                    .set_value(["predicted", "final", "intermediate", "control"])
+                    .run()
+                ),
+            )
+        ]
     if page == "trajectories":
-        return [("pick one prompt", lambda: at.multiselect(key="traj_prompts").set_value([7]).run()),
-                ("add a target", lambda: at.multiselect(key="traj_targets").set_value(["final", "intermediate"])
-                 .run()),
-                ("all prompts again", lambda: at.multiselect(key="traj_prompts").set_value([]).run()),
-                ("hide prompt lines", lambda: at.toggle(key="traj_thin").set_value(False).run())]
+        return [
+            ("pick one prompt", lambda: at.multiselect(key="traj_prompts").set_value([7]).run()),
+            (
+                "add a target",
+                lambda: at.multiselect(key="traj_targets").set_value(["final", "intermediate"]).run(),
+            ),
+            ("all prompts again", lambda: at.multiselect(key="traj_prompts").set_value([]).run()),
+            ("hide prompt lines", lambda: at.toggle(key="traj_thin").set_value(False).run()),
+        ]
     if page == "dynamics":
-        return [("PCA 3-D", lambda: at.segmented_control(key="dyn_run_dims").set_value("3-D").run()),
-                ("20 prompts", lambda: at.multiselect(key="dyn_prompts").set_value(list(range(20))).run())]
+        return [
+            ("PCA 3-D", lambda: at.segmented_control(key="dyn_run_dims").set_value("3-D").run()),
+            ("20 prompts", lambda: at.multiselect(key="dyn_prompts").set_value(list(range(20))).run()),
+        ]
     if page == "compare":
-        return [("right lens: coda", lambda: at.selectbox(key="cmp_right_lens").set_value("coda").run()),
-                ("relative depth", lambda: at.toggle(key="cmp_relative").set_value(True).run())]
+        return [
+            ("right lens: coda", lambda: at.selectbox(key="cmp_right_lens").set_value("coda").run()),
+            ("relative depth", lambda: at.toggle(key="cmp_relative").set_value(True).run()),
+        ]
     if page == "lens_grid":
-        return [("probe (live, all positions)", probe),
-                ("iteration slider", lambda: at.slider(key="grid_iter").set_value(1).run()),
-                ("all iterations", lambda: at.toggle(key="grid_all").set_value(True).run())]
+        return [
+            ("probe (live, all positions)", probe),
+            ("iteration slider", lambda: at.slider(key="grid_iter").set_value(1).run()),
+            ("all iterations", lambda: at.toggle(key="grid_all").set_value(True).run()),
+        ]
     if page == "live_probe":
-        return [("probe (live)", probe),
-                ("another position", lambda: at.selectbox(key="live_rank_pos").set_value(2).run()),
-                ("generate 6 tokens (kl exit)", generate)]
+        return [
+            ("probe (live)", probe),
+            ("another position", lambda: at.selectbox(key="live_rank_pos").set_value(2).run()),
+            ("generate 6 tokens (kl exit)", generate),
+        ]
     return []
 
 
@@ -212,7 +291,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--model", default=None, help="model for the live pages (default: tiny-arith if shipped)")
+    parser.add_argument(
+        "--model", default=None, help="model for the live pages (default: tiny-arith if shipped)"
+    )
     args = parser.parse_args(argv)
     console = Console()
     import logging
@@ -233,20 +314,33 @@ def main(argv: list[str] | None = None) -> Path:
         queries = bench_queries(run_path, args.repeats)
         pages, actions = bench_pages(scratch / "runs", model, args.repeats)
 
-    q = Table(title=f"DuckDB queries behind each page ({args.prompts} prompts × 68 layers, median of "
-                    f"{args.repeats}; cold = first read of the run)")
+    q = Table(
+        title=f"DuckDB queries behind each page ({args.prompts} prompts × 68 layers, median of "
+        f"{args.repeats}; cold = first read of the run)"
+    )
     for col in ("page", "query", "rows", "cold ms", "uncached ms", "cached ms"):
         q.add_column(col, justify="right" if col.endswith(("ms", "rows")) else "left")
     for r in queries:
-        q.add_row(r["page"], r["query"], f"{r['rows']:,}", f"{r['cold_ms']:.1f}", f"{r['uncached_ms']:.1f}",
-                  f"{r['cached_ms']:.2f}")
+        q.add_row(
+            r["page"],
+            r["query"],
+            f"{r['rows']:,}",
+            f"{r['cold_ms']:.1f}",
+            f"{r['uncached_ms']:.1f}",
+            f"{r['cached_ms']:.2f}",
+        )
     console.print(q)
     p = Table(title="Pages under AppTest (first visit: queries uncached; rerun = any widget change)")
     for col in ("page", "first visit ms", f"rerun ms (median of {args.repeats})", "rerun max ms", "charts"):
         p.add_column(col, justify="left" if col == "page" else "right")
     for r in pages:
-        p.add_row(r["page"], f"{r['first_visit_ms']:.0f}", f"{r['rerun_ms']:.0f}", f"{r['rerun_max_ms']:.0f}",
-                  str(r["charts"]))
+        p.add_row(
+            r["page"],
+            f"{r['first_visit_ms']:.0f}",
+            f"{r['rerun_ms']:.0f}",
+            f"{r['rerun_max_ms']:.0f}",
+            str(r["charts"]),
+        )
     console.print(p)
     a = Table(title="Interactions (one rerun each, including any new query or live probe)")
     for col in ("page", "action", "ms", "charts"):
@@ -258,23 +352,35 @@ def main(argv: list[str] | None = None) -> Path:
     interactions = [r["ms"] for r in actions if not r["page"].startswith("(")]
     worst = max([r["first_visit_ms"] for r in pages] + [r["rerun_max_ms"] for r in pages] + interactions)
     ok = worst < BUDGET_MS
-    console.print(f"slowest page interaction: {worst:.0f} ms — {'within' if ok else 'OVER'} the "
-                  f"{BUDGET_MS:.0f} ms budget (1-min load average {load_before[0]:.1f} → "
-                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    console.print(
+        f"slowest page interaction: {worst:.0f} ms — {'within' if ok else 'OVER'} the "
+        f"{BUDGET_MS:.0f} ms budget (1-min load average {load_before[0]:.1f} → "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+    )
     import duckdb
     import streamlit
 
     from benchmarks.common import machine
 
     result = {
-        "benchmark": "explorer", "machine": {**machine(), "streamlit": streamlit.__version__,
-                                             "duckdb": duckdb.__version__},
-        "run": {"prompts": args.prompts, "layout": "prelude 2 · core 4 × 16 · coda 2 (68 unrolled layers)",
-                "lenses": ["logit", "coda"], "target_kinds": len(TARGETS), "rows": rows_per_table,
-                "build_s": built},
+        "benchmark": "explorer",
+        "machine": {**machine(), "streamlit": streamlit.__version__, "duckdb": duckdb.__version__},
+        "run": {
+            "prompts": args.prompts,
+            "layout": "prelude 2 · core 4 × 16 · coda 2 (68 unrolled layers)",
+            "lenses": ["logit", "coda"],
+            "target_kinds": len(TARGETS),
+            "rows": rows_per_table,
+            "build_s": built,
+        },
         "load_average": {"before": load_before, "after": os.getloadavg()},
-        "live_model": model_desc, "budget_ms": BUDGET_MS, "slowest_interaction_ms": worst, "within_budget": ok,
-        "queries": queries, "pages": pages, "interactions": actions,
+        "live_model": model_desc,
+        "budget_ms": BUDGET_MS,
+        "slowest_interaction_ms": worst,
+        "within_budget": ok,
+        "queries": queries,
+        "pages": pages,
+        "interactions": actions,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -19,10 +19,22 @@ import lens
 from benchmarks.common import peak_rss_in_subprocess, report, time_call
 
 SHAPES = {
-    "tiny-arith-like": dict(n_embd=128, n_heads=4, intermediate_size=320, n_layers_in_prelude=1,
-                            n_layers_in_recurrent_block=2, n_layers_in_coda=1),
-    "wide": dict(n_embd=512, n_heads=8, intermediate_size=1408, n_layers_in_prelude=2,
-                 n_layers_in_recurrent_block=4, n_layers_in_coda=2),
+    "tiny-arith-like": dict(
+        n_embd=128,
+        n_heads=4,
+        intermediate_size=320,
+        n_layers_in_prelude=1,
+        n_layers_in_recurrent_block=2,
+        n_layers_in_coda=1,
+    ),
+    "wide": dict(
+        n_embd=512,
+        n_heads=8,
+        intermediate_size=1408,
+        n_layers_in_prelude=2,
+        n_layers_in_recurrent_block=4,
+        n_layers_in_coda=2,
+    ),
 }
 
 _STREAM = textwrap.dedent("""
@@ -59,14 +71,26 @@ def main() -> None:
     rows = []
     for name, shape in SHAPES.items():
         torch.manual_seed(0)
-        model = lens.RecurrentDepthLM(lens.RecurrentDepthConfig(vocab_size=1024, block_size=256, **shape)).eval()
+        model = lens.RecurrentDepthLM(
+            lens.RecurrentDepthConfig(vocab_size=1024, block_size=256, **shape)
+        ).eval()
         ids = torch.randint(0, 1024, (8, 64))
         for T in depths:
             with torch.no_grad():
-                t = time_call(lambda m=model, T=T, ids=ids: m(ids, num_steps=T, init_state="zeros", logits="last"), repeats=3)
-            rows.append({"model": name, "params_M": model.num_parameters() / 1e6, "iterations": T,
-                         "tokens": ids.numel(), "median_ms": t["median_ms"],
-                         "tokens_per_s": ids.numel() / (t["median_ms"] / 1000)})
+                t = time_call(
+                    lambda m=model, T=T, ids=ids: m(ids, num_steps=T, init_state="zeros", logits="last"),
+                    repeats=3,
+                )
+            rows.append(
+                {
+                    "model": name,
+                    "params_M": model.num_parameters() / 1e6,
+                    "iterations": T,
+                    "tokens": ids.numel(),
+                    "median_ms": t["median_ms"],
+                    "tokens_per_s": ids.numel() / (t["median_ms"] / 1000),
+                }
+            )
     if torch.cuda.is_available():
         rows += huginn_gpu(depths)
     report("forward", rows, args.out, "forward pass (CPU unless marked)")
@@ -74,14 +98,24 @@ def main() -> None:
     memory = []
     for name, keep in (("one rank per state", False), ("keep every state", True)):
         growth_mb = stream_memory(keep) / 2**20
-        memory.append({"consumer": name, "iterations": 64, "states": 64 * 5, "state_MB": state_mb,
-                       "peak_growth_MB": growth_mb, "growth_in_states": growth_mb / state_mb})
+        memory.append(
+            {
+                "consumer": name,
+                "iterations": 64,
+                "states": 64 * 5,
+                "state_MB": state_mb,
+                "peak_growth_MB": growth_mb,
+                "growth_in_states": growth_mb / state_mb,
+            }
+        )
     report("forward_memory", memory, None, "streaming 64 iterations: peak memory above the pre-pass level")
 
 
 def huginn_gpu(depths: tuple[int, ...]) -> list[dict]:
     """The real Huginn-3.5B shape, random weights, bf16 on the GPU."""
-    cfg = lens.RecurrentDepthConfig.from_json(Path(__file__).resolve().parents[2] / "shared/huginn-0125/config.json")
+    cfg = lens.RecurrentDepthConfig.from_json(
+        Path(__file__).resolve().parents[2] / "shared/huginn-0125/config.json"
+    )
     with torch.device("cuda"):
         model = lens.RecurrentDepthLM(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, 65536, (1, 512), device="cuda")
@@ -89,9 +123,16 @@ def huginn_gpu(depths: tuple[int, ...]) -> list[dict]:
     for T in depths:
         with torch.no_grad():
             t = time_call(lambda T=T: model(ids, num_steps=T, init_state="zeros", logits="last"), repeats=3)
-        rows.append({"model": "huginn-3.5B bf16 (GPU)", "params_M": model.num_parameters() / 1e6, "iterations": T,
-                     "tokens": ids.numel(), "median_ms": t["median_ms"],
-                     "tokens_per_s": ids.numel() / (t["median_ms"] / 1000)})
+        rows.append(
+            {
+                "model": "huginn-3.5B bf16 (GPU)",
+                "params_M": model.num_parameters() / 1e6,
+                "iterations": T,
+                "tokens": ids.numel(),
+                "median_ms": t["median_ms"],
+                "tokens_per_s": ids.numel() / (t["median_ms"] / 1000),
+            }
+        )
     return rows
 
 

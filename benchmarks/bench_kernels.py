@@ -104,7 +104,7 @@ def naive_lens(inputs: dict) -> dict:
     ascending = logits.sort(dim=-1).values
     tz = logits.gather(1, inputs["targets"])
     ranks = 1 + logits.shape[1] - torch.searchsorted(ascending, tz.contiguous(), right=True)
-    top = ascending[:, -inputs["topk"]:].flip(-1)
+    top = ascending[:, -inputs["topk"] :].flip(-1)
     out = {"entropy": entropy, "ranks": ranks, "top": top, "logprobs": logp.gather(1, inputs["targets"])}
     if "ref_logprobs" in inputs:
         ref = inputs["ref_logprobs"]
@@ -129,7 +129,10 @@ def matmul(inputs: dict) -> torch.Tensor:
 
 
 LENS_VARIANTS: dict[str, Callable[[dict], object]] = {
-    "matmul": matmul, "naive": naive_lens, "chunked": chunked_lens, "triton": triton_lens,
+    "matmul": matmul,
+    "naive": naive_lens,
+    "chunked": chunked_lens,
+    "triton": triton_lens,
 }
 
 
@@ -141,7 +144,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: str) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, device: str
+) -> dict[str, list[float]]:
     """Seconds per call: one warm-up each, then ``rounds`` rounds running every variant once, so slow
     drifts of a shared machine hit all variants alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -227,7 +232,8 @@ def bench_lens(shape: LensShape, device: str, rounds: int) -> list[dict]:
         del out
     med = {name: statistics.median(ts) for name, ts in times.items()}
     paired = {  # per-round ratio to the matmul of the same round: robust to drifts of a shared machine
-        name: statistics.median(t / m for t, m in zip(ts, times["matmul"], strict=True)) for name, ts in times.items()
+        name: statistics.median(t / m for t, m in zip(ts, times["matmul"], strict=True))
+        for name, ts in times.items()
     }
     rows = []
     for name, ts in times.items():
@@ -237,13 +243,20 @@ def bench_lens(shape: LensShape, device: str, rounds: int) -> list[dict]:
                 memory = peak_memory_cpu(shape, name)
             else:
                 memory = peak_memory_cuda(lambda fn=LENS_VARIANTS[name]: fn(inputs))
-        rows.append({
-            "shape": asdict(shape), "variant": name, "device": device,
-            "ms_median": 1e3 * med[name], "ms_min": 1e3 * min(ts), "ms_all": [1e3 * t for t in ts],
-            "tflops": shape.flops / med[name] / 1e12,
-            "x_matmul": med[name] / med["matmul"], "x_matmul_paired": paired[name],
-            **memory,
-        })
+        rows.append(
+            {
+                "shape": asdict(shape),
+                "variant": name,
+                "device": device,
+                "ms_median": 1e3 * med[name],
+                "ms_min": 1e3 * min(ts),
+                "ms_all": [1e3 * t for t in ts],
+                "tflops": shape.flops / med[name] / 1e12,
+                "x_matmul": med[name] / med["matmul"],
+                "x_matmul_paired": paired[name],
+                **memory,
+            }
+        )
 
     naive_mem = next((r.get("peak_extra_bytes") for r in rows if r["variant"] == "naive"), None)
     for r in rows:
@@ -274,7 +287,10 @@ def bench_core(shape: CoreShape, device: str, rounds: int) -> list[dict]:
     adapter = rand(shape.d, 2 * shape.d).mul_(shape.d**-0.5)
     injection = kernels.adapter_injection(e, adapter)
     ops = {
-        "rms_norm(x + residual)": (lambda: huginn_rms_norm(x + res, w_norm), lambda: kernels.rms_norm(x, w_norm, residual=res)),
+        "rms_norm(x + residual)": (
+            lambda: huginn_rms_norm(x + res, w_norm),
+            lambda: kernels.rms_norm(x, w_norm, residual=res),
+        ),
         "swiglu": (lambda: F.silu(fc[:, : shape.ffn]) * fc[:, shape.ffn :], lambda: kernels.swiglu(fc)),
         "adapter (per iteration)": (
             lambda: F.linear(torch.cat([x, e], dim=-1), adapter),
@@ -286,8 +302,17 @@ def bench_core(shape: CoreShape, device: str, rounds: int) -> list[dict]:
         for op, (eager, fused) in ops.items():
             times = time_interleaved({"eager": eager, "fused": fused}, rounds, device)
             eager_ms, fused_ms = (1e3 * statistics.median(times[k]) for k in ("eager", "fused"))
-            rows.append({"shape": asdict(shape), "op": op, "device": device, "backend": kernels.backend_for(x),
-                         "eager_ms": eager_ms, "fused_ms": fused_ms, "speedup": eager_ms / fused_ms})
+            rows.append(
+                {
+                    "shape": asdict(shape),
+                    "op": op,
+                    "device": device,
+                    "backend": kernels.backend_for(x),
+                    "eager_ms": eager_ms,
+                    "fused_ms": fused_ms,
+                    "speedup": eager_ms / fused_ms,
+                }
+            )
     return rows
 
 
@@ -338,15 +363,29 @@ def print_tables(report: dict) -> None:
 
     console = Console(width=max(150, Console().width))
     table = Table(title="Lens pass (2·N·d·V FLOPs)")
-    for col in ("shape", "device", "variant", "ms (median)", "ms (min)", "TFLOP/s", "× matmul", "peak extra MiB",
-                "memory ÷ naive"):
+    for col in (
+        "shape",
+        "device",
+        "variant",
+        "ms (median)",
+        "ms (min)",
+        "TFLOP/s",
+        "× matmul",
+        "peak extra MiB",
+        "memory ÷ naive",
+    ):
         table.add_column(col, justify="right" if col not in ("shape", "variant", "device") else "left")
     for r in report["lens"]:
         s = r["shape"]
         mem = r.get("peak_extra_bytes")
         table.add_row(
-            f"{s['name']} {s['n']}×{s['d']}×{s['v']} {s['dtype']}", r["device"], r["variant"],
-            f"{r['ms_median']:.1f}", f"{r['ms_min']:.1f}", f"{r['tflops']:.3f}", f"{r['x_matmul']:.2f}",
+            f"{s['name']} {s['n']}×{s['d']}×{s['v']} {s['dtype']}",
+            r["device"],
+            r["variant"],
+            f"{r['ms_median']:.1f}",
+            f"{r['ms_min']:.1f}",
+            f"{r['tflops']:.3f}",
+            f"{r['x_matmul']:.2f}",
             "" if mem is None else f"{mem / 2**20:.0f}",
             "" if "memory_vs_naive" not in r else f"{r['memory_vs_naive']:.1f}×",
         )
@@ -356,8 +395,14 @@ def print_tables(report: dict) -> None:
         core.add_column(col)
     for r in report["core"]:
         s = r["shape"]
-        core.add_row(r["op"], f"{s['rows']}×{s['d']} ffn={s['ffn']} {s['dtype']}", r["backend"],
-                     f"{r['eager_ms']:.3f}", f"{r['fused_ms']:.3f}", f"{r['speedup']:.2f}×")
+        core.add_row(
+            r["op"],
+            f"{s['rows']}×{s['d']} ffn={s['ffn']} {s['dtype']}",
+            r["backend"],
+            f"{r['eager_ms']:.3f}",
+            f"{r['fused_ms']:.3f}",
+            f"{r['speedup']:.2f}×",
+        )
     console.print(core)
     for t in report["targets"]:
         console.print(
@@ -371,9 +416,13 @@ def print_tables(report: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized shapes and few rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 5, quick 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds per variant (default 5, quick 3)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    parser.add_argument("--no-kl", action="store_true", help="skip the lens rows that include KL to a reference")
+    parser.add_argument(
+        "--no-kl", action="store_true", help="skip the lens rows that include KL to a reference"
+    )
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 5)
 
@@ -390,15 +439,23 @@ def main(argv: list[str] | None = None) -> dict:
         report["lens"] += bench_lens(shape, "cpu", rounds)
     report["core"] += bench_core(core_cpu, "cpu", rounds)
     if torch.cuda.is_available():
-        gpu_shapes = [LensShape("quick-gpu", 1024, 1024, 16384, "bfloat16")] if args.quick else [
-            LensShape("huginn", 4096, 5280, 65536, "bfloat16"),
-            LensShape("huginn+kl", 4096, 5280, 65536, "bfloat16", kl=True),
-        ]
+        gpu_shapes = (
+            [LensShape("quick-gpu", 1024, 1024, 16384, "bfloat16")]
+            if args.quick
+            else [
+                LensShape("huginn", 4096, 5280, 65536, "bfloat16"),
+                LensShape("huginn+kl", 4096, 5280, 65536, "bfloat16", kl=True),
+            ]
+        )
         for shape in gpu_shapes:
             report["lens"] += bench_lens(shape, "cuda", rounds)
         report["core"] += bench_core(
-            CoreShape("quick-gpu", 1024, 1024, 3456, "bfloat16") if args.quick
-            else CoreShape("huginn", 4096, 5280, 17920, "bfloat16"), "cuda", rounds)
+            CoreShape("quick-gpu", 1024, 1024, 3456, "bfloat16")
+            if args.quick
+            else CoreShape("huginn", 4096, 5280, 17920, "bfloat16"),
+            "cuda",
+            rounds,
+        )
     else:
         report["gpu"] = "GPU figures pending: no GPU was available"
     report["load_average_1m_end"] = os.getloadavg()[0]  # a shared machine: say how busy it was

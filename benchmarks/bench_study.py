@@ -23,16 +23,36 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as runs:
-        cmd = [sys.executable, "-m", "lens.cli", "study", "arithmetic", "--model", args.model, "--n", str(args.n),
-               "--out", runs]
+        cmd = [
+            sys.executable,
+            "-m",
+            "looplens",
+            "study",
+            "arithmetic",
+            "--model",
+            args.model,
+            "--n",
+            str(args.n),
+            "--out",
+            runs,
+        ]
         t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - t
         if done.returncode != 0:
             sys.exit(f"study failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         figures = sorted(p.name for p in Path(runs).glob("*/figures/*.png"))
-    rows = [{"study": "arithmetic", "model": args.model, "prompts": args.n, "iterations": 16,
-             "wall_s": seconds, "target_s": 300.0, "figures": len(figures)}]
+    rows = [
+        {
+            "study": "arithmetic",
+            "model": args.model,
+            "prompts": args.n,
+            "iterations": 16,
+            "wall_s": seconds,
+            "target_s": 300.0,
+            "figures": len(figures),
+        }
+    ]
     report("study", rows, args.out, "looplens study arithmetic, end to end (fresh process)")
 
 

@@ -39,15 +39,22 @@ def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[
 def peak_rss_in_subprocess(code: str, timeout: int = 600) -> int:
     """Run ``code`` in a fresh interpreter; it prints one integer, its memory growth in bytes."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+    )
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
     return int(out.stdout.strip().splitlines()[-1])
 
 
 def machine() -> dict[str, Any]:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

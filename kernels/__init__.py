@@ -11,6 +11,12 @@ from kernels.dispatch import backend_for, force_reference
 from kernels.lens_stats import LensStatistics, lens_statistics
 
 __all__ = [
-    "LensStatistics", "adapter_injection", "adapter_step", "backend_for", "force_reference", "lens_statistics",
-    "rms_norm", "swiglu",
+    "LensStatistics",
+    "adapter_injection",
+    "adapter_step",
+    "backend_for",
+    "force_reference",
+    "lens_statistics",
+    "rms_norm",
+    "swiglu",
 ]

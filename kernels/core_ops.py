@@ -130,7 +130,9 @@ def adapter_step(
     """
     d = _adapter_width(adapter_weight)
     if x.shape[-1] != d or injection.shape[-1] != d:
-        raise ValueError(f"adapter_step: x {tuple(x.shape)} / injection {tuple(injection.shape)} width != d = {d}")
+        raise ValueError(
+            f"adapter_step: x {tuple(x.shape)} / injection {tuple(injection.shape)} width != d = {d}"
+        )
     if (
         backend_for(x) == "triton"
         and injection.shape == x.shape
@@ -147,6 +149,11 @@ def adapter_step(
 
 
 __all__ = [
-    "adapter_injection", "adapter_step", "adapter_step_reference", "rms_norm", "rms_norm_reference",
-    "swiglu", "swiglu_reference",
+    "adapter_injection",
+    "adapter_step",
+    "adapter_step_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
 ]

@@ -94,6 +94,11 @@ def force_reference() -> Iterator[None]:
 
 
 __all__ = [
-    "Backend", "ENV_VAR", "TRITON_DEVICE_TYPES", "backend_for", "force_reference", "reference_forced",
+    "Backend",
+    "ENV_VAR",
+    "TRITON_DEVICE_TYPES",
+    "backend_for",
+    "force_reference",
+    "reference_forced",
     "triton_available",
 ]

@@ -24,10 +24,17 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _rms_norm_kernel(
-    X, R, W, Y,
-    stride_x, stride_r, stride_y,
-    D, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    R,
+    W,
+    Y,
+    stride_x,
+    stride_r,
+    stride_y,
+    D,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -71,7 +78,12 @@ def _output(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, like
     """``out`` checked against the expected layout, or a fresh tensor."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=like.device)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != like.device or not out.is_contiguous():
+    if (
+        tuple(out.shape) != tuple(shape)
+        or out.dtype != dtype
+        or out.device != like.device
+        or not out.is_contiguous()
+    ):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {like.device}")
     return out
 
@@ -97,8 +109,18 @@ def rms_norm_triton(
     block = triton.next_power_of_2(d)
     num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, r2, w, y, x2.stride(0), r2.stride(0), y.stride(0), d, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_D=block, num_warps=num_warps,
+        x2,
+        r2,
+        w,
+        y,
+        x2.stride(0),
+        r2.stride(0),
+        y.stride(0),
+        d,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_D=block,
+        num_warps=num_warps,
     )
     return y.view(x.shape)
 
@@ -122,5 +144,9 @@ def swiglu_triton(fc_out: Float[Tensor, "... two_h"], out: Tensor | None = None)
 
 
 __all__ = [
-    "MAX_NORM_WIDTH", "rms_norm_supported", "rms_norm_triton", "swiglu_supported", "swiglu_triton",
+    "MAX_NORM_WIDTH",
+    "rms_norm_supported",
+    "rms_norm_triton",
+    "swiglu_supported",
+    "swiglu_triton",
 ]

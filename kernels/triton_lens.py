@@ -47,14 +47,36 @@ _NO_MAX = tl.constexpr(-3.0e38)
 
 @triton.jit
 def _lens_stats_kernel(
-    X, W, T, REF, REF_IDX,
-    OUT_M, OUT_S, OUT_T, OUT_KL, OUT_Q, OUT_CNT, OUT_TZ, OUT_TOPV, OUT_TOPI,
-    N, V, D,
-    stride_x, stride_w, stride_ref,
-    NUM_TARGETS: tl.constexpr, KP: tl.constexpr,
-    TOPK: tl.constexpr, TKP: tl.constexpr,
-    HAS_REF: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    W,
+    T,
+    REF,
+    REF_IDX,
+    OUT_M,
+    OUT_S,
+    OUT_T,
+    OUT_KL,
+    OUT_Q,
+    OUT_CNT,
+    OUT_TZ,
+    OUT_TOPV,
+    OUT_TOPI,
+    N,
+    V,
+    D,
+    stride_x,
+    stride_w,
+    stride_ref,
+    NUM_TARGETS: tl.constexpr,
+    KP: tl.constexpr,
+    TOPK: tl.constexpr,
+    TKP: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -68,8 +90,11 @@ def _lens_stats_kernel(
     x_rows = X + rows64[:, None] * stride_x
 
     # prologue: target ids and their logits by separate fp32 dot products
-    tgt = tl.load(T + rows64[:, None] * NUM_TARGETS + kc[None, :],
-                  mask=row_ok[:, None] & (kc[None, :] < NUM_TARGETS), other=0).to(tl.int32)
+    tgt = tl.load(
+        T + rows64[:, None] * NUM_TARGETS + kc[None, :],
+        mask=row_ok[:, None] & (kc[None, :] < NUM_TARGETS),
+        other=0,
+    ).to(tl.int32)
     tz = tl.zeros((BLOCK_N, KP), tl.float32)
     for j in tl.static_range(NUM_TARGETS):
         t_j = tl.sum(tl.where(kc[None, :] == j, tgt, 0), axis=1)
@@ -126,8 +151,9 @@ def _lens_stats_kernel(
         m = m_new
 
         if HAS_REF:
-            r = tl.load(ref_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                        other=_NO_MAX).to(tl.float32)
+            r = tl.load(ref_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=_NO_MAX).to(
+                tl.float32
+            )
             # r = -inf (q = 0) becomes huge finite: 0 * (r - z) = 0 instead of nan; a nan r stays nan
             r = tl.maximum(r, _NO_MAX, propagate_nan=tl.PropagateNan.ALL)
             q = tl.exp(r)
@@ -207,7 +233,9 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, po
     """An output buffer the kernel must fill; ``poison`` pre-fills it with nan / a garbage id (tests)."""
     if not poison:
         return torch.empty(shape, dtype=dtype, device=device)
-    return torch.full(shape, float("nan") if dtype.is_floating_point else -(2**30), dtype=dtype, device=device)
+    return torch.full(
+        shape, float("nan") if dtype.is_floating_point else -(2**30), dtype=dtype, device=device
+    )
 
 
 def lens_statistics_triton_inputs(
@@ -270,22 +298,48 @@ def lens_statistics_triton_inputs(
     ref_index = inputs.ref_index if has_ref else x
 
     args = (
-        x, w, targets, ref, ref_index,
-        part_m, part_s, part_t, part_kl, part_q, part_cnt, target_logits, part_topv, part_topi,
-        n, v, d, x.stride(0), w.stride(0), ref.stride(0) if has_ref else 0,
+        x,
+        w,
+        targets,
+        ref,
+        ref_index,
+        part_m,
+        part_s,
+        part_t,
+        part_kl,
+        part_q,
+        part_cnt,
+        target_logits,
+        part_topv,
+        part_topi,
+        n,
+        v,
+        d,
+        x.stride(0),
+        w.stride(0),
+        ref.stride(0) if has_ref else 0,
     )
     flags = {
-        "NUM_TARGETS": k_t, "KP": max(2, triton.next_power_of_2(k_t)),
-        "TOPK": k, "TKP": max(2, triton.next_power_of_2(k)),
-        "HAS_REF": has_ref, "UPCAST": upcast, "INPUT_PRECISION": precision,
+        "NUM_TARGETS": k_t,
+        "KP": max(2, triton.next_power_of_2(k_t)),
+        "TOPK": k,
+        "TKP": max(2, triton.next_power_of_2(k)),
+        "HAS_REF": has_ref,
+        "UPCAST": upcast,
+        "INPUT_PRECISION": precision,
     }
     if tuned:
         kernel = _lens_stats_tuned_32bit if wide else _lens_stats_tuned_16bit
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **flags)
     else:
         _lens_stats_kernel[(triton.cdiv(n, bn), splits)](
-            *args, **flags, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=block_d or (32 if wide else 64),
-            num_warps=num_warps, num_stages=num_stages,
+            *args,
+            **flags,
+            BLOCK_N=bn,
+            BLOCK_V=bv,
+            BLOCK_D=block_d or (32 if wide else 64),
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
 
     big, s_all, t_all = merge_softmax(part_m, part_s, part_t)
@@ -326,7 +380,9 @@ def lens_statistics_triton(
     ``num_splits`` (vocabulary splits per row block), ``num_warps``, ``num_stages``, and ``poison=True`` to
     pre-fill every buffer the kernel writes with nan / garbage ids.
     """
-    inputs = prepare_lens_inputs(hidden, unembedding, norm_weight, eps, targets, topk, ref_logprobs, ref_index)
+    inputs = prepare_lens_inputs(
+        hidden, unembedding, norm_weight, eps, targets, topk, ref_logprobs, ref_index
+    )
     return lens_statistics_triton_inputs(inputs, **launch)  # type: ignore[arg-type]
 
 

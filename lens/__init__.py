@@ -12,7 +12,18 @@ from lens.model import RecurrentDepthLM, RecurrentDepthOutput
 from lens.stream import SiteLayout, State, Subscription, Trace, TraceCollector
 
 __all__ = [
-    "EMBEDDED_MODELS", "CheckpointError", "HookPoint", "KVCache", "RecurrentDepthConfig", "RecurrentDepthLM",
-    "RecurrentDepthOutput", "SiteLayout", "State", "Subscription", "Trace", "TraceCollector", "load_model",
+    "EMBEDDED_MODELS",
+    "CheckpointError",
+    "HookPoint",
+    "KVCache",
+    "RecurrentDepthConfig",
+    "RecurrentDepthLM",
+    "RecurrentDepthOutput",
+    "SiteLayout",
+    "State",
+    "Subscription",
+    "Trace",
+    "TraceCollector",
+    "load_model",
     "save_model",
 ]

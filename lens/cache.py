@@ -32,9 +32,12 @@ class KVCache:
             return None
         block = (index - self.prelude_layers) % self.core_layers
         candidates = [
-            i for i, k in self.keys.items()
-            if i >= self.prelude_layers and (i - self.prelude_layers) % self.core_layers == block
-            and k.shape[2] >= min_length and (below is None or i < below)
+            i
+            for i, k in self.keys.items()
+            if i >= self.prelude_layers
+            and (i - self.prelude_layers) % self.core_layers == block
+            and k.shape[2] >= min_length
+            and (below is None or i < below)
         ]
         return max(candidates) if candidates else None
 
@@ -65,9 +68,11 @@ class KVCache:
                 source = self._deepest_same_block(index, min_length=target)
                 if source is None:
                     raise RuntimeError(f"cache index {index} is incomplete and has no fallback")
-                self.keys[index] = torch.cat([self.keys[index], self.keys[source][:, :, self.seq_len: target]], 2)
+                self.keys[index] = torch.cat(
+                    [self.keys[index], self.keys[source][:, :, self.seq_len : target]], 2
+                )
                 self.values[index] = torch.cat(
-                    [self.values[index], self.values[source][:, :, self.seq_len: target]], 2
+                    [self.values[index], self.values[source][:, :, self.seq_len : target]], 2
                 )
         if mask is not None:
             mask = mask.bool()

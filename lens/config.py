@@ -25,19 +25,63 @@ _ARCHITECTURE_CHECKS: dict[str, tuple[Any, ...]] = {
 
 # Generic keys written by transformers' PretrainedConfig that say nothing about the architecture.
 _HF_BOOKKEEPING = {
-    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "pruned_heads",
-    "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
-    "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "finetuning_task",
-    "id2label", "label2id", "task_specific_params", "problem_type", "tokenizer_class", "prefix",
-    "sep_token_id", "decoder_start_token_id", "max_length", "min_length", "do_sample",
-    "early_stopping", "num_beams", "temperature", "top_k", "top_p", "typical_p",
-    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
-    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "num_beam_groups", "diversity_penalty", "_name_or_path", "tf_legacy_loss", "use_bfloat16",
-    "dtype", "_commit_hash", "_attn_implementation_autoset", "transformers_version",
-    "architectures", "auto_map", "torch_dtype", "model_type",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
+    "pruned_heads",
+    "tie_word_embeddings",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "is_decoder",
+    "cross_attention_hidden_size",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "finetuning_task",
+    "id2label",
+    "label2id",
+    "task_specific_params",
+    "problem_type",
+    "tokenizer_class",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "num_beam_groups",
+    "diversity_penalty",
+    "_name_or_path",
+    "tf_legacy_loss",
+    "use_bfloat16",
+    "dtype",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+    "transformers_version",
+    "architectures",
+    "auto_map",
+    "torch_dtype",
+    "model_type",
 }
 
 
@@ -145,7 +189,9 @@ class RecurrentDepthConfig:
             expected = f.type if isinstance(f.type, str) else str(f.type)
             if expected.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
                 raise TypeError(f"config field {f.name!r} must be an integer, got {value!r}")
-            if expected.startswith("float") and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            if expected.startswith("float") and (
+                not isinstance(value, (int, float)) or isinstance(value, bool)
+            ):
                 raise TypeError(f"config field {f.name!r} must be a number, got {value!r}")
             if expected.startswith("float"):
                 setattr(self, f.name, float(value))
@@ -158,8 +204,16 @@ class RecurrentDepthConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for any inconsistent or unsupported setting."""
-        for name in ("n_embd", "n_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                     "vocab_size", "block_size", "n_layers_in_recurrent_block"):
+        for name in (
+            "n_embd",
+            "n_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "block_size",
+            "n_layers_in_recurrent_block",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
         for name in ("n_layers_in_prelude", "n_layers_in_coda"):
@@ -174,7 +228,9 @@ class RecurrentDepthConfig:
                 f"config field 'num_key_value_heads' ({self.num_key_value_heads}) must divide 'n_heads' ({self.n_heads})"
             )
         if self.head_dim % 2:
-            raise ValueError(f"config field 'head_dim' must be even for rotary embeddings, got {self.head_dim}")
+            raise ValueError(
+                f"config field 'head_dim' must be even for rotary embeddings, got {self.head_dim}"
+            )
         if self.padded_vocab_size < self.vocab_size:
             raise ValueError("config field 'padded_vocab_size' must be >= 'vocab_size'")
         for key in ("std", "embed_scale"):
@@ -186,7 +242,9 @@ class RecurrentDepthConfig:
                     f"config field {name!r} = {getattr(self, name)!r} is not supported (looplens implements {allowed[0]!r})"
                 )
         if self.test_time_noise_type not in ("fixed", "geom", "sqrt", "line", "chi"):
-            raise ValueError(f"config field 'test_time_noise_type' = {self.test_time_noise_type!r} is unknown")
+            raise ValueError(
+                f"config field 'test_time_noise_type' = {self.test_time_noise_type!r} is unknown"
+            )
 
     # ---- (de)serialisation --------------------------------------------------------------------
     @classmethod
@@ -198,7 +256,9 @@ class RecurrentDepthConfig:
             data["n_heads"] = data.pop("num_attention_heads")
         unknown = sorted(k for k in data if k not in known and k not in _HF_BOOKKEEPING)
         if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}: not part of the recurrent-depth architecture")
+            raise ValueError(
+                f"unknown config field(s) {unknown}: not part of the recurrent-depth architecture"
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod

@@ -34,7 +34,9 @@ class ExitCriterion:
 
     def __post_init__(self) -> None:
         if self.name not in DEFAULT_THRESHOLDS:
-            raise ValueError(f"unknown exit criterion {self.name!r}; choose from {sorted(DEFAULT_THRESHOLDS)}")
+            raise ValueError(
+                f"unknown exit criterion {self.name!r}; choose from {sorted(DEFAULT_THRESHOLDS)}"
+            )
         if self.threshold is None:
             self.threshold = DEFAULT_THRESHOLDS[self.name]
         self.needs_logits = self.name in ("kl", "entropy-diff", "argmax-stability")
@@ -62,7 +64,8 @@ class ExitCriterion:
             logp = F.log_softmax(logits.float(), dim=-1)
             value = (
                 F.kl_div(logp, self._prev, reduction="none", log_target=True).sum(-1)
-                if self._prev is not None else None
+                if self._prev is not None
+                else None
             )
             self._prev = logp
         elif name == "entropy-diff":

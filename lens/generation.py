@@ -34,13 +34,19 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor,
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
-def sample_next(logits: Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def sample_next(
+    logits: Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering. ``[B, V] -> [B]``."""
     logits = logits.float()
     if not do_sample:
@@ -99,8 +105,10 @@ def generate(
     padded = bool((mask == 0).any())
     criterion = None
     if exit_criterion is not None:
-        criterion = exit_criterion if isinstance(exit_criterion, ExitCriterion) else ExitCriterion(
-            exit_criterion, exit_threshold
+        criterion = (
+            exit_criterion
+            if isinstance(exit_criterion, ExitCriterion)
+            else ExitCriterion(exit_criterion, exit_threshold)
         )
     stops = set(stop_token_ids or ())
     for special in (model.config.eos_token_id,):
@@ -117,11 +125,26 @@ def generate(
     full_ids, full_mask = ids, mask
     for _ in range(max_new_tokens):
         if use_cache:
-            out = model(step_input, num_steps, state_init, step_mask, cache=cache, logits="last",
-                        generator=generator, exit_criterion=criterion)
+            out = model(
+                step_input,
+                num_steps,
+                state_init,
+                step_mask,
+                cache=cache,
+                logits="last",
+                generator=generator,
+                exit_criterion=criterion,
+            )
         else:
-            out = model(full_ids, num_steps, init_state, full_mask if padded else None, logits="last",
-                        generator=generator, exit_criterion=criterion)
+            out = model(
+                full_ids,
+                num_steps,
+                init_state,
+                full_mask if padded else None,
+                logits="last",
+                generator=generator,
+                exit_criterion=criterion,
+            )
         next_ids = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator).cpu()
         used = out.steps_used.cpu().tolist() if out.steps_used is not None else [out.num_steps] * B
         for b in range(B):

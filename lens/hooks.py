@@ -81,8 +81,13 @@ class HookedModule(nn.Module):
             raise KeyError(f"no hook point named {name!r}; similar: {close}")
         return [self.hook_dict[name]]
 
-    def add_hook(self, name: str | Callable[[str], bool], fn: HookFunction, dir: str = "fwd",
-                 is_permanent: bool = False) -> None:
+    def add_hook(
+        self,
+        name: str | Callable[[str], bool],
+        fn: HookFunction,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+    ) -> None:
         for hook in self._resolve(name):
             hook.add_hook(fn, dir=dir, is_permanent=is_permanent)
 
@@ -92,8 +97,11 @@ class HookedModule(nn.Module):
             hook.clear_context()
 
     @contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFunction]] = (),
-              reset_hooks_end: bool = True) -> Iterator[HookedModule]:
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFunction]] = (),
+        reset_hooks_end: bool = True,
+    ) -> Iterator[HookedModule]:
         """Context manager: hooks added on entry are removed on exit, even after an error."""
         try:
             for name, fn in fwd_hooks:
@@ -103,9 +111,13 @@ class HookedModule(nn.Module):
             if reset_hooks_end:
                 self.reset_hooks()
 
-    def run_with_hooks(self, *args: Any,
-                       fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFunction]] = (),
-                       reset_hooks_end: bool = True, **kwargs: Any) -> Any:
+    def run_with_hooks(
+        self,
+        *args: Any,
+        fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFunction]] = (),
+        reset_hooks_end: bool = True,
+        **kwargs: Any,
+    ) -> Any:
         """Run ``forward`` with temporary hooks, as ``HookedTransformer.run_with_hooks`` does."""
         with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end):
             return self(*args, **kwargs)

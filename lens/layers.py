@@ -159,6 +159,12 @@ def init_block_(block: SandwichBlock, std: float, out_std: float) -> None:
 
 
 __all__ = [
-    "RMSNorm", "CausalSelfAttention", "GatedMLP", "SandwichBlock", "precompute_freqs_cis",
-    "apply_rotary", "causal_mask", "init_block_",
+    "RMSNorm",
+    "CausalSelfAttention",
+    "GatedMLP",
+    "SandwichBlock",
+    "precompute_freqs_cis",
+    "apply_rotary",
+    "causal_mask",
+    "init_block_",
 ]

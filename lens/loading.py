@@ -64,7 +64,9 @@ def _weight_files(path: Path) -> list[Path]:
         return files
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise CheckpointError(f"{path} holds only pickle weights (.bin/.pt); looplens loads safetensors only")
-    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+    raise FileNotFoundError(
+        f"no weights in {path}: expected model.safetensors or model.safetensors.index.json"
+    )
 
 
 def weights_fingerprint(name_or_path: str | Path) -> str:
@@ -89,8 +91,9 @@ def weights_fingerprint(name_or_path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_state_dict(path: Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory; a damaged file raises ``CheckpointError`` naming it."""
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
@@ -104,7 +107,9 @@ def read_state_dict(path: Path, dtype: torch.dtype | None = None,
                         t = t.to(dtype)
                     tensors[key] = t.to(device) if device is not None else t
         except SafetensorError as err:
-            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+            raise CheckpointError(
+                f"{file} is not a readable safetensors file (truncated or corrupt?): {err}"
+            ) from err
         except OSError as err:
             raise CheckpointError(f"{file} could not be read: {err}") from err
     return tensors

@@ -78,7 +78,9 @@ class RecurrentDepthLM(HookedModule):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.register_buffer(
-            "freqs_cis", precompute_freqs_cis(config.head_dim, config.block_size, config.rope_base), persistent=True
+            "freqs_cis",
+            precompute_freqs_cis(config.head_dim, config.block_size, config.rope_base),
+            persistent=True,
         )
         self.hook_embed = HookPoint()
         self.hook_adapter = HookPoint()
@@ -151,12 +153,15 @@ class RecurrentDepthLM(HookedModule):
         return x
 
     # ---- the forward pass -------------------------------------------------------------------------
-    def initial_state(self, embedded: Tensor, init_state: InitState = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+    def initial_state(
+        self, embedded: Tensor, init_state: InitState = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Huginn's truncated-normal latent (``std * emb_scale``), zeros, or a given tensor."""
         if isinstance(init_state, Tensor):
             if init_state.shape[-1] != embedded.shape[-1]:
-                raise ValueError(f"init_state has width {init_state.shape[-1]}, the model {embedded.shape[-1]}")
+                raise ValueError(
+                    f"init_state has width {init_state.shape[-1]}, the model {embedded.shape[-1]}"
+                )
             return init_state.to(device=embedded.device, dtype=embedded.dtype).expand_as(embedded).clone()
         if init_state == "zeros":
             return torch.zeros_like(embedded)
@@ -198,8 +203,17 @@ class RecurrentDepthLM(HookedModule):
         if return_trace:
             collector = TraceCollector(None if return_trace is True else list(return_trace))
             consumers.append(collector)
-        stream = self.iter_states(input_ids, num_steps, init_state, attention_mask, consumers, cache, logits,
-                                  generator, exit_criterion)
+        stream = self.iter_states(
+            input_ids,
+            num_steps,
+            init_state,
+            attention_mask,
+            consumers,
+            cache,
+            logits,
+            generator,
+            exit_criterion,
+        )
         while True:
             try:
                 next(stream)
@@ -256,7 +270,9 @@ class RecurrentDepthLM(HookedModule):
                 previous = x
                 x = self._noise(x, t)
                 x = self.hook_adapter(
-                    kernels.adapter_step(x, self.transformer.adapter.weight, injection, self.transformer.adapter.bias)
+                    kernels.adapter_step(
+                        x, self.transformer.adapter.weight, injection, self.transformer.adapter.bias
+                    )
                 )
                 yield from emit("adapter", t, x)
                 for j, block in enumerate(self.transformer.core_block):
@@ -318,8 +334,14 @@ class RecurrentDepthLM(HookedModule):
         if isinstance(num_steps, Tensor):
             num_steps = int(num_steps)
         if isinstance(num_steps, (tuple, list)):
-            if len(num_steps) != 2 or any(int(n) < 0 for n in num_steps) or sum(int(n) for n in num_steps) < 1:
-                raise ValueError(f"num_steps as (no_grad, with_grad) needs two counts >= 0 summing to >= 1, got {num_steps}")
+            if (
+                len(num_steps) != 2
+                or any(int(n) < 0 for n in num_steps)
+                or sum(int(n) for n in num_steps) < 1
+            ):
+                raise ValueError(
+                    f"num_steps as (no_grad, with_grad) needs two counts >= 0 summing to >= 1, got {num_steps}"
+                )
             return int(num_steps[0]), int(num_steps[1])
         if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
@@ -344,20 +366,25 @@ class RecurrentDepthLM(HookedModule):
                 f"(block_size = {self.config.block_size})"
             )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
+            )
 
-    def _positions(self, B: int, S: int, attention_mask: Tensor | None, cache: KVCache | None,
-                   device: torch.device) -> tuple[Tensor, Tensor | None]:
+    def _positions(
+        self, B: int, S: int, attention_mask: Tensor | None, cache: KVCache | None, device: torch.device
+    ) -> tuple[Tensor, Tensor | None]:
         """Rotary table rows and the attention mask for this call (left padding shifts positions)."""
         past = cache.seq_len if cache is not None else 0
         past_mask = cache.key_mask if cache is not None else None
         if attention_mask is None and past_mask is None:
-            return self.freqs_cis[:, past: past + S], None
+            return self.freqs_cis[:, past : past + S], None
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.bool, device=device)
         if past_mask is None and past:
             past_mask = torch.ones(B, past, dtype=torch.bool, device=device)
-        keys = attention_mask.bool() if past_mask is None else torch.cat([past_mask, attention_mask.bool()], 1)
+        keys = (
+            attention_mask.bool() if past_mask is None else torch.cat([past_mask, attention_mask.bool()], 1)
+        )
         positions = (keys.long().cumsum(1) - 1).clamp(min=0)[:, past:]
         freqs = self.freqs_cis[0, positions]  # [B, S, 1, P, 2]
         K = keys.shape[1]
@@ -384,7 +411,9 @@ class RecurrentDepthLM(HookedModule):
             n = 2 * float(torch.rand(())) * n
         return x * (1 - n) + torch.randn_like(x) * n
 
-    def generate(self, prompts: Any, max_new_tokens: int = 16, num_steps: int | None = None, **kwargs: Any) -> Any:
+    def generate(
+        self, prompts: Any, max_new_tokens: int = 16, num_steps: int | None = None, **kwargs: Any
+    ) -> Any:
         """Shortcut for :func:`lens.generation.generate` (fixed or adaptive depth, cached)."""
         from lens.generation import generate
 

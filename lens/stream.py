@@ -57,9 +57,13 @@ class SiteLayout:
 
     def all_sites(self) -> list[str]:
         return (
-            ["embed"] + [f"prelude.{i}" for i in range(self.prelude)] + ["adapter"]
-            + [f"core.{j}" for j in range(self.core)] + ["latent"]
-            + [f"coda.{i}" for i in range(self.coda)] + ["final"]
+            ["embed"]
+            + [f"prelude.{i}" for i in range(self.prelude)]
+            + ["adapter"]
+            + [f"core.{j}" for j in range(self.core)]
+            + ["latent"]
+            + [f"coda.{i}" for i in range(self.coda)]
+            + ["final"]
         )
 
     def block_sites(self) -> list[str]:
@@ -193,8 +197,12 @@ class Trace:
 class TraceCollector:
     """A consumer that keeps the states it sees (for ``return_trace=True``)."""
 
-    def __init__(self, sites: Sequence[str] | None = None, positions: Positions = "all",
-                 device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        sites: Sequence[str] | None = None,
+        positions: Positions = "all",
+        device: str | torch.device | None = None,
+    ) -> None:
         self.sites = sites
         self.positions = positions
         self.device = device

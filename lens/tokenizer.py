@@ -94,7 +94,9 @@ def _pick_template(value: Any, file: Path | str) -> str | None:
         named = {d.get("name"): d.get("template") for d in value if isinstance(d, Mapping)}
         if "default" in named:
             return named["default"]
-        raise ValueError(f"{file}: chat_template is a list without a 'default' entry ({sorted(map(str, named))})")
+        raise ValueError(
+            f"{file}: chat_template is a list without a 'default' entry ({sorted(map(str, named))})"
+        )
     raise ValueError(f"{file}: chat_template must be a string, got {type(value).__name__}")
 
 
@@ -190,9 +192,12 @@ class Tokenizer:
             config.pop("chat_template", None)
         else:
             config["chat_template"] = self.chat_template
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (path / SPECIAL_TOKENS_FILE).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n",
-                                                encoding="utf-8")
+        (path / CONFIG_FILE).write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        (path / SPECIAL_TOKENS_FILE).write_text(
+            json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         return path
 
     # ------------------------------------------------------------------ text <-> ids
@@ -262,5 +267,7 @@ class Tokenizer:
         return self.encode(text) if tokenize else text
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
-                f"pad={self.pad_token!r}, chat_template={self.has_chat_template})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+            f"pad={self.pad_token!r}, chat_template={self.has_chat_template})"
+        )

@@ -35,8 +35,11 @@ class ProbeResult:
 
     def trajectory(self, lens: str, target_kind: str = "final") -> pd.DataFrame:
         """Ranks of one lens and target as a prompts × unrolled-layer table (unrolled order)."""
-        rows = self.ranks[(self.ranks["lens"] == lens) & (self.ranks["target_kind"] == target_kind)
-                          & (self.ranks["unrolled_index"] >= 0)]
+        rows = self.ranks[
+            (self.ranks["lens"] == lens)
+            & (self.ranks["target_kind"] == target_kind)
+            & (self.ranks["unrolled_index"] >= 0)
+        ]
         return rows.pivot_table(index="prompt_id", columns="unrolled_index", values="rank", aggfunc="first")
 
 
@@ -79,23 +82,36 @@ def probe_prompts(
     pad = model.config.pad_token_id or 0
     starts = range(0, len(token_lists), batch_size)
     for start in tqdm(starts, desc="probe", disable=not progress):
-        batch = token_lists[start: start + batch_size]
+        batch = token_lists[start : start + batch_size]
         ids, mask = pad_left(batch, pad)
         ids, mask = ids.to(model.device), mask.to(model.device)
         padded = bool((mask == 0).any())
-        recorder = LensRecorder(model, built, sites, positions,
-                                {k: v[start: start + batch_size] for k, v in targets.items()}, topk,
-                                attention_mask=mask if padded else None)
+        recorder = LensRecorder(
+            model,
+            built,
+            sites,
+            positions,
+            {k: v[start : start + batch_size] for k, v in targets.items()},
+            topk,
+            attention_mask=mask if padded else None,
+        )
         consumers: list = [recorder]
         dyn_rec = DynamicsRecorder(model, positions=positions) if dynamics else None
         if dyn_rec is not None:
             consumers.append(dyn_rec)
         with torch.no_grad():
-            out = model(ids, num_steps, init_state, mask if padded else None, consumers=consumers,
-                        logits="all" if positions != "last" else "last", generator=gen)
+            out = model(
+                ids,
+                num_steps,
+                init_state,
+                mask if padded else None,
+                consumers=consumers,
+                logits="all" if positions != "last" else "last",
+                generator=gen,
+            )
         r, t = recorder.finalize(out.logits, predicted_target)
         predictions += out.logits[:, -1].argmax(-1).tolist()
-        batch_ids = ids_all[start: start + batch_size]
+        batch_ids = ids_all[start : start + batch_size]
         for frame in (r, t):
             if len(frame):
                 frame.insert(0, "prompt_id", [batch_ids[i] for i in frame.pop("prompt_index")])
@@ -107,10 +123,13 @@ def probe_prompts(
                 frame.insert(0, "prompt_id", [batch_ids[i] for i in frame.pop("prompt_index")])
             dyn.append(d)
             verdicts.append(v)
-    result = ProbeResult(pd.concat(ranks, ignore_index=True), pd.concat(tops, ignore_index=True),
-                         pd.concat(dyn, ignore_index=True) if dyn else pd.DataFrame(),
-                         pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
-                         predictions)
+    result = ProbeResult(
+        pd.concat(ranks, ignore_index=True),
+        pd.concat(tops, ignore_index=True),
+        pd.concat(dyn, ignore_index=True) if dyn else pd.DataFrame(),
+        pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
+        predictions,
+    )
     if model.tokenizer is not None:
         for frame in (result.ranks, result.topk):
             if "token_id" in frame:

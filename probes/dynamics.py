@@ -18,8 +18,9 @@ from lens.model import RecurrentDepthLM
 from lens.stream import Positions, State
 
 
-def classify_trajectory(states: np.ndarray, fixed_tol: float = 1e-3, cycle_tol: float = 0.02,
-                        max_period: int = 8) -> str:
+def classify_trajectory(
+    states: np.ndarray, fixed_tol: float = 1e-3, cycle_tol: float = 0.02, max_period: int = 8
+) -> str:
     """``"fixed-point"``, ``"cycle-k"`` or ``"drift"`` for one trajectory ``[T, d]``.
 
     Fixed point: the last relative step ``‖h_T − h_{T−1}‖ / ‖h_T‖`` is below ``fixed_tol``.
@@ -42,8 +43,13 @@ def classify_trajectory(states: np.ndarray, fixed_tol: float = 1e-3, cycle_tol: 
 class DynamicsRecorder:
     """Stream consumer for the latent trajectory; ``finalize()`` gives tidy per-iteration rows."""
 
-    def __init__(self, model: RecurrentDepthLM, sites: Sequence[str] | None = None,
-                 positions: Positions = "last", n_components: int = 3) -> None:
+    def __init__(
+        self,
+        model: RecurrentDepthLM,
+        sites: Sequence[str] | None = None,
+        positions: Positions = "last",
+        n_components: int = 3,
+    ) -> None:
         last_core = f"core.{model.layout.core - 1}"
         self.sites = list(sites) if sites is not None else [last_core]
         for site in self.sites:
@@ -83,11 +89,26 @@ class DynamicsRecorder:
                     if T >= 2:
                         pcs[:, :k] = PCA(n_components=k).fit_transform(path)[:, :k]
                     for t in range(T):
-                        rows.append({
-                            "prompt_index": b, "position": positions[p], "site": site, "iteration": t + 1,
-                            "step_norm": float(step[t, b, p]), "cos_to_last": float(cos[t, b, p]),
-                            "norm": float(norms[t, b, p]), "pc1": pcs[t, 0], "pc2": pcs[t, 1], "pc3": pcs[t, 2],
-                        })
-                    verdicts.append({"prompt_index": b, "position": positions[p], "site": site,
-                                     "verdict": classify_trajectory(path)})
+                        rows.append(
+                            {
+                                "prompt_index": b,
+                                "position": positions[p],
+                                "site": site,
+                                "iteration": t + 1,
+                                "step_norm": float(step[t, b, p]),
+                                "cos_to_last": float(cos[t, b, p]),
+                                "norm": float(norms[t, b, p]),
+                                "pc1": pcs[t, 0],
+                                "pc2": pcs[t, 1],
+                                "pc3": pcs[t, 2],
+                            }
+                        )
+                    verdicts.append(
+                        {
+                            "prompt_index": b,
+                            "position": positions[p],
+                            "site": site,
+                            "verdict": classify_trajectory(path),
+                        }
+                    )
         return pd.DataFrame(rows), pd.DataFrame(verdicts)

@@ -37,8 +37,13 @@ class LatentCollector:
         return {k: np.concatenate(v) for k, v in self._store.items()}
 
 
-def linear_probe(features: dict[tuple[str, int], np.ndarray], labels: Sequence[object],
-                 test_fraction: float = 0.25, seed: int = 0, C: float = 1.0) -> pd.DataFrame:
+def linear_probe(
+    features: dict[tuple[str, int], np.ndarray],
+    labels: Sequence[object],
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    C: float = 1.0,
+) -> pd.DataFrame:
     """Held-out accuracy of a linear probe per (site, iteration)."""
     y = np.asarray(labels)
     if not features:
@@ -48,7 +53,9 @@ def linear_probe(features: dict[tuple[str, int], np.ndarray], labels: Sequence[o
     counts = pd.Series(y).value_counts()
     stratify = y if counts.min() >= 2 else None
     index = np.arange(len(y))
-    train_idx, test_idx = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=stratify)
+    train_idx, test_idx = train_test_split(
+        index, test_size=test_fraction, random_state=seed, stratify=stratify
+    )
     majority = counts.index[0]
     rows = []
     for (site, iteration), X in sorted(features.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -56,18 +63,28 @@ def linear_probe(features: dict[tuple[str, int], np.ndarray], labels: Sequence[o
             raise ValueError(f"{site}@{iteration}: {X.shape[0]} feature rows for {len(y)} labels")
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
         probe.fit(X[train_idx], y[train_idx])
-        rows.append({
-            "site": site, "iteration": iteration,
-            "train_accuracy": float(probe.score(X[train_idx], y[train_idx])),
-            "test_accuracy": float(probe.score(X[test_idx], y[test_idx])),
-            "majority_baseline": float(np.mean(y[test_idx] == majority)),
-            "n_train": len(train_idx), "n_test": len(test_idx),
-        })
+        rows.append(
+            {
+                "site": site,
+                "iteration": iteration,
+                "train_accuracy": float(probe.score(X[train_idx], y[train_idx])),
+                "test_accuracy": float(probe.score(X[test_idx], y[test_idx])),
+                "majority_baseline": float(np.mean(y[test_idx] == majority)),
+                "n_train": len(train_idx),
+                "n_test": len(test_idx),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def collect_for_probe(model, prompts: Sequence[Sequence[int]], num_steps: int, sites: Sequence[str] | None = None,
-                      batch_size: int = 64, seed: int = 0) -> dict[tuple[str, int], np.ndarray]:
+def collect_for_probe(
+    model,
+    prompts: Sequence[Sequence[int]],
+    num_steps: int,
+    sites: Sequence[str] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[tuple[str, int], np.ndarray]:
     """Run prompts (left-padded, so position -1 is each prompt's last token) and collect features."""
     from lens.generation import pad_left
 
@@ -75,7 +92,13 @@ def collect_for_probe(model, prompts: Sequence[Sequence[int]], num_steps: int, s
     gen = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            ids, mask = pad_left(prompts[start: start + batch_size], model.config.pad_token_id or 0)
-            model(ids.to(model.device), num_steps, attention_mask=mask.to(model.device), consumers=[collector],
-                  logits="none", generator=gen)
+            ids, mask = pad_left(prompts[start : start + batch_size], model.config.pad_token_id or 0)
+            model(
+                ids.to(model.device),
+                num_steps,
+                attention_mask=mask.to(model.device),
+                consumers=[collector],
+                logits="none",
+                generator=gen,
+            )
     return collector.features()

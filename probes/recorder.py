@@ -111,12 +111,23 @@ class LensRecorder:
                     if len(queue) >= self.coda_batch:
                         self._flush(lens)
                     continue
-                h = lens.transform_hidden(state.tensor[:, index.to(state.tensor.device)], state.site, state.iteration)
+                h = lens.transform_hidden(
+                    state.tensor[:, index.to(state.tensor.device)], state.site, state.iteration
+                )
                 self._add(lens, state, h)
 
     def _add(self, lens: Lens, state: State, hidden: Tensor) -> None:
-        self.entries.append(_Entry(lens.name, state.site, state.iteration, state.block, state.unrolled_index,
-                                   hidden.detach(), lens.applies_norm(state.site)))
+        self.entries.append(
+            _Entry(
+                lens.name,
+                state.site,
+                state.iteration,
+                state.block,
+                state.unrolled_index,
+                hidden.detach(),
+                lens.applies_norm(state.site),
+            )
+        )
 
     def _flush(self, lens: Lens) -> None:
         """Decode queued whole-sequence states in one batched pass (iterations stacked on the batch axis)."""
@@ -148,8 +159,9 @@ class LensRecorder:
         return self
 
     # ---- decoding ------------------------------------------------------------------------------------
-    def finalize(self, final_logits: Tensor | None = None, predicted_target: str | None = None
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def finalize(
+        self, final_logits: Tensor | None = None, predicted_target: str | None = None
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Decode everything; returns ``(ranks, topk)`` tidy DataFrames.
 
         ``final_logits`` ``[B, S, V]`` (or ``[B, 1, V]`` when only the last position was kept) is
@@ -165,7 +177,11 @@ class LensRecorder:
         if predicted_target is not None:
             if final_logits is None:
                 raise ValueError("predicted_target needs the final logits")
-            rows = final_logits[:, -1:] if final_logits.shape[1] == 1 else final_logits[:, index.to(final_logits.device)]
+            rows = (
+                final_logits[:, -1:]
+                if final_logits.shape[1] == 1
+                else final_logits[:, index.to(final_logits.device)]
+            )
             self.targets = {predicted_target: rows.argmax(-1).cpu(), **self.targets}
         targets, kinds = self._target_matrix(B, P)
         ref = None
@@ -184,8 +200,15 @@ class LensRecorder:
             n = len(group)
             tgt = targets.repeat(n, 1) if targets is not None else None
             ref_index = torch.arange(B * P).repeat(n) if ref is not None else None
-            stats = token_statistics(self.model, hidden, normalize, tgt, self.topk, ref,
-                                     ref_index.to(hidden.device) if ref_index is not None else None)
+            stats = token_statistics(
+                self.model,
+                hidden,
+                normalize,
+                tgt,
+                self.topk,
+                ref,
+                ref_index.to(hidden.device) if ref_index is not None else None,
+            )
             rank_frames.append(self._rank_frame(group, stats, kinds, targets, B, P))
             if self.topk:
                 topk_frames.append(self._topk_frame(group, stats, B, P))
@@ -203,7 +226,9 @@ class LensRecorder:
                     raise ValueError(f"{kind!r} targets have {ids.shape[0]} ids for {B} prompts")
                 ids = ids[:, None].expand(B, P)
             if tuple(ids.shape) != (B, P):
-                raise ValueError(f"{kind!r} targets must be [prompts] or [prompts, positions], got {tuple(ids.shape)}")
+                raise ValueError(
+                    f"{kind!r} targets must be [prompts] or [prompts, positions], got {tuple(ids.shape)}"
+                )
             columns.append(ids.reshape(B * P))
         return torch.stack(columns, dim=1).to(self.model.device), list(self.targets)
 
@@ -221,32 +246,43 @@ class LensRecorder:
             "lens": np.repeat([e.lens for e in group], reps),
         }
 
-    def _rank_frame(self, group: list[_Entry], stats, kinds: list[str], targets: Tensor | None,
-                    B: int, P: int) -> pd.DataFrame:
+    def _rank_frame(
+        self, group: list[_Entry], stats, kinds: list[str], targets: Tensor | None, B: int, P: int
+    ) -> pd.DataFrame:
         meta = self._meta(group, B, P)
         entropy = stats.entropy.float().cpu().numpy()
-        kl = stats.kl.float().cpu().numpy() if stats.kl is not None else np.full(len(entropy), np.nan, np.float32)
+        kl = (
+            stats.kl.float().cpu().numpy()
+            if stats.kl is not None
+            else np.full(len(entropy), np.nan, np.float32)
+        )
         if not kinds:
             return pd.DataFrame({**meta, "entropy": entropy, "kl_to_final": kl})
         frames = []
         for k, kind in enumerate(kinds):
-            frames.append(pd.DataFrame({
-                **meta,
-                "target_kind": kind,
-                "token_id": np.tile(targets[:, k].cpu().numpy().astype(np.int64), len(group)),
-                "rank": stats.target_ranks[:, k].cpu().numpy().astype(np.int64),
-                "logprob": stats.target_logprobs[:, k].float().cpu().numpy(),
-                "entropy": entropy,
-                "kl_to_final": kl,
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        **meta,
+                        "target_kind": kind,
+                        "token_id": np.tile(targets[:, k].cpu().numpy().astype(np.int64), len(group)),
+                        "rank": stats.target_ranks[:, k].cpu().numpy().astype(np.int64),
+                        "logprob": stats.target_logprobs[:, k].float().cpu().numpy(),
+                        "entropy": entropy,
+                        "kl_to_final": kl,
+                    }
+                )
+            )
         return pd.concat(frames, ignore_index=True)
 
     def _topk_frame(self, group: list[_Entry], stats, B: int, P: int) -> pd.DataFrame:
         meta = self._meta(group, B, P)
         k = stats.topk_ids.shape[1]
-        return pd.DataFrame({
-            **{name: np.repeat(col, k) for name, col in meta.items()},
-            "k": np.tile(np.arange(1, k + 1, dtype=np.int8), len(meta["site"])),
-            "token_id": stats.topk_ids.cpu().numpy().reshape(-1).astype(np.int64),
-            "logprob": stats.topk_logprobs.float().cpu().numpy().reshape(-1),
-        })
+        return pd.DataFrame(
+            {
+                **{name: np.repeat(col, k) for name, col in meta.items()},
+                "k": np.tile(np.arange(1, k + 1, dtype=np.int8), len(meta["site"])),
+                "token_id": stats.topk_ids.cpu().numpy().reshape(-1).astype(np.int64),
+                "logprob": stats.topk_logprobs.float().cpu().numpy().reshape(-1),
+            }
+        )

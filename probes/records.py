@@ -174,8 +174,10 @@ def _columns(name: str, data: Data) -> dict[str, pa.ChunkedArray | pa.Array]:
             keys.update(dict.fromkeys(row))
         items = [(str(k), [row.get(k) for row in data]) for k in keys]
     else:
-        raise TypeError(f"table {name!r}: expected a pyarrow Table, a DataFrame or a list of dicts, "
-                        f"got {type(data).__name__}")
+        raise TypeError(
+            f"table {name!r}: expected a pyarrow Table, a DataFrame or a list of dicts, "
+            f"got {type(data).__name__}"
+        )
     out: dict[str, pa.Array] = {}
     for col, values in items:
         try:
@@ -222,10 +224,13 @@ def to_table(name: str, data: Data, *, run: str | None = None) -> pa.Table:
         try:
             col = col.cast(field.type, safe=True)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise ValueError(f"table {name!r}, column {field.name!r}: cannot cast to {field.type} ({exc})") from exc
+            raise ValueError(
+                f"table {name!r}, column {field.name!r}: cannot cast to {field.type} ({exc})"
+            ) from exc
         if not field.nullable and col.null_count:
-            raise ValueError(f"table {name!r}, column {field.name!r}: {col.null_count} null value(s) "
-                             "in a required column")
+            raise ValueError(
+                f"table {name!r}, column {field.name!r}: {col.null_count} null value(s) in a required column"
+            )
         arrays.append(col)
     table = pa.Table.from_arrays(arrays, schema=schema)
 

@@ -29,7 +29,9 @@ def check_token_ids(ids: Tensor, vocab_size: int, what: str = "target") -> None:
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{what} token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size})")
+        raise ValueError(
+            f"{what} token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size})"
+        )
 
 
 @torch.no_grad()
@@ -49,10 +51,18 @@ def token_statistics(
     if targets is not None:
         check_token_ids(targets, model.config.padded_vocab_size)
         if targets.shape[1] > MAX_TARGETS:  # the fused kernel takes up to 8 targets per state
-            parts = [token_statistics(model, hidden, normalize, targets[:, i: i + MAX_TARGETS],
-                                      topk if i == 0 else 0, ref_logprobs if i == 0 else None,
-                                      ref_index if i == 0 else None)
-                     for i in range(0, targets.shape[1], MAX_TARGETS)]
+            parts = [
+                token_statistics(
+                    model,
+                    hidden,
+                    normalize,
+                    targets[:, i : i + MAX_TARGETS],
+                    topk if i == 0 else 0,
+                    ref_logprobs if i == 0 else None,
+                    ref_index if i == 0 else None,
+                )
+                for i in range(0, targets.shape[1], MAX_TARGETS)
+            ]
             first = parts[0]
             return dataclasses.replace(
                 first,

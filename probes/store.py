@@ -147,8 +147,10 @@ def _canonical(value: Any, where: str) -> Any:
         return out
     if isinstance(value, list | tuple):
         return [_canonical(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    raise TypeError(f"manifest value at {where!r} is a {type(value).__name__}, not JSON; "
-                    "convert it first (e.g. str(dtype))")
+    raise TypeError(
+        f"manifest value at {where!r} is a {type(value).__name__}, not JSON; "
+        "convert it first (e.g. str(dtype))"
+    )
 
 
 def _diff(stored: Any, new: Any, where: str) -> list[str]:
@@ -249,7 +251,11 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptRunError(f"{file}: {MANIFEST} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict) or "name" not in manifest:
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("shards"), dict)
+        or "name" not in manifest
+    ):
         raise CorruptRunError(f"{file}: {MANIFEST} lacks the 'name' and 'shards' entries of a looplens run")
     return manifest
 
@@ -308,8 +314,9 @@ class Run:
                 raise FileExistsError(f"{path} exists and is not a directory")
             is_run = (path / MANIFEST).is_file()
             if not is_run and _has_content(path):
-                raise FileExistsError(f"{path} exists and is not a looplens run (no {MANIFEST}); "
-                                      "choose another name or root")
+                raise FileExistsError(
+                    f"{path} exists and is not a looplens run (no {MANIFEST}); choose another name or root"
+                )
             if is_run and overwrite:
                 shutil.rmtree(path)
             elif is_run:
@@ -317,15 +324,25 @@ class Run:
                 if resume:
                     return cls._reopen(path, stored, user)
                 if _run_has_content(path, stored):
-                    raise FileExistsError(f"run {path} already exists and holds data; pass resume=True to "
-                                          "continue it or overwrite=True to start over")
+                    raise FileExistsError(
+                        f"run {path} already exists and holds data; pass resume=True to "
+                        "continue it or overwrite=True to start over"
+                    )
                 shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         _clean_temp_files(path)
         now = _now()
-        doc = {"format": FORMAT, "name": name, "created": now, "status": "running",
-               **{k: user.pop(k) for k in ("model", "config", "prompt_template", "settings")}, **user,
-               "versions": _versions(), "history": [{"event": "created", "time": now}], "shards": {}}
+        doc = {
+            "format": FORMAT,
+            "name": name,
+            "created": now,
+            "status": "running",
+            **{k: user.pop(k) for k in ("model", "config", "prompt_template", "settings")},
+            **user,
+            "versions": _versions(),
+            "history": [{"event": "created", "time": now}],
+            "shards": {},
+        }
         run = cls(path, doc, read_only=False)
         run._save()
         return run
@@ -337,7 +354,9 @@ class Run:
             details = "; ".join(f"{k}: stored {_lookup(stored, k)!r}, new {_lookup(user, k)!r}" for k in keys)
             raise RunMismatchError(
                 f"run {path} was made with a different {' / '.join(sorted({k.split('.')[0] for k in keys}))}"
-                f" ({details}); choose another name, or pass overwrite=True to start over", keys)
+                f" ({details}); choose another name, or pass overwrite=True to start over",
+                keys,
+            )
         run = cls(path, stored, read_only=False)
         _clean_temp_files(path)
         stored["status"] = "running"
@@ -396,13 +415,17 @@ class Run:
 
     def __repr__(self) -> str:
         mode = "read-only" if self.read_only else "writable"
-        return f"Run({self.name!r}, path={str(self.path)!r}, status={self.status!r}, {mode}, rows={self.rows()})"
+        return (
+            f"Run({self.name!r}, path={str(self.path)!r}, status={self.status!r}, {mode}, rows={self.rows()})"
+        )
 
     # -- writing ---------------------------------------------------------------------------------------
 
     def _writable(self) -> None:
         if self.read_only:
-            raise PermissionError(f"run {self.path} is open read-only; use Run.create(..., resume=True) to write")
+            raise PermissionError(
+                f"run {self.path} is open read-only; use Run.create(..., resume=True) to write"
+            )
 
     def _save(self) -> None:
         data = json.dumps(self._manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
@@ -429,8 +452,10 @@ class Run:
         shard_id = _shard_id(shard)
         recorded = self._manifest["shards"].get(table, {})
         if shard_id in recorded and not replace:
-            raise ShardExistsError(f"{table}/{shard_id} is already written in run {self.name!r}; "
-                                   "check has_shard() first, or pass replace=True")
+            raise ShardExistsError(
+                f"{table}/{shard_id} is already written in run {self.name!r}; "
+                "check has_shard() first, or pass replace=True"
+            )
         arrow = to_table(table, data, run=self.name)
         sink = pa.BufferOutputStream()
         pq.write_table(arrow, sink, compression="zstd")
@@ -443,8 +468,12 @@ class Run:
         path.parent.mkdir(exist_ok=True)
         _atomic_write(path, payload)
         stat = path.stat()
-        record = {"rows": arrow.num_rows, "bytes": len(payload),
-                  "sha256": hashlib.sha256(payload).hexdigest(), "written": _now()}
+        record = {
+            "rows": arrow.num_rows,
+            "bytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "written": _now(),
+        }
         self._manifest["shards"].setdefault(table, {})[shard_id] = record
         self._save()
         self._checked[path] = (stat.st_size, stat.st_mtime_ns, record["sha256"])
@@ -455,7 +484,9 @@ class Run:
         self._manifest["status"] = status
         self._manifest.pop("error", None)
         self._manifest.update(extra)
-        self._manifest.setdefault("history", []).append({"event": status, "time": extra.get("finished", _now())})
+        self._manifest.setdefault("history", []).append(
+            {"event": status, "time": extra.get("finished", _now())}
+        )
         self._save()
 
     def mark_complete(self) -> None:
@@ -469,8 +500,9 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         """Leaving a ``with`` block on an exception marks a writable, running run as failed."""
         if exc is not None and not self.read_only and self.status == "running":
             self.mark_failed(f"{exc_type.__name__ if exc_type else 'Error'}: {exc}")
@@ -498,8 +530,10 @@ class Run:
             return
         actual = _sha256(path)
         if actual != sha256:
-            raise CorruptRunError(f"{path}: checksum mismatch (manifest {sha256[:12]}…, file {actual[:12]}…, "
-                                  f"{stat.st_size} bytes): the shard is truncated or was modified")
+            raise CorruptRunError(
+                f"{path}: checksum mismatch (manifest {sha256[:12]}…, file {actual[:12]}…, "
+                f"{stat.st_size} bytes): the shard is truncated or was modified"
+            )
         self._checked[path] = key
 
     def table(self, name: str) -> pd.DataFrame:
@@ -538,15 +572,21 @@ class Run:
                     self._check_file(path, record["sha256"], force=True)
                     meta = pq.ParquetFile(path)
                     if meta.metadata.num_rows != record["rows"]:
-                        raise CorruptRunError(f"{path}: {meta.metadata.num_rows} rows, manifest says {record['rows']}")
-                    if table in SCHEMAS and not meta.schema_arrow.equals(SCHEMAS[table], check_metadata=False):
+                        raise CorruptRunError(
+                            f"{path}: {meta.metadata.num_rows} rows, manifest says {record['rows']}"
+                        )
+                    if table in SCHEMAS and not meta.schema_arrow.equals(
+                        SCHEMAS[table], check_metadata=False
+                    ):
                         raise CorruptRunError(f"{path}: schema differs from SCHEMAS[{table!r}]")
                 except CorruptRunError as exc:
                     problems.append(str(exc))
                 except (OSError, pa.ArrowException) as exc:
                     problems.append(f"{path}: not a readable Parquet file ({exc})")
         if problems:
-            raise CorruptRunError(f"run {self.path} has {len(problems)} bad shard(s):\n  " + "\n  ".join(problems))
+            raise CorruptRunError(
+                f"run {self.path} has {len(problems)} bad shard(s):\n  " + "\n  ".join(problems)
+            )
         return self.rows()
 
 
@@ -594,7 +634,17 @@ def list_runs(root: str | os.PathLike[str]) -> list[RunInfo]:
         except CorruptRunError as exc:
             infos.append(RunInfo(name=path.name, path=path, status="corrupt", created="", error=str(exc)))
             continue
-        rows = {t: sum(int(s.get("rows", 0)) for s in shards.values()) for t, shards in manifest["shards"].items()}
-        infos.append(RunInfo(name=manifest["name"], path=path, status=manifest.get("status", "running"),
-                             created=manifest.get("created", ""), rows=rows, error=manifest.get("error")))
+        rows = {
+            t: sum(int(s.get("rows", 0)) for s in shards.values()) for t, shards in manifest["shards"].items()
+        }
+        infos.append(
+            RunInfo(
+                name=manifest["name"],
+                path=path,
+                status=manifest.get("status", "running"),
+                created=manifest.get("created", ""),
+                rows=rows,
+                error=manifest.get("error"),
+            )
+        )
     return infos

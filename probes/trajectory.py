@@ -55,8 +55,10 @@ class RankTrajectory:
         if index.ndim != 1:
             raise ValueError(f"unrolled_index must be 1-D [L], got shape {index.shape}")
         if ranks.ndim != 2 or ranks.shape[1] != index.shape[0]:
-            raise ValueError(f"ranks must be [P, L] with L = len(unrolled_index) = {index.shape[0]}, "
-                             f"got shape {ranks.shape}")
+            raise ValueError(
+                f"ranks must be [P, L] with L = len(unrolled_index) = {index.shape[0]}, "
+                f"got shape {ranks.shape}"
+            )
         if ranks.shape[0] == 0:
             raise ValueError("ranks needs at least one prompt (P >= 1)")
         if index.size > 1 and not (np.diff(index) > 0).all():
@@ -96,12 +98,16 @@ class RankTrajectory:
         if position is not None:
             df = df[df["position"] == position]
         if df.empty:
-            raise ValueError(f"no block-output rows for lens={lens!r}, target_kind={target_kind!r}"
-                             + (f", position={position}" if position is not None else ""))
+            raise ValueError(
+                f"no block-output rows for lens={lens!r}, target_kind={target_kind!r}"
+                + (f", position={position}" if position is not None else "")
+            )
         for col in ("run", "position"):
             if col in df and df[col].nunique() > 1:
-                raise ValueError(f"rows span several {col} values {sorted(df[col].unique())[:5]}; "
-                                 f"filter the frame{' or pass position=' if col == 'position' else ''} first")
+                raise ValueError(
+                    f"rows span several {col} values {sorted(df[col].unique())[:5]}; "
+                    f"filter the frame{' or pass position=' if col == 'position' else ''} first"
+                )
         if df.duplicated(["prompt_id", "unrolled_index"]).any():
             raise ValueError("several rows per (prompt_id, unrolled_index): filter by token_id first")
         grid = df.pivot(index="prompt_id", columns="unrolled_index", values="rank").sort_index()
@@ -154,8 +160,15 @@ class RankTrajectory:
     def summary(self, n: int = 1000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
         """One row per unrolled index: median, CI, geometric mean (ready for plotly / Streamlit)."""
         low, high = self.bootstrap_ci(n=n, alpha=alpha, seed=seed)
-        frame = pd.DataFrame({"unrolled_index": self.unrolled_index, "median": self.median(),
-                              "ci_low": low, "ci_high": high, "geometric_mean": self.geometric_mean()})
+        frame = pd.DataFrame(
+            {
+                "unrolled_index": self.unrolled_index,
+                "median": self.median(),
+                "ci_low": low,
+                "ci_high": high,
+                "geometric_mean": self.geometric_mean(),
+            }
+        )
         if self.sites is not None:
             frame.insert(1, "site", list(self.sites))
         if self.iterations is not None:

@@ -41,7 +41,9 @@ def single_token(tokenizer: Any, text: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def problem_targets(tokenizer: Any, template: PromptTemplate, problem: arithmetic.Problem) -> dict[str, int | None]:
+def problem_targets(
+    tokenizer: Any, template: PromptTemplate, problem: arithmetic.Problem
+) -> dict[str, int | None]:
     """Token ids tracked for one problem; None where a variant is not a single token.
 
     ``final``: the correct answer's first token as the template's model writes it; ``intermediate``
@@ -60,7 +62,7 @@ def problem_targets(tokenizer: Any, template: PromptTemplate, problem: arithmeti
 
 
 def control_token(tokenizer: Any) -> tuple[int, str]:
-    """" the" as the reference study used; models whose vocabulary lacks it get their first word token."""
+    """ " the" as the reference study used; models whose vocabulary lacks it get their first word token."""
     tid = single_token(tokenizer, CONTROL_WORD)
     if tid >= 0:
         return tid, CONTROL_WORD
@@ -118,8 +120,16 @@ def run_arithmetic_study(
     problems = study_problems(n, seed)
     control_id, control_word = control_token(tok)
     settings = {
-        "study": "arithmetic", "task": TASK, "n": n, "steps": steps, "batch_size": batch_size, "seed": seed,
-        "tuned_lens": tuned_lens, "depths": list(depths), "depth_n": depth_n, "control": control_word,
+        "study": "arithmetic",
+        "task": TASK,
+        "n": n,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "tuned_lens": tuned_lens,
+        "depths": list(depths),
+        "depth_n": depth_n,
+        "control": control_word,
         "lenses": ["logit", "coda"] + (["tuned"] if tuned_lens else []),
     }
     run_name = name or f"arithmetic-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
@@ -137,30 +147,51 @@ def run_arithmetic_study(
         lenses.append(_tuned_lens(net, run, prompt_template, steps, seed))
 
     texts = [prompt_template.render(p.context, tok) for p in problems]
-    prompts_table = pd.DataFrame({
-        "prompt_id": range(len(problems)), "task": TASK, "context": [p.context for p in problems],
-        "completion": [p.completion for p in problems], "intermediate": [p.intermediate for p in problems],
-        "prompt_text": texts,
-    })
+    prompts_table = pd.DataFrame(
+        {
+            "prompt_id": range(len(problems)),
+            "task": TASK,
+            "context": [p.context for p in problems],
+            "completion": [p.completion for p in problems],
+            "intermediate": [p.intermediate for p in problems],
+            "prompt_text": texts,
+        }
+    )
     if not run.has_shard("prompts", 0):
         run.write_shard("prompts", 0, prompts_table.assign(run=run.name))
     batches = list(range(0, len(problems), batch_size))
     for b, start in enumerate(tqdm(batches, desc="probe batches", unit="batch")):
         if run.has_shard("ranks", b) and run.has_shard("answers", b):
             continue
-        batch = problems[start: start + batch_size]
-        ids = [tok.encode(t) for t in texts[start: start + batch_size]]
+        batch = problems[start : start + batch_size]
+        ids = [tok.encode(t) for t in texts[start : start + batch_size]]
         per_problem = [problem_targets(tok, prompt_template, p) for p in batch]
         kinds = list(per_problem[0])
         target_map = {k: [t[k] if t[k] is not None else 0 for t in per_problem] for k in kinds}
         target_map["control"] = [control_id] * len(batch)
         missing = {k: [t[k] is None for t in per_problem] for k in kinds}
-        result = probe_prompts(net, ids, target_map, steps, lenses, positions="last", topk=5,
-                               batch_size=len(batch), seed=seed * 100_003 + b,
-                               prompt_ids=list(range(start, start + len(batch))))
+        result = probe_prompts(
+            net,
+            ids,
+            target_map,
+            steps,
+            lenses,
+            positions="last",
+            topk=5,
+            batch_size=len(batch),
+            seed=seed * 100_003 + b,
+            prompt_ids=list(range(start, start + len(batch))),
+        )
         ranks = _drop_missing(result.ranks, missing, start)
-        answers = evaluate_answers(net, batch, ids, steps, seed=seed * 100_003 + b, prompt_ids=range(start, start + len(batch)),
-                                   texts=texts[start: start + len(batch)])
+        answers = evaluate_answers(
+            net,
+            batch,
+            ids,
+            steps,
+            seed=seed * 100_003 + b,
+            prompt_ids=range(start, start + len(batch)),
+            texts=texts[start : start + len(batch)],
+        )
         run.write_shard("ranks", b, ranks.assign(run=run.name), replace=True)
         run.write_shard("topk", b, result.topk.assign(run=run.name), replace=True)
         run.write_shard("dynamics", b, result.dynamics.assign(run=run.name), replace=True)
@@ -190,21 +221,26 @@ def _drop_missing(ranks: pd.DataFrame, missing: dict[str, list[bool]], start: in
     return ranks[~drop].reset_index(drop=True)
 
 
-def _tuned_lens(net: RecurrentDepthLM, run: Run, template: PromptTemplate, steps: int, seed: int) -> TunedLens:
+def _tuned_lens(
+    net: RecurrentDepthLM, run: Run, template: PromptTemplate, steps: int, seed: int
+) -> TunedLens:
     """Train (once per run; reloaded on resume) a shared Tuned Lens on training-split prompts."""
     where = run.path / "tuned_lens"
     if (where / "tuned_lens.json").is_file():
         return TunedLens.load(where, net)
     problems = arithmetic.sample(TASK, 192, split="train", seed=seed + 1)
-    prompts = [net.tokenizer.encode(template.render(p.context, net.tokenizer) + p.completion) for p in problems]
+    prompts = [
+        net.tokenizer.encode(template.render(p.context, net.tokenizer) + p.completion) for p in problems
+    ]
     data = collect_states(net, prompts, steps, net.layout.block_sites(), seed=seed)
     tuned = fit_tuned_lens(net, data, "shared", steps, epochs=8, lr=3e-3, seed=seed)
     tuned.save(where)
     return tuned
 
 
-def _depth_scaling(net: RecurrentDepthLM, run: Run, template: PromptTemplate, depths: Sequence[int],
-                   depth_n: int, seed: int) -> None:
+def _depth_scaling(
+    net: RecurrentDepthLM, run: Run, template: PromptTemplate, depths: Sequence[int], depth_n: int, seed: int
+) -> None:
     """Accuracy per task format and number of iterations (shards keyed by depth)."""
     from studies.evaluation import evaluate_tasks
 
@@ -212,8 +248,9 @@ def _depth_scaling(net: RecurrentDepthLM, run: Run, template: PromptTemplate, de
         shard = f"depth-{depth:04d}"
         if run.has_shard("answers", shard):
             continue
-        frame = evaluate_tasks(net, arithmetic.TASKS, depth, depth_n, seed=seed, template=template,
-                               id_offset=1_000_000 * depth)
+        frame = evaluate_tasks(
+            net, arithmetic.TASKS, depth, depth_n, seed=seed, template=template, id_offset=1_000_000 * depth
+        )
         run.write_shard("answers", shard, frame.assign(run=run.name))
 
 
@@ -222,10 +259,14 @@ def _render(run: Run, net: RecurrentDepthLM, steps: int) -> dict[str, dict]:
 
     answers = run.table("answers")
     tables = {
-        "ranks": run.table("ranks"), "topk": run.table("topk"),
+        "ranks": run.table("ranks"),
+        "topk": run.table("topk"),
         "answers": answers[answers["num_steps"] == steps] if len(answers) else answers,
-        "dynamics": run.table("dynamics"), "verdicts": run.table("verdicts"),
-        "depth": accuracy_table(answers[answers["prompt_id"] >= 1_000_000]) if len(answers) else pd.DataFrame(),
+        "dynamics": run.table("dynamics"),
+        "verdicts": run.table("verdicts"),
+        "depth": accuracy_table(answers[answers["prompt_id"] >= 1_000_000])
+        if len(answers)
+        else pd.DataFrame(),
     }
     layout = Layout(prelude=net.layout.prelude, core=net.layout.core, coda=net.layout.coda, steps=steps)
     title = f"{run.manifest['model']['name']} · T={steps}"
@@ -245,8 +286,11 @@ SUMMARY_KEYS = {
 def headline_items(name: str, headline: dict[str, Any]) -> list[str]:
     """The few numbers of a figure worth a line in the one-screen summary."""
     wanted = SUMMARY_KEYS.get(name, ())
-    return [f"{k}={_fmt(v)}" for k, v in headline.items()
-            if v is not None and any(k == w or k.endswith(w) or k.startswith(w) for w in wanted)]
+    return [
+        f"{k}={_fmt(v)}"
+        for k, v in headline.items()
+        if v is not None and any(k == w or k.endswith(w) or k.startswith(w) for w in wanted)
+    ]
 
 
 def _summary(run: Run, figures: dict[str, dict], seconds: float, console: Console) -> None:
@@ -258,15 +302,20 @@ def _summary(run: Run, figures: dict[str, dict], seconds: float, console: Consol
     console.print(table)
     answers = run.table("answers")
     steps = run.manifest["settings"]["steps"]
-    probed = answers[(answers["task"] == TASK) & (answers["prompt_id"] < 1_000_000) & (answers["num_steps"] == steps)]
+    probed = answers[
+        (answers["task"] == TASK) & (answers["prompt_id"] < 1_000_000) & (answers["num_steps"] == steps)
+    ]
     if len(probed):
-        console.print(f"accuracy on the probed problems at T={steps}: {probed['correct'].mean():.1%} "
-                      f"({int(probed['correct'].sum())}/{len(probed)})")
+        console.print(
+            f"accuracy on the probed problems at T={steps}: {probed['correct'].mean():.1%} "
+            f"({int(probed['correct'].sum())}/{len(probed)})"
+        )
     console.print(f"figures (PNG + interactive HTML): {run.figures_dir}")
-    console.print(f"tables: {', '.join(run.tables())}  ·  explore: looplens explore {run.path.parent}  ·  "
-                  f"time: {seconds:.0f} s")
+    console.print(
+        f"tables: {', '.join(run.tables())}  ·  explore: looplens explore {run.path.parent}  ·  "
+        f"time: {seconds:.0f} s"
+    )
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
-

@@ -35,33 +35,55 @@ def _clean(text: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_answers(model: RecurrentDepthLM, problems: Sequence[Any], prompt_ids_tokens: Sequence[Sequence[int]],
-                     num_steps: int, seed: int = 0, prompt_ids: Iterable[int] | None = None,
-                     texts: Sequence[str] | None = None, task: str | None = None) -> pd.DataFrame:
+def evaluate_answers(
+    model: RecurrentDepthLM,
+    problems: Sequence[Any],
+    prompt_ids_tokens: Sequence[Sequence[int]],
+    num_steps: int,
+    seed: int = 0,
+    prompt_ids: Iterable[int] | None = None,
+    texts: Sequence[str] | None = None,
+    task: str | None = None,
+) -> pd.DataFrame:
     """Greedy answers for already-tokenised prompts; one ``answers`` row per problem."""
     tok = model.tokenizer
     budget = max(len(tok.encode(p.completion)) for p in problems) + 2
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    res = generate(model, [list(p) for p in prompt_ids_tokens], budget, num_steps, generator=gen,
-                   stop_strings=["\n"])
+    res = generate(
+        model, [list(p) for p in prompt_ids_tokens], budget, num_steps, generator=gen, stop_strings=["\n"]
+    )
     rows = []
     ids = list(prompt_ids) if prompt_ids is not None else list(range(len(problems)))
     for i, p in enumerate(problems):
         generated = tok.decode(res.tokens[i])
-        rows.append({
-            "prompt_id": ids[i], "task": task or p.task, "num_steps": num_steps,
-            "prompt": texts[i] if texts is not None else tok.decode(list(prompt_ids_tokens[i])),
-            "expected": p.completion, "generated": generated,
-            "correct": _clean(generated) == p.completion.strip(),
-            "first_token_id": res.tokens[i][0] if res.tokens[i] else -1,
-            "intermediate": p.intermediate,
-        })
+        rows.append(
+            {
+                "prompt_id": ids[i],
+                "task": task or p.task,
+                "num_steps": num_steps,
+                "prompt": texts[i] if texts is not None else tok.decode(list(prompt_ids_tokens[i])),
+                "expected": p.completion,
+                "generated": generated,
+                "correct": _clean(generated) == p.completion.strip(),
+                "first_token_id": res.tokens[i][0] if res.tokens[i] else -1,
+                "intermediate": p.intermediate,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def evaluate_tasks(model: RecurrentDepthLM, tasks: Sequence[str], num_steps: int, n: int, seed: int = 0,
-                   template: PromptTemplate | None = None, batch_size: int = 64, split: str = "test",
-                   id_offset: int = 0, all_composite: bool = False) -> pd.DataFrame:
+def evaluate_tasks(
+    model: RecurrentDepthLM,
+    tasks: Sequence[str],
+    num_steps: int,
+    n: int,
+    seed: int = 0,
+    template: PromptTemplate | None = None,
+    batch_size: int = 64,
+    split: str = "test",
+    id_offset: int = 0,
+    all_composite: bool = False,
+) -> pd.DataFrame:
     """Answers for ``n`` held-out problems of each task at one depth (``all_composite``: every
     one-digit composite problem of the split instead of ``n``)."""
     template = template or resolve_template(None, model.tokenizer)
@@ -73,13 +95,22 @@ def evaluate_tasks(model: RecurrentDepthLM, tasks: Sequence[str], num_steps: int
             problems = arithmetic.sample(task, n, split=split, seed=seed)
         texts = [template.render(p.context, model.tokenizer) for p in problems]
         for start in range(0, len(problems), batch_size):
-            chunk = problems[start: start + batch_size]
-            ids = [model.tokenizer.encode(x) for x in texts[start: start + batch_size]]
-            frames.append(evaluate_answers(
-                model, chunk, ids, num_steps, seed=seed + start,
-                prompt_ids=range(id_offset + t * 100_000 + start, id_offset + t * 100_000 + start + len(chunk)),
-                texts=texts[start: start + batch_size], task=task,
-            ))
+            chunk = problems[start : start + batch_size]
+            ids = [model.tokenizer.encode(x) for x in texts[start : start + batch_size]]
+            frames.append(
+                evaluate_answers(
+                    model,
+                    chunk,
+                    ids,
+                    num_steps,
+                    seed=seed + start,
+                    prompt_ids=range(
+                        id_offset + t * 100_000 + start, id_offset + t * 100_000 + start + len(chunk)
+                    ),
+                    texts=texts[start : start + batch_size],
+                    task=task,
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -118,8 +149,15 @@ def default_depths(mean_recurrence: int) -> list[int]:
     return sorted({1, 2, 4, 8, 16, 32, 64, mean_recurrence, 4 * mean_recurrence})
 
 
-def run_evaluation(model_name: str, depths: Sequence[int] | None = None, n: int = 400, out: Path = Path("runs"),
-                   seed: int = 0, card: bool = False, console: Console | None = None) -> pd.DataFrame:
+def run_evaluation(
+    model_name: str,
+    depths: Sequence[int] | None = None,
+    n: int = 400,
+    out: Path = Path("runs"),
+    seed: int = 0,
+    card: bool = False,
+    console: Console | None = None,
+) -> pd.DataFrame:
     """Evaluate every task at every depth, write a run with answers + figure, optionally the card table.
 
     One-digit composite uses its whole held-out split (1,870 problems); other tasks ``n`` each."""
@@ -134,20 +172,35 @@ def run_evaluation(model_name: str, depths: Sequence[int] | None = None, n: int 
         raise ValueError(f"depths must be >= 1, got {list(depths)}")
     template = resolve_template(None, model.tokenizer)
     settings = {"depths": list(depths), "n": n, "seed": seed, "tasks": list(arithmetic.TASKS)}
-    run = Run.create(out, f"eval-{Path(str(model_name)).name}-n{n}-s{seed}",
-                     {"model": {"name": str(model_name), "weights": lens.loading.weights_fingerprint(model_name)},
-                      "settings": settings,
-                      "prompt_template": template.to_dict()})
+    run = Run.create(
+        out,
+        f"eval-{Path(str(model_name)).name}-n{n}-s{seed}",
+        {
+            "model": {"name": str(model_name), "weights": lens.loading.weights_fingerprint(model_name)},
+            "settings": settings,
+            "prompt_template": template.to_dict(),
+        },
+    )
     for depth in tqdm(depths, desc="eval depths"):
         if not run.has_shard("answers", depth):
-            frame = evaluate_tasks(model, arithmetic.TASKS, depth, n, seed=seed, template=template,
-                                   all_composite=True)
+            frame = evaluate_tasks(
+                model, arithmetic.TASKS, depth, n, seed=seed, template=template, all_composite=True
+            )
             run.write_shard("answers", depth, frame.assign(run=run.name))
     acc = accuracy_table(run.table("answers"))
-    layout = Layout(prelude=model.layout.prelude, core=model.layout.core, coda=model.layout.coda,
-                    steps=model.config.mean_recurrence)
-    render_figure(FIGURES["depth_scaling"], {"depth": acc}, layout, run.figures_dir,
-                  f"{model_name}: exact-match accuracy vs iterations")
+    layout = Layout(
+        prelude=model.layout.prelude,
+        core=model.layout.core,
+        coda=model.layout.coda,
+        steps=model.config.mean_recurrence,
+    )
+    render_figure(
+        FIGURES["depth_scaling"],
+        {"depth": acc},
+        layout,
+        run.figures_dir,
+        f"{model_name}: exact-match accuracy vs iterations",
+    )
     run.mark_complete()
     table_md = markdown_table(acc)
     rich_table = Table(title=f"exact-match accuracy (%) of {model_name}")

@@ -36,8 +36,14 @@ import pandas as pd
 from studies.figures.layout import Layout
 
 __all__ = [
-    "FILTERED_ID_OFFSET", "HUGINN_LAYOUT", "REFERENCE_DIR", "REFERENCE_NAME", "load_reference_answers",
-    "load_reference_ranks", "load_reference_topk", "reference_tables",
+    "FILTERED_ID_OFFSET",
+    "HUGINN_LAYOUT",
+    "REFERENCE_DIR",
+    "REFERENCE_NAME",
+    "load_reference_answers",
+    "load_reference_ranks",
+    "load_reference_topk",
+    "reference_tables",
 ]
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "huginn-latent-cot"
@@ -67,7 +73,9 @@ _TOPK_FILES = [
 def _read(name: str) -> list:
     path = REFERENCE_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(f"reference file {path} is missing (copy it from shared/reference/huginn-latent-cot/)")
+        raise FileNotFoundError(
+            f"reference file {path} is missing (copy it from shared/reference/huginn-latent-cot/)"
+        )
     with path.open() as f:
         return json.load(f)
 
@@ -82,17 +90,21 @@ def _long(values: np.ndarray, span: str, lens: str, id_offset: int) -> pd.DataFr
     """``[prompts, layers]`` (or ``[prompts, layers, k]``) → tidy rows with site/iteration/block."""
     layers = _layers(span)
     if values.shape[1] != len(layers):
-        raise ValueError(f"{lens} lens: {values.shape[1]} entries per prompt, expected {len(layers)} for {span}")
+        raise ValueError(
+            f"{lens} lens: {values.shape[1]} entries per prompt, expected {len(layers)} for {span}"
+        )
     n_prompts, n_layers = values.shape[:2]
     rest = values.shape[2:]
     reps = int(np.prod(rest)) if rest else 1
     layer_idx = np.tile(np.repeat(np.arange(n_layers), reps), n_prompts)
-    out = pd.DataFrame({
-        "prompt_id": np.repeat(np.arange(n_prompts) + id_offset, n_layers * reps).astype(np.int64),
-        "position": np.int64(-1),
-        **{c: layers[c].to_numpy()[layer_idx] for c in ("site", "iteration", "block", "unrolled_index")},
-        "lens": lens,
-    })
+    out = pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.arange(n_prompts) + id_offset, n_layers * reps).astype(np.int64),
+            "position": np.int64(-1),
+            **{c: layers[c].to_numpy()[layer_idx] for c in ("site", "iteration", "block", "unrolled_index")},
+            "lens": lens,
+        }
+    )
     if rest:
         out["k"] = np.tile(np.arange(1, reps + 1), n_prompts * n_layers).astype(np.int64)
     return out.assign(_value=values.reshape(-1))
@@ -104,9 +116,21 @@ def _ranks() -> pd.DataFrame:
     for name, lens, kind, span in _RANK_FILES:
         values = np.asarray(_read(name), dtype=np.int64)
         offset = 0 if kind == "predicted" else FILTERED_ID_OFFSET
-        frames.append(_long(values, span, lens, offset).assign(target_kind=kind).rename(columns={"_value": "rank"}))
+        frames.append(
+            _long(values, span, lens, offset).assign(target_kind=kind).rename(columns={"_value": "rank"})
+        )
     out = pd.concat(frames, ignore_index=True)
-    columns = ["prompt_id", "position", "site", "iteration", "block", "unrolled_index", "lens", "target_kind", "rank"]
+    columns = [
+        "prompt_id",
+        "position",
+        "site",
+        "iteration",
+        "block",
+        "unrolled_index",
+        "lens",
+        "target_kind",
+        "rank",
+    ]
     return out[columns]
 
 
@@ -128,7 +152,9 @@ def _topk() -> pd.DataFrame:
         frames.append(_long(values, span, lens, 0).rename(columns={"_value": "token"}))
     out = pd.concat(frames, ignore_index=True)
     out["token"] = out["token"].astype(str)
-    return out[["prompt_id", "position", "site", "iteration", "block", "unrolled_index", "lens", "k", "token"]]
+    return out[
+        ["prompt_id", "position", "site", "iteration", "block", "unrolled_index", "lens", "k", "token"]
+    ]
 
 
 def load_reference_topk() -> pd.DataFrame:
@@ -139,19 +165,25 @@ def load_reference_topk() -> pd.DataFrame:
 def load_reference_answers() -> pd.DataFrame:
     """Answers-shaped rows of the 67 filtered problems (ids 100..166; all answered correctly)."""
     rows = _read("filtered_arithmetic_dataset.json")[N_FEWSHOT:]
-    return pd.DataFrame({
-        "prompt_id": np.arange(len(rows), dtype=np.int64) + FILTERED_ID_OFFSET,
-        "task": "arithmetic_1dc",
-        "num_steps": HUGINN_LAYOUT.steps,
-        "prompt": [r["context"] for r in rows],
-        "expected": [r["completion"].strip() for r in rows],
-        "generated": [r["completion"].strip() for r in rows],
-        "correct": True,
-        "first_token_id": np.int64(-1),
-        "intermediate": [r.get("intermediate") for r in rows],
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": np.arange(len(rows), dtype=np.int64) + FILTERED_ID_OFFSET,
+            "task": "arithmetic_1dc",
+            "num_steps": HUGINN_LAYOUT.steps,
+            "prompt": [r["context"] for r in rows],
+            "expected": [r["completion"].strip() for r in rows],
+            "generated": [r["completion"].strip() for r in rows],
+            "correct": True,
+            "first_token_id": np.int64(-1),
+            "intermediate": [r.get("intermediate") for r in rows],
+        }
+    )
 
 
 def reference_tables() -> dict[str, pd.DataFrame]:
     """``{"ranks", "topk", "answers"}`` for :func:`studies.figures.render_all` with :data:`HUGINN_LAYOUT`."""
-    return {"ranks": load_reference_ranks(), "topk": load_reference_topk(), "answers": load_reference_answers()}
+    return {
+        "ranks": load_reference_ranks(),
+        "topk": load_reference_topk(),
+        "answers": load_reference_answers(),
+    }

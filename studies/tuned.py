@@ -24,15 +24,20 @@ def summarize(table: pd.DataFrame, sites: list[str]) -> pd.DataFrame:
     return out.sort_values("site", key=lambda s: s.map(order)).reset_index(drop=True)
 
 
-def train_tuned_lenses(model_name: str, steps: int, n: int, epochs: int, save: Path | None,
-                       console: Console | None = None) -> pd.DataFrame:
+def train_tuned_lenses(
+    model_name: str, steps: int, n: int, epochs: int, save: Path | None, console: Console | None = None
+) -> pd.DataFrame:
     console = console or Console()
     model = lens.load_model(model_name)
     configure_threads(model.num_parameters())
     template = resolve_template(None, model.tokenizer)
     problems = arithmetic.sample("arithmetic_1dc", n, split="train", seed=0)
-    prompts = [model.tokenizer.encode(template.render(p.context, model.tokenizer) + template.expected_answer(p.completion))
-               for p in problems]
+    prompts = [
+        model.tokenizer.encode(
+            template.render(p.context, model.tokenizer) + template.expected_answer(p.completion)
+        )
+        for p in problems
+    ]
     lenses, table = train_and_compare(model, prompts, steps, epochs=epochs, lr=3e-3)
     summary = summarize(table, model.layout.block_sites())
     rich_table = Table(title=f"held-out KL(final ‖ lens), nats — {model_name}, T={steps}")

@@ -1,4 +1,4 @@
-"""Shared fixtures: small random models, paths to ../shared data."""
+"""Shared fixtures: small random models, paths to the test data copied into the repository."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LOOPLENS_SHARED", REPO.parent / "shared"))
+DATA = REPO / "tests" / "data"  # copied in with a note of origin (tests/data/ORIGIN.md)
+HUGINN_0125 = REPO / "lens" / "configs" / "huginn-0125"  # Huginn-3.5B config + tokenizer, no weights
+REFERENCE = REPO / "studies" / "reference" / "huginn-latent-cot"
 
 
-def shared_path(*parts: str) -> Path:
-    """A path under ../shared; the test is skipped when the shared data is absent."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data not found: {path}")
+def data_path(*parts: str) -> Path:
+    """A path under ``tests/data``; missing data is an error, never a skip."""
+    path = DATA.joinpath(*parts)
+    assert path.exists(), f"test data missing from the repository: {path}"
     return path
 
 
@@ -26,8 +27,15 @@ def small_config(**overrides):
     import lens
 
     kwargs = dict(
-        n_embd=64, n_heads=4, vocab_size=97, block_size=64, intermediate_size=96,
-        n_layers_in_prelude=1, n_layers_in_recurrent_block=2, n_layers_in_coda=1, mean_recurrence=4,
+        n_embd=64,
+        n_heads=4,
+        vocab_size=97,
+        block_size=64,
+        intermediate_size=96,
+        n_layers_in_prelude=1,
+        n_layers_in_recurrent_block=2,
+        n_layers_in_coda=1,
+        mean_recurrence=4,
     )
     kwargs.update(overrides)
     return lens.RecurrentDepthConfig(**kwargs)
@@ -40,8 +48,12 @@ def save_arith_model(directory: Path, **overrides) -> Path:
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    cfg = small_config(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                       **{"block_size": 128, **overrides})
+    cfg = small_config(
+        vocab_size=tok.vocab_size,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **{"block_size": 128, **overrides},
+    )
     return lens.save_model(lens.RecurrentDepthLM(cfg, tokenizer=tok).eval(), directory)
 
 

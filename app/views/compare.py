@@ -27,13 +27,23 @@ def _panel(side: str, runs: list, default_run: str, default_lens: str) -> dict |
     lens_default = default_lens if default_lens in opts["lenses"] else opts["lenses"][0]
     lens = c1.selectbox("Lens", opts["lenses"], index=opts["lenses"].index(lens_default), key=f"{key}_lens")
     kinds = opts["target_kinds"]
-    kind = c2.selectbox("Target", kinds, index=kinds.index("final") if "final" in kinds else 0, key=f"{key}_kind")
+    kind = c2.selectbox(
+        "Target", kinds, index=kinds.index("final") if "final" in kinds else 0, key=f"{key}_kind"
+    )
     rows = data.rank_rows(handle.path, handle.mtime, (lens,), (kind,))
     agg = data.hover_aggregate(handle.path, handle.mtime, (lens,))
     manifest = data.manifest(handle.path, handle.mtime)
     model = (manifest.get("model") or {}).get("name", "?")
-    return {"name": name, "lens": lens, "kind": kind, "rows": rows, "agg": agg, "model": model,
-            "handle": handle, "title": f"{name} · {lens} lens · {kind}"}
+    return {
+        "name": name,
+        "lens": lens,
+        "kind": kind,
+        "rows": rows,
+        "agg": agg,
+        "model": model,
+        "handle": handle,
+        "title": f"{name} · {lens} lens · {kind}",
+    }
 
 
 def _summary(panels: list[dict]) -> pd.DataFrame:
@@ -45,18 +55,28 @@ def _summary(panels: list[dict]) -> pd.DataFrame:
         top = med[med <= 1]
         first = int(top.index[0]) if len(top) else None
         head = data.headline(p["handle"].path, p["handle"].mtime)
-        out.append({"panel": p["title"], "model": p["model"], "prompts": rows["prompt_id"].nunique(),
-                    "unrolled layers": layers, "accuracy": None if head["accuracy"] is None else
-                    f"{head['accuracy']:.0%}",
-                    "median rank at the end": float(med.iloc[-1]) if len(med) else None,
-                    "first top-1 layer": "never" if first is None else f"{first} ({first / max(layers - 1, 1):.0%} "
-                                                                        "of depth)"})
+        out.append(
+            {
+                "panel": p["title"],
+                "model": p["model"],
+                "prompts": rows["prompt_id"].nunique(),
+                "unrolled layers": layers,
+                "accuracy": None if head["accuracy"] is None else f"{head['accuracy']:.0%}",
+                "median rank at the end": float(med.iloc[-1]) if len(med) else None,
+                "first top-1 layer": "never"
+                if first is None
+                else f"{first} ({first / max(layers - 1, 1):.0%} of depth)",
+            }
+        )
     return pd.DataFrame(out)
 
 
 def render() -> None:
-    ui.page_header("Compare", "Two runs — for instance a Huginn-3.5B reference run and tiny-arith — or two lenses "
-                              "of one run, drawn the same way on a shared log rank axis.")
+    ui.page_header(
+        "Compare",
+        "Two runs — for instance a Huginn-3.5B reference run and tiny-arith — or two lenses "
+        "of one run, drawn the same way on a shared log rank axis.",
+    )
     runs = [r for r in ui.runs_found()]
     if not runs:
         ui.no_runs_message(ui.settings().runs)
@@ -74,26 +94,45 @@ def render() -> None:
     if left is None or right is None:
         return
     c1, c2, _ = st.columns([1, 1, 3])
-    relative = c1.toggle("relative depth", value=left["rows"]["unrolled_index"].max() !=
-                         right["rows"]["unrolled_index"].max(), key="cmp_relative",
-                         help="x axis as a fraction of the unrolled depth, so models of different depth line up")
+    relative = c1.toggle(
+        "relative depth",
+        value=left["rows"]["unrolled_index"].max() != right["rows"]["unrolled_index"].max(),
+        key="cmp_relative",
+        help="x axis as a fraction of the unrolled depth, so models of different depth line up",
+    )
     thin = c2.toggle("individual prompts", value=False, key="cmp_thin")
-    fig = charts.compare_trajectories([(left["title"], left["rows"]), (right["title"], right["rows"])],
-                                      [left["agg"], right["agg"]], relative_depth=relative, show_prompts=thin)
+    fig = charts.compare_trajectories(
+        [(left["title"], left["rows"]), (right["title"], right["rows"])],
+        [left["agg"], right["agg"]],
+        relative_depth=relative,
+        show_prompts=thin,
+    )
     ui.chart(fig, key="cmp_fig")
     st.dataframe(_summary([left, right]), hide_index=True, width="stretch")
 
     st.subheader("Iteration × block", divider="gray")
     both = pd.concat([left["rows"], right["rows"]])
-    med = both.groupby(["lens", "target_kind", "unrolled_index"])["rank"].median() if len(both) else pd.Series([10])
+    med = (
+        both.groupby(["lens", "target_kind", "unrolled_index"])["rank"].median()
+        if len(both)
+        else pd.Series([10])
+    )
     z_range = (1.0, float(max(med.max(), 10)))
     heights = [len(charts.heatmap_grid(p["rows"])[1]) for p in (left, right) if len(p["rows"])]
     height = min(900, max(260, 70 + 26 * max(heights, default=1)))  # the same height on both sides
     a, b = st.columns(2, gap="large")
     for col, p, side in ((a, left, "left"), (b, right, "right")):
         with col:
-            ui.chart(charts.rank_heatmap(p["rows"], charts.hover_by_layer(p["agg"], p["lens"]), title=p["title"],
-                                         z_range=z_range, height=height), key=f"cmp_heat_{side}")
+            ui.chart(
+                charts.rank_heatmap(
+                    p["rows"],
+                    charts.hover_by_layer(p["agg"], p["lens"]),
+                    title=p["title"],
+                    z_range=z_range,
+                    height=height,
+                ),
+                key=f"cmp_heat_{side}",
+            )
 
 
 ui.guarded(render)

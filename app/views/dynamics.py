@@ -15,8 +15,12 @@ def _from_run() -> None:
         return
     path, mtime = handle.path, handle.mtime
     prompts = data.prompt_table(path, mtime)
-    chosen = ui.prompt_picker(prompts, key="dyn_prompts", default=8,
-                              help_text="Trajectories of the recurrent state at the last prompt position")
+    chosen = ui.prompt_picker(
+        prompts,
+        key="dyn_prompts",
+        default=8,
+        help_text="Trajectories of the recurrent state at the last prompt position",
+    )
     dyn = data.dynamics_rows(path, mtime, tuple(chosen) if chosen else None)
     if dyn.empty:
         st.info("This run has no dynamics records" + (" yet." if handle.info.status == "running" else "."))
@@ -31,9 +35,14 @@ def _from_run() -> None:
         ui.chart(charts.verdict_bar(data.verdict_counts(path, mtime)), key="dyn_verdicts")
     with b:
         last = dyn.sort_values("iteration").groupby("prompt_id").tail(1).sort_values("prompt_id")
-        st.dataframe(last[["prompt_id", "verdict", "step_norm", "cos_to_last", "norm"]].rename(
-            columns={"step_norm": "last step", "cos_to_last": "cos to last"}), hide_index=True, width="stretch",
-            height=260)
+        st.dataframe(
+            last[["prompt_id", "verdict", "step_norm", "cos_to_last", "norm"]].rename(
+                columns={"step_norm": "last step", "cos_to_last": "cos to last"}
+            ),
+            hide_index=True,
+            width="stretch",
+            height=260,
+        )
 
 
 def _live() -> None:
@@ -52,9 +61,11 @@ def _live() -> None:
 
 
 def render() -> None:
-    ui.page_header("Latent dynamics",
-                   "The recurrent state after each iteration: its relative step, its cosine to the final state, "
-                   "and its trajectory in principal-component space (fixed point, cycle or drift).")
+    ui.page_header(
+        "Latent dynamics",
+        "The recurrent state after each iteration: its relative step, its cosine to the final state, "
+        "and its trajectory in principal-component space (fixed point, cycle or drift).",
+    )
     source = st.segmented_control("Source", [RUN, LIVE], default=RUN, key="dyn_page_source") or RUN
     if source == RUN:
         _from_run()

@@ -21,9 +21,11 @@ def _run_prompts():
 
 
 def render() -> None:
-    ui.page_header("Lens grid",
-                   "Runs keep only the last position, so the grid probes the live model at every position of "
-                   "one prompt: each row a layer, each column a position, each cell the decoded top-1 token.")
+    ui.page_header(
+        "Lens grid",
+        "Runs keep only the last position, so the grid probes the live model at every position of "
+        "one prompt: each row a layer, each column a position, each cell the decoded top-1 token.",
+    )
     name = ui.settings().model
     model = ui.load_model_or_explain(name)
     if model is None:

@@ -8,9 +8,11 @@ from app import live, sections, ui
 
 
 def render() -> None:
-    ui.page_header("Live probe",
-                   "Probe the model given on the command line: rank trajectories, the iteration × block map, the "
-                   "lens grid and latent dynamics for one prompt, and adaptive-depth generation.")
+    ui.page_header(
+        "Live probe",
+        "Probe the model given on the command line: rank trajectories, the iteration × block map, the "
+        "lens grid and latent dynamics for one prompt, and adaptive-depth generation.",
+    )
     name = ui.settings().model
     model = ui.load_model_or_explain(name)
     if model is None:
@@ -18,8 +20,10 @@ def render() -> None:
     sections.model_caption(model, name)
     args = sections.live_prompt_form("live", model)
     if args is None:
-        st.info("Type a prompt (or pick a problem) and press **Probe**: a small model answers in about a second "
-                "on a CPU.")
+        st.info(
+            "Type a prompt (or pick a problem) and press **Probe**: a small model answers in about a second "
+            "on a CPU."
+        )
         return
     with st.spinner("Probing…"):
         probe = live.cached_probe(name, args.prompt, args.num_steps, args.lenses, args.targets)

@@ -17,9 +17,16 @@ def _runs_table(runs) -> pd.DataFrame:
                 model = data.manifest(*data.run_ref(r.path)).get("model", {}).get("name", "")
             except Exception:  # noqa: BLE001 - a listing never fails on one run
                 model = "?"
-        rows.append({"run": r.name, "status": f"{ui.STATUS_ICONS.get(r.status, '')} {r.status}", "model": model,
-                     "created": (r.created or "")[:19].replace("T", " "), "rank rows": r.rows.get("ranks", 0),
-                     "answers": r.rows.get("answers", 0)})
+        rows.append(
+            {
+                "run": r.name,
+                "status": f"{ui.STATUS_ICONS.get(r.status, '')} {r.status}",
+                "model": model,
+                "created": (r.created or "")[:19].replace("T", " "),
+                "rank rows": r.rows.get("ranks", 0),
+                "answers": r.rows.get("answers", 0),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -37,8 +44,11 @@ def _manifest_panel(manifest: dict) -> None:
         "status": manifest.get("status", "—"),
         "looplens": (manifest.get("versions") or {}).get("looplens", "—"),
     }
-    st.dataframe(pd.DataFrame({"": list(facts), "value": [str(v) for v in facts.values()]}), hide_index=True,
-                 width="stretch")
+    st.dataframe(
+        pd.DataFrame({"": list(facts), "value": [str(v) for v in facts.values()]}),
+        hide_index=True,
+        width="stretch",
+    )
     template = manifest.get("prompt_template")
     with st.expander("Prompt template"):
         if isinstance(template, dict):
@@ -62,26 +72,39 @@ def _headline_metrics(head: dict, manifest: dict) -> None:
     if settings.get("steps") is not None:
         facts.append(f"{settings['steps']} iterations")
     if layout:
-        facts.append(f"prelude {layout.get('prelude')} · core {layout.get('core')} · coda {layout.get('coda')}")
+        facts.append(
+            f"prelude {layout.get('prelude')} · core {layout.get('core')} · coda {layout.get('coda')}"
+        )
     if settings.get("study"):
         facts.append(f"study `{settings['study']}`")
     st.markdown(" · ".join(facts))
     cols = st.columns(max(4, 2 + len(head["settle"])))
     cols[0].metric("prompts probed", f"{head['prompts']:,}")
     acc = head["accuracy"]
-    cols[1].metric("accuracy", "—" if acc is None else f"{acc:.0%}",
-                   help=f"exact match on the {head['answered']} answers of the probed prompts")
+    cols[1].metric(
+        "accuracy",
+        "—" if acc is None else f"{acc:.0%}",
+        help=f"exact match on the {head['answered']} answers of the probed prompts",
+    )
     for col, (lens, s) in zip(cols[2:], head["settle"].items(), strict=False):
         layer = s["first_top1_layer"]
-        col.metric(f"{lens} lens: top-1 from", "never" if layer is None else f"layer {layer}",
-                   delta=None if layer is None else s["first_top1_site"], delta_color="off", delta_arrow="off",
-                   help=f"first unrolled layer (of {s['layers']}) where the median rank of the {s['target_kind']} "
-                        f"token over prompts reaches 1; at the last layer it is {s['final_median_rank']:g}")
+        col.metric(
+            f"{lens} lens: top-1 from",
+            "never" if layer is None else f"layer {layer}",
+            delta=None if layer is None else s["first_top1_site"],
+            delta_color="off",
+            delta_arrow="off",
+            help=f"first unrolled layer (of {s['layers']}) where the median rank of the {s['target_kind']} "
+            f"token over prompts reaches 1; at the last layer it is {s['final_median_rank']:g}",
+        )
 
 
 def render() -> None:
-    ui.page_header("Run overview", "Runs read through DuckDB from the runs folder; figures rebuilt from the "
-                                   "run's tables (hover for values, drag to zoom, double-click to reset).")
+    ui.page_header(
+        "Run overview",
+        "Runs read through DuckDB from the runs folder; figures rebuilt from the "
+        "run's tables (hover for values, drag to zoom, double-click to reset).",
+    )
     runs = ui.runs_found()
     if runs:
         with st.expander(f"All runs in `{ui.settings().runs}` ({len(runs)})", expanded=len(runs) > 1):
@@ -99,15 +122,22 @@ def render() -> None:
     kinds = [k for k in data.choices(path, mtime)["target_kinds"] if not k.startswith("digit_")]
     default = [k for k in ("final", "intermediate", "control") if k in kinds] or kinds[:3]
     chosen = st.pills("Targets", kinds, default=default, selection_mode="multi", key="overview_targets")
-    ui.chart(charts.overview_figure(medians, chosen or default, height=460,
-                                    title="Median rank over all prompts (band: interquartile range; "
-                                          "line style: lens)"),
-             key="overview_fig")
+    ui.chart(
+        charts.overview_figure(
+            medians,
+            chosen or default,
+            height=460,
+            title="Median rank over all prompts (band: interquartile range; line style: lens)",
+        ),
+        key="overview_fig",
+    )
 
     a, b, c = st.columns([5, 4, 4], gap="large")
     with a:
-        ui.chart(charts.accuracy_by_depth(data.depth_accuracy(path, mtime), title="Accuracy vs iterations"),
-                 key="overview_depth")
+        ui.chart(
+            charts.accuracy_by_depth(data.depth_accuracy(path, mtime), title="Accuracy vs iterations"),
+            key="overview_depth",
+        )
     with b:
         ui.chart(charts.verdict_bar(data.verdict_counts(path, mtime), height=340), key="overview_verdicts")
     with c:
@@ -119,18 +149,26 @@ def render() -> None:
     if prompts.empty:
         st.caption("No prompts recorded yet.")
     else:
-        st.dataframe(prompts[["prompt_id", "prompt_text", "expected", "intermediate", "generated", "correct",
-                              "verdict"]], hide_index=True, width="stretch", height=min(400, 38 + 35 * len(prompts)),
-                     column_config={"prompt_id": st.column_config.NumberColumn("id", width="small"),
-                                    "prompt_text": st.column_config.TextColumn("prompt", width="large"),
-                                    "correct": st.column_config.CheckboxColumn("correct")})
+        st.dataframe(
+            prompts[
+                ["prompt_id", "prompt_text", "expected", "intermediate", "generated", "correct", "verdict"]
+            ],
+            hide_index=True,
+            width="stretch",
+            height=min(400, 38 + 35 * len(prompts)),
+            column_config={
+                "prompt_id": st.column_config.NumberColumn("id", width="small"),
+                "prompt_text": st.column_config.TextColumn("prompt", width="large"),
+                "correct": st.column_config.CheckboxColumn("correct"),
+            },
+        )
 
     files = data.figure_files(path)
     if any(files.values()):
         with st.expander(f"Figures saved by the study ({len(files['png'])} PNG, {len(files['html'])} HTML)"):
             pngs = files["png"]
             for start in range(0, len(pngs), 2):
-                for col, png in zip(st.columns(2), pngs[start: start + 2], strict=False):
+                for col, png in zip(st.columns(2), pngs[start : start + 2], strict=False):
                     col.image(str(png), caption=png.name, width="stretch")
             if files["html"]:
                 st.caption("Interactive HTML: " + ", ".join(f"`figures/{p.name}`" for p in files["html"]))

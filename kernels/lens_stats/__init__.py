@@ -13,6 +13,12 @@ from kernels.lens_stats.reference import lens_logits_reference, lens_statistics_
 from kernels.lens_stats.result import LensStatistics
 
 __all__ = [
-    "MAX_TOPK", "LensInputs", "LensStatistics", "lens_logits_reference", "lens_statistics",
-    "lens_statistics_chunked", "lens_statistics_reference", "prepare_lens_inputs",
+    "MAX_TOPK",
+    "LensInputs",
+    "LensStatistics",
+    "lens_logits_reference",
+    "lens_statistics",
+    "lens_statistics_chunked",
+    "lens_statistics_reference",
+    "prepare_lens_inputs",
 ]

@@ -41,7 +41,9 @@ def lens_statistics(
     >>> stats.target_ranks.shape, stats.topk_ids.shape
     (torch.Size([3, 1]), torch.Size([3, 2]))
     """
-    inputs = prepare_lens_inputs(hidden, unembedding, norm_weight, eps, targets, topk, ref_logprobs, ref_index)
+    inputs = prepare_lens_inputs(
+        hidden, unembedding, norm_weight, eps, targets, topk, ref_logprobs, ref_index
+    )
     backend = backend_for(hidden)
     if backend == "reference" or inputs.num_states == 0:
         return lens_statistics_reference(inputs)

@@ -107,8 +107,13 @@ class _RunningStats:
         if self.k:  # each chunk's top-k are kept as candidates and merged once at the end
             kc = min(self.k, cols)
             c0 = (v0 // self.chunk) * self.k
-            torch.topk(block, kc, dim=1, sorted=False,
-                       out=(self.top_values[rows, c0 : c0 + kc], self.top_ids[rows, c0 : c0 + kc]))
+            torch.topk(
+                block,
+                kc,
+                dim=1,
+                sorted=False,
+                out=(self.top_values[rows, c0 : c0 + kc], self.top_ids[rows, c0 : c0 + kc]),
+            )
             self.top_ids[rows, c0 : c0 + kc] += v0
         shifted = block.sub_(m_new[:, None])  # z - m_new
         if self.has_ref:
@@ -215,5 +220,11 @@ def lens_statistics_chunked(
     return state.finish()
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_ROW_BLOCK", "lens_statistics_chunked", "merge_softmax", "merge_topk",
-           "normed_states"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_ROW_BLOCK",
+    "lens_statistics_chunked",
+    "merge_softmax",
+    "merge_topk",
+    "normed_states",
+]

@@ -82,8 +82,13 @@ def prepare_lens_inputs(
     if v == 0:
         raise ValueError("lens_statistics: empty vocabulary")
     device = hidden.device
-    for name, t in (("unembedding", unembedding), ("norm_weight", norm_weight), ("targets", targets),
-                    ("ref_logprobs", ref_logprobs), ("ref_index", ref_index)):
+    for name, t in (
+        ("unembedding", unembedding),
+        ("norm_weight", norm_weight),
+        ("targets", targets),
+        ("ref_logprobs", ref_logprobs),
+        ("ref_index", ref_index),
+    ):
         if t is not None and t.device != device:
             raise ValueError(f"lens_statistics: {name} is on {t.device}, hidden on {device}")
     if norm_weight is not None:
@@ -99,7 +104,9 @@ def prepare_lens_inputs(
     if ref_logprobs is not None:
         _check_float("ref_logprobs", ref_logprobs)
         if ref_logprobs.dim() != 2 or ref_logprobs.shape[1] != v:
-            raise ValueError(f"lens_statistics: ref_logprobs must be [R, V={v}], got {tuple(ref_logprobs.shape)}")
+            raise ValueError(
+                f"lens_statistics: ref_logprobs must be [R, V={v}], got {tuple(ref_logprobs.shape)}"
+            )
         if ref_index is None:
             if ref_logprobs.shape[0] != n:
                 raise ValueError(

@@ -56,7 +56,10 @@ class LensStatistics:
                     f"LensStatistics.{name}: got {value.dtype} {tuple(value.shape)} on {value.device}, "
                     f"expected {dtype} with {ndim} dims, {n} rows, on {device}"
                 )
-        for group in (("target_logits", "target_ranks", "target_logprobs"), ("topk_ids", "topk_logits", "topk_logprobs")):
+        for group in (
+            ("target_logits", "target_ranks", "target_logprobs"),
+            ("topk_ids", "topk_logits", "topk_logprobs"),
+        ):
             values = [getattr(self, name) for name in group]
             present = [v is not None for v in values]
             if any(present) and not all(present):

@@ -28,8 +28,9 @@ class Lens(nn.Module, ABC):
         object.__setattr__(self, "model", model)  # not a submodule: the lens must not own the model
 
     @abstractmethod
-    def transform_hidden(self, h: Float[Tensor, "B S d"], site: str, iteration: int = 0,
-                         attention_mask: Tensor | None = None) -> Float[Tensor, "B S d"]:
+    def transform_hidden(
+        self, h: Float[Tensor, "B S d"], site: str, iteration: int = 0, attention_mask: Tensor | None = None
+    ) -> Float[Tensor, "B S d"]:
         """The state in the unembedding's input space, before the final norm."""
 
     def applies_norm(self, site: str) -> bool:
@@ -39,8 +40,9 @@ class Lens(nn.Module, ABC):
     def supports(self, site: str) -> bool:
         return True
 
-    def forward(self, h: Float[Tensor, "B S d"], site: str, iteration: int = 0,
-                attention_mask: Tensor | None = None) -> Float[Tensor, "B S V"]:
+    def forward(
+        self, h: Float[Tensor, "B S d"], site: str, iteration: int = 0, attention_mask: Tensor | None = None
+    ) -> Float[Tensor, "B S V"]:
         """Full float32 logits (materialised: use ``probes.token_statistics`` for many states)."""
         x = self.transform_hidden(h, site, iteration, attention_mask)
         if self.applies_norm(site):

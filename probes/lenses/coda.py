@@ -21,8 +21,9 @@ class CodaLens(Lens):
     def supports(self, site: str) -> bool:
         return site != "final" and not site.startswith("coda")
 
-    def transform_hidden(self, h: Tensor, site: str, iteration: int = 0,
-                         attention_mask: Tensor | None = None) -> Tensor:
+    def transform_hidden(
+        self, h: Tensor, site: str, iteration: int = 0, attention_mask: Tensor | None = None
+    ) -> Tensor:
         if not self.supports(site):
             raise ValueError(f"the Coda Lens decodes states before the coda; {site!r} is not one")
         x = h if site == "latent" else self.model.final_norm(h)

@@ -15,8 +15,9 @@ class LogitLens(Lens):
 
     name = "logit"
 
-    def transform_hidden(self, h: Tensor, site: str, iteration: int = 0,
-                         attention_mask: Tensor | None = None) -> Tensor:
+    def transform_hidden(
+        self, h: Tensor, site: str, iteration: int = 0, attention_mask: Tensor | None = None
+    ) -> Tensor:
         return h
 
     def applies_norm(self, site: str) -> bool:

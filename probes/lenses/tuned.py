@@ -27,8 +27,13 @@ class TunedLens(Lens):
 
     name = "tuned"
 
-    def __init__(self, model: RecurrentDepthLM, mode: Mode = "shared", num_steps: int | None = None,
-                 sites: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: RecurrentDepthLM,
+        mode: Mode = "shared",
+        num_steps: int | None = None,
+        sites: list[str] | None = None,
+    ) -> None:
         super().__init__(model)
         if mode not in ("shared", "per-iteration"):
             raise ValueError(f"mode must be 'shared' or 'per-iteration', got {mode!r}")
@@ -66,8 +71,9 @@ class TunedLens(Lens):
     def applies_norm(self, site: str) -> bool:
         return site not in NORMED_SITES
 
-    def transform_hidden(self, h: Tensor, site: str, iteration: int = 0,
-                         attention_mask: Tensor | None = None) -> Tensor:
+    def transform_hidden(
+        self, h: Tensor, site: str, iteration: int = 0, attention_mask: Tensor | None = None
+    ) -> Tensor:
         if site not in self.sites:
             raise ValueError(f"the Tuned Lens has no translator for site {site!r}; it has {self.sites}")
         layer = self.translators[self._key(site, iteration)]
@@ -79,8 +85,13 @@ class TunedLens(Lens):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.translators.state_dict().items()}
         save_file(tensors, str(directory / "tuned_lens.safetensors"))
-        meta = {"mode": self.mode, "num_steps": self.num_steps, "sites": self.sites,
-                "n_embd": self.model.config.n_embd, "model": self.model.config.name}
+        meta = {
+            "mode": self.mode,
+            "num_steps": self.num_steps,
+            "sites": self.sites,
+            "n_embd": self.model.config.n_embd,
+            "model": self.model.config.name,
+        }
         (directory / "tuned_lens.json").write_text(json.dumps(meta, indent=1))
         return directory
 
@@ -92,7 +103,9 @@ class TunedLens(Lens):
             raise FileNotFoundError(f"no tuned_lens.json in {directory}")
         meta = json.loads(meta_path.read_text())
         if meta["n_embd"] != model.config.n_embd:
-            raise ValueError(f"tuned lens was trained for width {meta['n_embd']}, the model has {model.config.n_embd}")
+            raise ValueError(
+                f"tuned lens was trained for width {meta['n_embd']}, the model has {model.config.n_embd}"
+            )
         lens = cls(model, meta["mode"], meta["num_steps"], meta["sites"])
         lens.translators.load_state_dict(load_file(str(directory / "tuned_lens.safetensors")))
         return lens

@@ -35,15 +35,21 @@ class StateSet:
 
 
 @torch.no_grad()
-def collect_states(model: RecurrentDepthLM, prompts: Sequence[Sequence[int]], num_steps: int,
-                   sites: Sequence[str], batch_size: int = 32, seed: int = 0) -> StateSet:
+def collect_states(
+    model: RecurrentDepthLM,
+    prompts: Sequence[Sequence[int]],
+    num_steps: int,
+    sites: Sequence[str],
+    batch_size: int = 32,
+    seed: int = 0,
+) -> StateSet:
     """Run the model over ``prompts`` and keep the states of ``sites`` at every real token."""
     states: dict[tuple[str, int], list[Tensor]] = {}
     finals = []
     gen = torch.Generator(device=model.device).manual_seed(seed)
     pad = model.config.pad_token_id or 0
     for start in range(0, len(prompts), batch_size):
-        ids, mask = pad_left(prompts[start: start + batch_size], pad)
+        ids, mask = pad_left(prompts[start : start + batch_size], pad)
         ids, mask = ids.to(model.device), mask.to(model.device)
         collector = TraceCollector(list(sites))
         out = model(ids, num_steps, attention_mask=mask, consumers=[collector], generator=gen)
@@ -67,9 +73,17 @@ def _lens_logits(model: RecurrentDepthLM, lens: TunedLens | None, site: str, it:
     return model.head(x.to(model.dtype))
 
 
-def fit_tuned_lens(model: RecurrentDepthLM, data: StateSet, mode: Mode = "shared", num_steps: int | None = None,
-                   epochs: int = 30, lr: float = 1e-3, batch_tokens: int = 256, seed: int = 0,
-                   progress: bool = True) -> TunedLens:
+def fit_tuned_lens(
+    model: RecurrentDepthLM,
+    data: StateSet,
+    mode: Mode = "shared",
+    num_steps: int | None = None,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_tokens: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+) -> TunedLens:
     """Fit translators on collected states; the model itself stays frozen."""
     sites = sorted({site for site, _ in data.states}, key=lambda s: model.layout.all_sites().index(s))
     lens = TunedLens(model, mode, num_steps, [s for s in sites if s in model.layout.block_sites()])
@@ -87,7 +101,9 @@ def fit_tuned_lens(model: RecurrentDepthLM, data: StateSet, mode: Mode = "shared
             for (site, it), h in data.states.items():
                 if site not in lens.sites:
                     continue
-                loss = loss + _kl(data.final_logprobs[idx], _lens_logits(model, lens, site, it, h[idx])).mean()
+                loss = (
+                    loss + _kl(data.final_logprobs[idx], _lens_logits(model, lens, site, it, h[idx])).mean()
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -104,18 +120,30 @@ def compare_lenses(model: RecurrentDepthLM, data: StateSet, tuned: dict[str, Tun
     for (site, it), h in data.states.items():
         if site not in model.layout.block_sites():
             continue
-        row = {"site": site, "iteration": it, "kl_logit": float(_kl(data.final_logprobs,
-                                                                   _lens_logits(model, None, site, it, h)).mean())}
+        row = {
+            "site": site,
+            "iteration": it,
+            "kl_logit": float(_kl(data.final_logprobs, _lens_logits(model, None, site, it, h)).mean()),
+        }
         for name, lens in tuned.items():
-            row[f"kl_tuned_{name}"] = float(_kl(data.final_logprobs, _lens_logits(model, lens, site, it, h)).mean())
+            row[f"kl_tuned_{name}"] = float(
+                _kl(data.final_logprobs, _lens_logits(model, lens, site, it, h)).mean()
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def train_and_compare(model: RecurrentDepthLM, prompts: Sequence[Sequence[int]], num_steps: int | None = None,
-                      modes: Sequence[Mode] = ("shared", "per-iteration"), val_fraction: float = 0.25,
-                      epochs: int = 30, lr: float = 1e-3, seed: int = 0, progress: bool = True
-                      ) -> tuple[dict[str, TunedLens], pd.DataFrame]:
+def train_and_compare(
+    model: RecurrentDepthLM,
+    prompts: Sequence[Sequence[int]],
+    num_steps: int | None = None,
+    modes: Sequence[Mode] = ("shared", "per-iteration"),
+    val_fraction: float = 0.25,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, TunedLens], pd.DataFrame]:
     """Split prompts, fit one Tuned Lens per mode, and return held-out KL per site for every lens."""
     if len(prompts) < 4:
         raise ValueError("training a Tuned Lens needs at least 4 prompts (some are held out)")
@@ -127,6 +155,8 @@ def train_and_compare(model: RecurrentDepthLM, prompts: Sequence[Sequence[int]],
     sites = model.layout.block_sites()
     train_data = collect_states(model, train, num_steps, sites, seed=seed)
     val_data = collect_states(model, val, num_steps, sites, seed=seed + 1)
-    lenses = {mode: fit_tuned_lens(model, train_data, mode, num_steps, epochs, lr, seed=seed, progress=progress)
-              for mode in modes}
+    lenses = {
+        mode: fit_tuned_lens(model, train_data, mode, num_steps, epochs, lr, seed=seed, progress=progress)
+        for mode in modes
+    }
     return lenses, compare_lenses(model, val_data, lenses)

@@ -42,16 +42,31 @@ from studies.figures.intermediate_vs_final import pick_block
 from studies.figures.layout import Layout
 from studies.figures.style import LENS_COLORS, save_html, save_png
 
-__all__ = ["FIGURES", "LENS_COLORS", "Figure", "FigureSpec", "Headline", "Layout", "pick_block", "render_all",
-           "render_figure"]
+__all__ = [
+    "FIGURES",
+    "LENS_COLORS",
+    "Figure",
+    "FigureSpec",
+    "Headline",
+    "Layout",
+    "pick_block",
+    "render_all",
+    "render_figure",
+]
 
 log = logging.getLogger(__name__)
 
 #: Every study figure by name, in the order they are drawn.
 FIGURES: dict[str, FigureSpec] = {
     spec.name: spec
-    for spec in (rank_trajectory.FIGURE, numeric_prefix.FIGURE, intermediate_vs_final.FIGURE,
-                 depth_scaling.FIGURE, latent_dynamics.FIGURE, reference_overlay.FIGURE)
+    for spec in (
+        rank_trajectory.FIGURE,
+        numeric_prefix.FIGURE,
+        intermediate_vs_final.FIGURE,
+        depth_scaling.FIGURE,
+        latent_dynamics.FIGURE,
+        reference_overlay.FIGURE,
+    )
 }
 
 
@@ -62,8 +77,11 @@ def render_figure(figure: Figure, tables: Tables, layout: Layout, out_dir: Path,
     tab = figure.table(tables, layout)
     if tab is None or tab.empty:
         return None
-    paths = {"png": out_dir / f"{figure.name}.png", "html": out_dir / f"{figure.name}.html",
-             "table": out_dir / f"{figure.name}.parquet"}
+    paths = {
+        "png": out_dir / f"{figure.name}.png",
+        "html": out_dir / f"{figure.name}.html",
+        "table": out_dir / f"{figure.name}.parquet",
+    }
     tab.to_parquet(paths["table"], index=False)
     mpl_fig, plotly_fig = figure.draw(tab, layout, title)
     save_png(mpl_fig, paths["png"])
@@ -71,8 +89,15 @@ def render_figure(figure: Figure, tables: Tables, layout: Layout, out_dir: Path,
     return {**{k: str(v) for k, v in paths.items()}, "headline": figure.headline(tab, layout)}
 
 
-def render_all(tables: Tables, layout: Layout, out_dir: Path, title: str, reference: bool = True,
-               only: Iterable[str] | None = None, strict: bool = False) -> dict[str, dict]:
+def render_all(
+    tables: Tables,
+    layout: Layout,
+    out_dir: Path,
+    title: str,
+    reference: bool = True,
+    only: Iterable[str] | None = None,
+    strict: bool = False,
+) -> dict[str, dict]:
     """Draw every figure whose inputs are present into ``out_dir`` (``NAME.png/.html/.parquet``).
 
     Returns ``{name: {"png", "html", "table": path, "headline": {...}}}``. ``reference`` adds the

@@ -52,7 +52,9 @@ class FigureSpec:
 
     def available(self, tables: Tables) -> bool:
         """Whether every required input table is present and non-empty."""
-        return all(name in tables and tables[name] is not None and len(tables[name]) for name in self.requires)
+        return all(
+            name in tables and tables[name] is not None and len(tables[name]) for name in self.requires
+        )
 
 
 def require_columns(df: pd.DataFrame, columns: list[str] | tuple[str, ...], what: str) -> None:

@@ -55,11 +55,31 @@ from studies.figures.style import (
     rgba,
 )
 
-__all__ = ["FIGURE", "add_panel_plotly", "correct_prompt_ids", "draw", "draw_panel", "headline", "pick_block", "table"]
+__all__ = [
+    "FIGURE",
+    "add_panel_plotly",
+    "correct_prompt_ids",
+    "draw",
+    "draw_panel",
+    "headline",
+    "pick_block",
+    "table",
+]
 
 NAME = "intermediate_vs_final"
-COLUMNS = ["lens", "block", "iteration", "target", "median", "ci_low", "ci_high", "geo_mean", "n",
-           "unrolled_index", "shown"]
+COLUMNS = [
+    "lens",
+    "block",
+    "iteration",
+    "target",
+    "median",
+    "ci_low",
+    "ci_high",
+    "geo_mean",
+    "n",
+    "unrolled_index",
+    "shown",
+]
 _KEY = ["prompt_id", "lens", "iteration", "block", "unrolled_index"]
 
 #: Huginn (4 core blocks): the block positions the reference study plotted (0-based).
@@ -103,8 +123,11 @@ def _digit_baseline(rows: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFrame:
     excluded: dict[int, set[int]] = {}
     if "token_id" in rows.columns:  # digits spelled like the answer / intermediate token
         ids = rows[rows["target_kind"].isin(["final", "intermediate", "intermediate_alt"])]
-        same = digits[["prompt_id", "digit", "token_id"]].drop_duplicates().merge(
-            ids[["prompt_id", "token_id"]].drop_duplicates(), on=["prompt_id", "token_id"])
+        same = (
+            digits[["prompt_id", "digit", "token_id"]]
+            .drop_duplicates()
+            .merge(ids[["prompt_id", "token_id"]].drop_duplicates(), on=["prompt_id", "token_id"])
+        )
         for pid, d in zip(same["prompt_id"], same["digit"], strict=True):
             excluded.setdefault(int(pid), set()).add(int(d))
     for col in ("expected", "intermediate"):  # and by text, e.g. "-3" → 3 although its first token is " -"
@@ -113,9 +136,11 @@ def _digit_baseline(rows: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFrame:
                 d = _first_digit(text)
                 if d is not None:
                     excluded.setdefault(int(pid), set()).add(d)
-    drop = np.fromiter((d in excluded.get(int(p), ()) for p, d in zip(digits["prompt_id"], digits["digit"],
-                                                                        strict=True)),
-                       dtype=bool, count=len(digits))
+    drop = np.fromiter(
+        (d in excluded.get(int(p), ()) for p, d in zip(digits["prompt_id"], digits["digit"], strict=True)),
+        dtype=bool,
+        count=len(digits),
+    )
     kept = digits[~drop]
     base = kept.groupby(_KEY, as_index=False)["rank"].median()
     return base.assign(target="digit_baseline")
@@ -141,13 +166,19 @@ def table(tables: Tables, layout: Layout) -> pd.DataFrame:
     parts.append(_digit_baseline(rows, answers[answers["prompt_id"].isin(ids)]))
     long = pd.concat([p for p in parts if len(p)], ignore_index=True)
     out = summarize_ranks(long, ["lens", "block", "iteration", "target"])
-    out["unrolled_index"] = [layout.unrolled_index("core", int(t), int(b))
-                             for t, b in zip(out["iteration"], out["block"], strict=True)]
-    out["shown"] = [int(b) == pick_block(lens, layout.core) for lens, b in zip(out["lens"], out["block"], strict=True)]
+    out["unrolled_index"] = [
+        layout.unrolled_index("core", int(t), int(b))
+        for t, b in zip(out["iteration"], out["block"], strict=True)
+    ]
+    out["shown"] = [
+        int(b) == pick_block(lens, layout.core) for lens, b in zip(out["lens"], out["block"], strict=True)
+    ]
     lorder = {lens: i for i, lens in enumerate(lens_order(out["lens"].unique()))}
     torder = {t: i for i, t in enumerate(TARGET_ORDER)}
-    out = out.sort_values(["lens", "block", "target", "iteration"],
-                          key=lambda s: s.map(lorder) if s.name == "lens" else s.map(torder) if s.name == "target" else s)
+    out = out.sort_values(
+        ["lens", "block", "target", "iteration"],
+        key=lambda s: s.map(lorder) if s.name == "lens" else s.map(torder) if s.name == "target" else s,
+    )
     return out[COLUMNS].reset_index(drop=True)
 
 
@@ -170,8 +201,9 @@ def headline(tab: pd.DataFrame, layout: Layout) -> Headline:
 
 
 # ---------------------------------------------------------------- drawing
-def draw_panel(ax: Axes, tab: pd.DataFrame, lens: str, layout: Layout, *, top: float | None = None,
-               ylabel: bool = True) -> None:
+def draw_panel(
+    ax: Axes, tab: pd.DataFrame, lens: str, layout: Layout, *, top: float | None = None, ylabel: bool = True
+) -> None:
     """The shown block of one lens: one line per target with its CI band, across iterations."""
     d = tab[(tab["lens"] == lens) & tab["shown"]]
     for target in TARGET_ORDER:
@@ -180,18 +212,33 @@ def draw_panel(ax: Axes, tab: pd.DataFrame, lens: str, layout: Layout, *, top: f
             continue
         color = TARGET_COLORS[target]
         ax.fill_between(s["iteration"], s["ci_low"], s["ci_high"], color=color, alpha=0.14, lw=0)
-        ax.plot(s["iteration"], s["median"], color=color, ls=TARGET_DASH[target][0], marker="o", ms=3,
-                lw=1.5 if target in ("intermediate", "final") else 1.2, label=TARGET_LABELS[target])
-    rank_axis(ax, "median rank (log; 1 = top)" if ylabel else "",
-              top=top if top is not None else (float(d["ci_high"].max()) if len(d) else None))
+        ax.plot(
+            s["iteration"],
+            s["median"],
+            color=color,
+            ls=TARGET_DASH[target][0],
+            marker="o",
+            ms=3,
+            lw=1.5 if target in ("intermediate", "final") else 1.2,
+            label=TARGET_LABELS[target],
+        )
+    rank_axis(
+        ax,
+        "median rank (log; 1 = top)" if ylabel else "",
+        top=top if top is not None else (float(d["ci_high"].max()) if len(d) else None),
+    )
     steps = layout.steps
     ax.set_xlim(0.5, steps + 0.5)
     every = max(1, int(np.ceil(steps / 16)))
     ax.set_xticks([t for t in range(1, steps + 1) if t == 1 or t % every == 0])
     ax.set_xlabel("recurrent iteration t")
     block = pick_block(lens, layout.core)
-    ax.set_title(f"{lens_label(lens)} · core block {block + 1} of {layout.core}", loc="left",
-                 color=lens_color(lens), fontweight="bold")
+    ax.set_title(
+        f"{lens_label(lens)} · core block {block + 1} of {layout.core}",
+        loc="left",
+        color=lens_color(lens),
+        fontweight="bold",
+    )
 
 
 def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
@@ -205,13 +252,26 @@ def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
             draw_panel(ax, tab, lens, layout, top=top, ylabel=i == 0)
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
-        fig.suptitle(f"{title}\nintermediate result vs final answer on {n} correctly answered problems "
-                     "(median rank, shaded: 95 % bootstrap CI)", fontsize=10)
+        fig.suptitle(
+            f"{title}\nintermediate result vs final answer on {n} correctly answered problems "
+            "(median rank, shaded: 95 % bootstrap CI)",
+            fontsize=10,
+        )
     return fig
 
 
-def add_panel_plotly(fig: go.Figure, tab: pd.DataFrame, lens: str, layout: Layout, row: int, col: int, *,
-                     showlegend: bool, top: float | None = None, ylabel: bool = True) -> None:
+def add_panel_plotly(
+    fig: go.Figure,
+    tab: pd.DataFrame,
+    lens: str,
+    layout: Layout,
+    row: int,
+    col: int,
+    *,
+    showlegend: bool,
+    top: float | None = None,
+    ylabel: bool = True,
+) -> None:
     d = tab[(tab["lens"] == lens) & tab["shown"]]
     for target in TARGET_ORDER:
         s = d[d["target"] == target].sort_values("iteration")
@@ -219,34 +279,79 @@ def add_panel_plotly(fig: go.Figure, tab: pd.DataFrame, lens: str, layout: Layou
             continue
         color = TARGET_COLORS[target]
         x = s["iteration"].tolist()
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=s["ci_high"].tolist() + s["ci_low"].tolist()[::-1],
-                                 fill="toself", mode="lines", fillcolor=rgba(color, 0.14), line=dict(width=0), hoverinfo="skip",
-                                 showlegend=False, legendgroup=target), row=row, col=col)
+        fig.add_trace(
+            go.Scatter(
+                x=x + x[::-1],
+                y=s["ci_high"].tolist() + s["ci_low"].tolist()[::-1],
+                fill="toself",
+                mode="lines",
+                fillcolor=rgba(color, 0.14),
+                line=dict(width=0),
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=target,
+            ),
+            row=row,
+            col=col,
+        )
         custom = np.stack([s["ci_low"], s["ci_high"], s["n"]], axis=1)
-        fig.add_trace(go.Scatter(
-            x=x, y=s["median"], mode="lines+markers", name=TARGET_LABELS[target], legendgroup=target,
-            showlegend=showlegend, line=dict(color=color, dash=TARGET_DASH[target][1], width=1.8),
-            marker=dict(size=5), customdata=custom,
-            hovertemplate=("t=%{x} · median rank %{y:.4g} [%{customdata[0]:.4g}, %{customdata[1]:.4g}] · "
-                           f"n=%{{customdata[2]}}<extra>{TARGET_LABELS[target]} · {lens_label(lens)}</extra>"),
-        ), row=row, col=col)
-    rank_axis_plotly(fig, row=row, col=col, label="median rank (log)" if ylabel else "",
-                     top=top if top is not None else (float(d["ci_high"].max()) if len(d) else None))
-    fig.update_xaxes(range=[0.5, layout.steps + 0.5], title_text="recurrent iteration t", row=row, col=col,
-                     dtick=max(1, int(np.ceil(layout.steps / 16))), tick0=0)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=s["median"],
+                mode="lines+markers",
+                name=TARGET_LABELS[target],
+                legendgroup=target,
+                showlegend=showlegend,
+                line=dict(color=color, dash=TARGET_DASH[target][1], width=1.8),
+                marker=dict(size=5),
+                customdata=custom,
+                hovertemplate=(
+                    "t=%{x} · median rank %{y:.4g} [%{customdata[0]:.4g}, %{customdata[1]:.4g}] · "
+                    f"n=%{{customdata[2]}}<extra>{TARGET_LABELS[target]} · {lens_label(lens)}</extra>"
+                ),
+            ),
+            row=row,
+            col=col,
+        )
+    rank_axis_plotly(
+        fig,
+        row=row,
+        col=col,
+        label="median rank (log)" if ylabel else "",
+        top=top if top is not None else (float(d["ci_high"].max()) if len(d) else None),
+    )
+    fig.update_xaxes(
+        range=[0.5, layout.steps + 0.5],
+        title_text="recurrent iteration t",
+        row=row,
+        col=col,
+        dtick=max(1, int(np.ceil(layout.steps / 16))),
+        tick0=0,
+    )
 
 
 def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
     lenses = lens_order(tab["lens"].unique())
-    fig = make_subplots(rows=1, cols=len(lenses), shared_yaxes=True, horizontal_spacing=0.05,
-                        subplot_titles=[f"{lens_label(lens)} · core block {pick_block(lens, layout.core) + 1}"
-                                        for lens in lenses])
+    fig = make_subplots(
+        rows=1,
+        cols=len(lenses),
+        shared_yaxes=True,
+        horizontal_spacing=0.05,
+        subplot_titles=[
+            f"{lens_label(lens)} · core block {pick_block(lens, layout.core) + 1}" for lens in lenses
+        ],
+    )
     top = float(tab.loc[tab["shown"], "ci_high"].max())
     for i, lens in enumerate(lenses, start=1):
         add_panel_plotly(fig, tab, lens, layout, 1, i, showlegend=i == 1, top=top, ylabel=i == 1)
     n = int(tab["n"].max()) if len(tab) else 0
-    plotly_layout(fig, f"{title} — intermediate vs final on {n} correctly answered problems "
-                       "(median rank, band: 95 % bootstrap CI)", height=500)
+    plotly_layout(
+        fig,
+        f"{title} — intermediate vs final on {n} correctly answered problems "
+        "(median rank, band: 95 % bootstrap CI)",
+        height=500,
+    )
     return fig
 
 
@@ -254,5 +359,11 @@ def draw(tab: pd.DataFrame, layout: Layout, title: str) -> tuple[MplFigure, go.F
     return _mpl(tab, layout, title), _plotly(tab, layout, title)
 
 
-FIGURE = FigureSpec(NAME, ("ranks", "answers"), table, draw, headline,
-                    description="intermediate vs final vs control vs digit baseline rank across iterations")
+FIGURE = FigureSpec(
+    NAME,
+    ("ranks", "answers"),
+    table,
+    draw,
+    headline,
+    description="intermediate vs final vs control vs digit baseline rank across iterations",
+)

@@ -32,8 +32,23 @@ __all__ = ["FIGURE", "MAX_TRAJECTORIES", "draw", "headline", "pick_site", "table
 
 NAME = "latent_dynamics"
 MAX_TRAJECTORIES = 12
-COLUMNS = ["part", "site", "iteration", "step_norm_median", "step_norm_q25", "step_norm_q75", "cos_to_last_median",
-           "cos_to_last_q25", "cos_to_last_q75", "n", "prompt_id", "pc1", "pc2", "verdict", "count"]
+COLUMNS = [
+    "part",
+    "site",
+    "iteration",
+    "step_norm_median",
+    "step_norm_q25",
+    "step_norm_q75",
+    "cos_to_last_median",
+    "cos_to_last_q25",
+    "cos_to_last_q75",
+    "n",
+    "prompt_id",
+    "pc1",
+    "pc2",
+    "verdict",
+    "count",
+]
 STEP_COLOR = "#0072B2"
 COS_COLOR = "#D55E00"
 VERDICT_COLORS = {"fixed-point": "#009E73", "drift": "#D55E00"}
@@ -63,18 +78,29 @@ def table(tables: Tables, layout: Layout, max_trajectories: int = MAX_TRAJECTORI
     site = pick_site(dyn["site"].astype(str).unique().tolist())
     d = last_position(dyn[dyn["site"] == site])
     q = d.groupby("iteration")
-    summary = pd.DataFrame({
-        "step_norm_median": q["step_norm"].median(), "step_norm_q25": q["step_norm"].quantile(0.25),
-        "step_norm_q75": q["step_norm"].quantile(0.75), "cos_to_last_median": q["cos_to_last"].median(),
-        "cos_to_last_q25": q["cos_to_last"].quantile(0.25), "cos_to_last_q75": q["cos_to_last"].quantile(0.75),
-        "n": q["prompt_id"].nunique(),
-    }).reset_index().assign(part="iteration", site=site)
+    summary = (
+        pd.DataFrame(
+            {
+                "step_norm_median": q["step_norm"].median(),
+                "step_norm_q25": q["step_norm"].quantile(0.25),
+                "step_norm_q75": q["step_norm"].quantile(0.75),
+                "cos_to_last_median": q["cos_to_last"].median(),
+                "cos_to_last_q25": q["cos_to_last"].quantile(0.25),
+                "cos_to_last_q75": q["cos_to_last"].quantile(0.75),
+                "n": q["prompt_id"].nunique(),
+            }
+        )
+        .reset_index()
+        .assign(part="iteration", site=site)
+    )
     parts = [summary]
     if {"pc1", "pc2"} <= set(d.columns):
         with_pcs = d.dropna(subset=["pc1", "pc2"])
         ids = np.sort(with_pcs["prompt_id"].unique())
         if len(ids):
-            chosen = ids[np.unique(np.linspace(0, len(ids) - 1, min(max_trajectories, len(ids))).round().astype(int))]
+            chosen = ids[
+                np.unique(np.linspace(0, len(ids) - 1, min(max_trajectories, len(ids))).round().astype(int))
+            ]
             traj = with_pcs[with_pcs["prompt_id"].isin(chosen)].sort_values(["prompt_id", "iteration"])
             parts.append(traj[["prompt_id", "iteration", "pc1", "pc2"]].assign(part="trajectory", site=site))
     verdicts = tables.get("verdicts")
@@ -83,8 +109,11 @@ def table(tables: Tables, layout: Layout, max_trajectories: int = MAX_TRAJECTORI
         v = last_position(v)
         counts = v["verdict"].value_counts()
         order = sorted(counts.index, key=_verdict_key)
-        parts.append(pd.DataFrame({"verdict": order, "count": [int(counts[o]) for o in order]})
-                     .assign(part="verdict", site=site))
+        parts.append(
+            pd.DataFrame({"verdict": order, "count": [int(counts[o]) for o in order]}).assign(
+                part="verdict", site=site
+            )
+        )
     out = pd.concat(parts, ignore_index=True)
     for col in COLUMNS:
         if col not in out.columns:
@@ -135,16 +164,26 @@ def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
         s = it.dropna(subset=["step_norm_median"])
         s = s[s["step_norm_median"] > 0]
         if len(s):
-            ax_step.fill_between(s["iteration"], s["step_norm_q25"], s["step_norm_q75"], color=STEP_COLOR,
-                                 alpha=0.18, lw=0, label="interquartile range")
-            ax_step.plot(s["iteration"], s["step_norm_median"], color=STEP_COLOR, marker="o", ms=3, label="median")
+            ax_step.fill_between(
+                s["iteration"],
+                s["step_norm_q25"],
+                s["step_norm_q75"],
+                color=STEP_COLOR,
+                alpha=0.18,
+                lw=0,
+                label="interquartile range",
+            )
+            ax_step.plot(
+                s["iteration"], s["step_norm_median"], color=STEP_COLOR, marker="o", ms=3, label="median"
+            )
             ax_step.set_yscale("log")
             ax_step.legend(loc="best")
         ax_step.set_title("(a) relative step norm ‖hₜ − hₜ₋₁‖ / ‖hₜ‖", loc="left")
         ax_step.set_xlabel("recurrent iteration t")
         ax_step.set_ylabel("relative step norm (log)")
-        ax_cos.fill_between(it["iteration"], it["cos_to_last_q25"], it["cos_to_last_q75"], color=COS_COLOR,
-                            alpha=0.18, lw=0)
+        ax_cos.fill_between(
+            it["iteration"], it["cos_to_last_q25"], it["cos_to_last_q75"], color=COS_COLOR, alpha=0.18, lw=0
+        )
         ax_cos.plot(it["iteration"], it["cos_to_last_median"], color=COS_COLOR, marker="o", ms=3)
         ax_cos.set_title(f"(b) cosine to the last iteration (t = {layout.steps})", loc="left")
         ax_cos.set_xlabel("recurrent iteration t")
@@ -158,27 +197,46 @@ def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
             ax_ver.set_yticks(y, ver["verdict"])
             ax_ver.invert_yaxis()
             for yi, c in zip(y, ver["count"], strict=True):
-                ax_ver.annotate(f"{int(c)} ({int(c) / total:.0%})", (int(c), yi), xytext=(3, 0),
-                                textcoords="offset points", va="center", fontsize=8)
+                ax_ver.annotate(
+                    f"{int(c)} ({int(c) / total:.0%})",
+                    (int(c), yi),
+                    xytext=(3, 0),
+                    textcoords="offset points",
+                    va="center",
+                    fontsize=8,
+                )
             ax_ver.set_xlim(0, ver["count"].max() * 1.3)
             ax_ver.set_xlabel("trajectories")
             ax_ver.grid(False, axis="y")
         else:
-            ax_ver.text(0.5, 0.5, "no verdicts recorded", ha="center", va="center", transform=ax_ver.transAxes)
+            ax_ver.text(
+                0.5, 0.5, "no verdicts recorded", ha="center", va="center", transform=ax_ver.transAxes
+            )
             ax_ver.set_axis_off()
         ax_ver.set_title("(c) trajectory verdicts", loc="left")
         for ax in (ax_step, ax_cos):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         pca_axes = list(pca_fig.subplots(n_rows_traj, 6, squeeze=False).flat) if pca_fig is not None else []
-        for ax in pca_axes[len(ids):]:
+        for ax in pca_axes[len(ids) :]:
             ax.set_axis_off()
         for i, (ax, pid) in enumerate(zip(pca_axes, ids, strict=False)):
             p = traj[traj["prompt_id"] == pid].sort_values("iteration")
             ax.plot(p["pc1"], p["pc2"], color="#b0b0b0", lw=0.8, zorder=1)
-            ax.scatter(p["pc1"], p["pc2"], c=p["iteration"].astype(float), cmap=cmap, norm=norm, s=14, zorder=2)
-            ax.scatter(p["pc1"].iloc[:1], p["pc2"].iloc[:1], s=60, facecolors="none", edgecolors="black",
-                       lw=1.0, zorder=3)
-            ax.scatter(p["pc1"].iloc[-1:], p["pc2"].iloc[-1:], s=40, marker="x", color="black", lw=1.2, zorder=3)
+            ax.scatter(
+                p["pc1"], p["pc2"], c=p["iteration"].astype(float), cmap=cmap, norm=norm, s=14, zorder=2
+            )
+            ax.scatter(
+                p["pc1"].iloc[:1],
+                p["pc2"].iloc[:1],
+                s=60,
+                facecolors="none",
+                edgecolors="black",
+                lw=1.0,
+                zorder=3,
+            )
+            ax.scatter(
+                p["pc1"].iloc[-1:], p["pc2"].iloc[-1:], s=40, marker="x", color="black", lw=1.2, zorder=3
+            )
             ax.margins(0.12)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -189,12 +247,18 @@ def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
             if i // 6 == n_rows_traj - 1 or i + 6 >= len(ids):
                 ax.set_xlabel("PC 1", fontsize=8)
         if pca_fig is not None:
-            cbar = pca_fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=pca_axes, shrink=0.9, pad=0.01,
-                                    aspect=25)
+            cbar = pca_fig.colorbar(
+                ScalarMappable(norm=norm, cmap=cmap), ax=pca_axes, shrink=0.9, pad=0.01, aspect=25
+            )
             cbar.set_label("iteration t")
             cbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            pca_fig.suptitle(f"(d) PCA trajectories of {len(ids)} of {n} prompts, each in its own basis "
-                             "(○ start, × end, colour: iteration)", x=0.01, ha="left", fontsize=10)
+            pca_fig.suptitle(
+                f"(d) PCA trajectories of {len(ids)} of {n} prompts, each in its own basis "
+                "(○ start, × end, colour: iteration)",
+                x=0.01,
+                ha="left",
+                fontsize=10,
+            )
         fig.suptitle(f"{title}\nlatent dynamics at {site}, last prompt position ({n} prompts)", fontsize=10)
     return fig
 
@@ -208,50 +272,136 @@ def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
     specs = [[{"colspan": 2}, None, {"colspan": 2}, None, {"colspan": 2}, None]] + [[{}] * 6] * n_rows_traj
     titles = ["(a) relative step norm", "(b) cosine to the last iteration", "(c) trajectory verdicts"]
     titles += [f"prompt {pid}" for pid in ids] + [""] * (6 * n_rows_traj - len(ids))
-    fig = make_subplots(rows=1 + n_rows_traj, cols=6, specs=specs, subplot_titles=titles,
-                        row_heights=[1.5] + [1] * n_rows_traj, vertical_spacing=0.1, horizontal_spacing=0.04)
+    fig = make_subplots(
+        rows=1 + n_rows_traj,
+        cols=6,
+        specs=specs,
+        subplot_titles=titles,
+        row_heights=[1.5] + [1] * n_rows_traj,
+        vertical_spacing=0.1,
+        horizontal_spacing=0.04,
+    )
     s = it.dropna(subset=["step_norm_median"])
     x = s["iteration"].astype(float).tolist()
-    fig.add_trace(go.Scatter(x=x + x[::-1], y=s["step_norm_q75"].tolist() + s["step_norm_q25"].tolist()[::-1],
-                             fill="toself", mode="lines", fillcolor=rgba(STEP_COLOR, 0.18), line=dict(width=0), hoverinfo="skip",
-                             name="step norm IQR", showlegend=False), row=1, col=1)
-    fig.add_trace(go.Scatter(x=x, y=s["step_norm_median"], mode="lines+markers", line=dict(color=STEP_COLOR),
-                             name="median step norm",
-                             hovertemplate="t=%{x} · median step norm %{y:.3g}<extra></extra>"), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=x + x[::-1],
+            y=s["step_norm_q75"].tolist() + s["step_norm_q25"].tolist()[::-1],
+            fill="toself",
+            mode="lines",
+            fillcolor=rgba(STEP_COLOR, 0.18),
+            line=dict(width=0),
+            hoverinfo="skip",
+            name="step norm IQR",
+            showlegend=False,
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=s["step_norm_median"],
+            mode="lines+markers",
+            line=dict(color=STEP_COLOR),
+            name="median step norm",
+            hovertemplate="t=%{x} · median step norm %{y:.3g}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
     fig.update_yaxes(type="log", title_text="relative step norm", row=1, col=1)
     fig.update_xaxes(title_text="iteration t", dtick=1, row=1, col=1)
     x = it["iteration"].astype(float).tolist()
-    fig.add_trace(go.Scatter(x=x + x[::-1], y=it["cos_to_last_q75"].tolist() + it["cos_to_last_q25"].tolist()[::-1],
-                             fill="toself", mode="lines", fillcolor=rgba(COS_COLOR, 0.18), line=dict(width=0), hoverinfo="skip",
-                             showlegend=False), row=1, col=3)
-    fig.add_trace(go.Scatter(x=x, y=it["cos_to_last_median"], mode="lines+markers", line=dict(color=COS_COLOR),
-                             name="median cosine to last",
-                             hovertemplate="t=%{x} · median cosine %{y:.4f}<extra></extra>"), row=1, col=3)
+    fig.add_trace(
+        go.Scatter(
+            x=x + x[::-1],
+            y=it["cos_to_last_q75"].tolist() + it["cos_to_last_q25"].tolist()[::-1],
+            fill="toself",
+            mode="lines",
+            fillcolor=rgba(COS_COLOR, 0.18),
+            line=dict(width=0),
+            hoverinfo="skip",
+            showlegend=False,
+        ),
+        row=1,
+        col=3,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=it["cos_to_last_median"],
+            mode="lines+markers",
+            line=dict(color=COS_COLOR),
+            name="median cosine to last",
+            hovertemplate="t=%{x} · median cosine %{y:.4f}<extra></extra>",
+        ),
+        row=1,
+        col=3,
+    )
     fig.update_xaxes(title_text="iteration t", dtick=1, row=1, col=3)
     if len(ver):
-        fig.add_trace(go.Bar(x=ver["count"].astype(int), y=ver["verdict"], orientation="h", showlegend=False,
-                             marker_color=[_verdict_color(v) for v in ver["verdict"]], text=ver["count"].astype(int),
-                             textposition="outside", hovertemplate="%{y}: %{x}<extra></extra>"), row=1, col=5)
+        fig.add_trace(
+            go.Bar(
+                x=ver["count"].astype(int),
+                y=ver["verdict"],
+                orientation="h",
+                showlegend=False,
+                marker_color=[_verdict_color(v) for v in ver["verdict"]],
+                text=ver["count"].astype(int),
+                textposition="outside",
+                hovertemplate="%{y}: %{x}<extra></extra>",
+            ),
+            row=1,
+            col=5,
+        )
         fig.update_yaxes(autorange="reversed", row=1, col=5)
     t_max = max(2, int(tab["iteration"].max()))
     for i, pid in enumerate(ids):
         p = traj[traj["prompt_id"] == pid].sort_values("iteration")
         r, c = 2 + i // 6, 1 + i % 6
-        fig.add_trace(go.Scatter(
-            x=p["pc1"], y=p["pc2"], mode="lines+markers", line=dict(color="#b0b0b0", width=1), showlegend=False,
-            marker=dict(color=p["iteration"].astype(float), colorscale="Viridis", cmin=1, cmax=t_max, size=6,
-                        showscale=i == 0, colorbar=dict(title="t", len=0.5, y=0.25) if i == 0 else None),
-            customdata=p["iteration"].astype(float), hovertemplate="t=%{customdata} · (%{x:.3g}, %{y:.3g})<extra>"
-                                                                   f"prompt {pid}</extra>",
-        ), row=r, col=c)
-        fig.add_trace(go.Scatter(x=p["pc1"].iloc[[0, -1]], y=p["pc2"].iloc[[0, -1]], mode="markers",
-                                 marker=dict(symbol=["circle-open", "x"], size=11, color="black"),
-                                 showlegend=False, hoverinfo="skip"), row=r, col=c)
+        fig.add_trace(
+            go.Scatter(
+                x=p["pc1"],
+                y=p["pc2"],
+                mode="lines+markers",
+                line=dict(color="#b0b0b0", width=1),
+                showlegend=False,
+                marker=dict(
+                    color=p["iteration"].astype(float),
+                    colorscale="Viridis",
+                    cmin=1,
+                    cmax=t_max,
+                    size=6,
+                    showscale=i == 0,
+                    colorbar=dict(title="t", len=0.5, y=0.25) if i == 0 else None,
+                ),
+                customdata=p["iteration"].astype(float),
+                hovertemplate=f"t=%{{customdata}} · (%{{x:.3g}}, %{{y:.3g}})<extra>prompt {pid}</extra>",
+            ),
+            row=r,
+            col=c,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=p["pc1"].iloc[[0, -1]],
+                y=p["pc2"].iloc[[0, -1]],
+                mode="markers",
+                marker=dict(symbol=["circle-open", "x"], size=11, color="black"),
+                showlegend=False,
+                hoverinfo="skip",
+            ),
+            row=r,
+            col=c,
+        )
         fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, row=r, col=c)
         fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, row=r, col=c)
     site = str(tab["site"].dropna().iloc[0]) if len(tab) else "?"
-    plotly_layout(fig, f"{title} — latent dynamics at {site} (PCA: own basis per prompt; ○ start, × end)",
-                  height=420 + 260 * n_rows_traj)
+    plotly_layout(
+        fig,
+        f"{title} — latent dynamics at {site} (PCA: own basis per prompt; ○ start, × end)",
+        height=420 + 260 * n_rows_traj,
+    )
     return fig
 
 
@@ -259,5 +409,11 @@ def draw(tab: pd.DataFrame, layout: Layout, title: str) -> tuple[MplFigure, go.F
     return _mpl(tab, layout, title), _plotly(tab, layout, title)
 
 
-FIGURE = FigureSpec(NAME, ("dynamics",), table, draw, headline,
-                    description="step norms, cosine to the last state, verdicts and PCA trajectories of the latent")
+FIGURE = FigureSpec(
+    NAME,
+    ("dynamics",),
+    table,
+    draw,
+    headline,
+    description="step norms, cosine to the last state, verdicts and PCA trajectories of the latent",
+)

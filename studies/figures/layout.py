@@ -73,14 +73,18 @@ class Layout:
             return self.core_start + (iteration - 1) * self.core + block
         if stage == "coda" and 0 <= block < self.coda:
             return self.coda_start + block
-        raise IndexError(f"no unrolled layer for stage={stage!r}, iteration={iteration}, block={block} in {self}")
+        raise IndexError(
+            f"no unrolled layer for stage={stage!r}, iteration={iteration}, block={block} in {self}"
+        )
 
     def frame(self) -> pd.DataFrame:
         """One row per unrolled layer: unrolled_index, stage, iteration, block, site."""
         rows = []
         for u in range(self.n_unrolled):
             stage, t, j = self.locate(u)
-            rows.append({"unrolled_index": u, "stage": stage, "iteration": t, "block": j, "site": f"{stage}.{j}"})
+            rows.append(
+                {"unrolled_index": u, "stage": stage, "iteration": t, "block": j, "site": f"{stage}.{j}"}
+            )
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict[str, int]:

@@ -55,8 +55,9 @@ def table(tables: Tables, layout: Layout, k: int = 5) -> pd.DataFrame:
     tokens = rows["token"].astype(object)
     numeric = np.fromiter((is_numeric(t) for t in tokens), dtype=bool, count=len(tokens))
     grouped = rows.assign(numeric=numeric).groupby(["lens", "unrolled_index"])
-    out = grouped.agg(share=("numeric", "mean"), n_tokens=("numeric", "size"),
-                      n_prompts=("prompt_id", "nunique")).reset_index()
+    out = grouped.agg(
+        share=("numeric", "mean"), n_tokens=("numeric", "size"), n_prompts=("prompt_id", "nunique")
+    ).reset_index()
     out = out.merge(layout.frame()[["unrolled_index", "stage", "iteration", "block"]], on="unrolled_index")
     order = {lens: i for i, lens in enumerate(lens_order(out["lens"].unique()))}
     out = out.sort_values(["lens", "unrolled_index"], key=lambda s: s.map(order) if s.name == "lens" else s)
@@ -78,19 +79,34 @@ def headline(tab: pd.DataFrame, layout: Layout) -> Headline:
     return out
 
 
-def draw_panel(ax: Axes, tab: pd.DataFrame, layout: Layout, *, xlabel: bool = True, top_index: bool = False,
-               legend: bool = True) -> None:
+def draw_panel(
+    ax: Axes,
+    tab: pd.DataFrame,
+    layout: Layout,
+    *,
+    xlabel: bool = True,
+    top_index: bool = False,
+    legend: bool = True,
+) -> None:
     for lens in lens_order(tab["lens"].unique()):
         d = tab[tab["lens"] == lens].sort_values("unrolled_index")
-        ax.plot(d["unrolled_index"], d["share"], color=lens_color(lens), lw=1.2, marker="o", ms=marker_size(layout),
-                label=lens_label(lens))
+        ax.plot(
+            d["unrolled_index"],
+            d["share"],
+            color=lens_color(lens),
+            lw=1.2,
+            marker="o",
+            ms=marker_size(layout),
+            label=lens_label(lens),
+        )
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("numeric share of top-5")
     ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:.0%}")
     decorate_unrolled(ax, layout, xlabel=xlabel, top_index=top_index)
     if legend:
-        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0 if not top_index else 1.12), ncols=3,
-                  frameon=False)
+        ax.legend(
+            loc="lower center", bbox_to_anchor=(0.5, 1.0 if not top_index else 1.12), ncols=3, frameon=False
+        )
 
 
 def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
@@ -99,25 +115,46 @@ def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
         fig = new_figure(12, 3.8)
         ax = fig.subplots()
         draw_panel(ax, tab, layout, top_index=False)
-        fig.suptitle(f"{title}\nshare of top-5 decoded tokens that are digits or a minus sign "
-                     f"({n_prompts} prompts)", fontsize=10)
+        fig.suptitle(
+            f"{title}\nshare of top-5 decoded tokens that are digits or a minus sign ({n_prompts} prompts)",
+            fontsize=10,
+        )
     return fig
 
 
-def add_panel_plotly(fig: go.Figure, tab: pd.DataFrame, layout: Layout, row: int | None = None,
-                     col: int | None = None, *, showlegend: bool = True, xlabel: bool = True) -> None:
+def add_panel_plotly(
+    fig: go.Figure,
+    tab: pd.DataFrame,
+    layout: Layout,
+    row: int | None = None,
+    col: int | None = None,
+    *,
+    showlegend: bool = True,
+    xlabel: bool = True,
+) -> None:
     where = {"row": row, "col": col} if row is not None else {}
     for lens in lens_order(tab["lens"].unique()):
         d = tab[tab["lens"] == lens].sort_values("unrolled_index")
         custom = np.stack([d["stage"], d["iteration"], d["block"] + 1, d["n_tokens"]], axis=1)
-        fig.add_trace(go.Scatter(
-            x=d["unrolled_index"], y=d["share"], mode="lines+markers", name=lens_label(lens), legendgroup=lens,
-            showlegend=showlegend, line=dict(color=lens_color(lens), width=1.6), marker=dict(size=4),
-            customdata=custom,
-            hovertemplate=("layer %{x} · %{customdata[0]} · t=%{customdata[1]} · block %{customdata[2]}<br>"
-                           "numeric share %{y:.0%} of %{customdata[3]} tokens"
-                           f"<extra>{lens_label(lens)}</extra>"),
-        ), **where)
+        fig.add_trace(
+            go.Scatter(
+                x=d["unrolled_index"],
+                y=d["share"],
+                mode="lines+markers",
+                name=lens_label(lens),
+                legendgroup=lens,
+                showlegend=showlegend,
+                line=dict(color=lens_color(lens), width=1.6),
+                marker=dict(size=4),
+                customdata=custom,
+                hovertemplate=(
+                    "layer %{x} · %{customdata[0]} · t=%{customdata[1]} · block %{customdata[2]}<br>"
+                    "numeric share %{y:.0%} of %{customdata[3]} tokens"
+                    f"<extra>{lens_label(lens)}</extra>"
+                ),
+            ),
+            **where,
+        )
     fig.update_yaxes(range=[-0.03, 1.03], tickformat=".0%", title_text="numeric share of top-5", **where)
     decorate_unrolled_plotly(fig, layout, row=row, col=col, xlabel=xlabel)
 
@@ -133,5 +170,11 @@ def draw(tab: pd.DataFrame, layout: Layout, title: str) -> tuple[MplFigure, go.F
     return _mpl(tab, layout, title), _plotly(tab, layout, title)
 
 
-FIGURE = FigureSpec(NAME, ("topk",), table, draw, headline,
-                    description="share of numeric tokens among the top-5 decodings per unrolled layer")
+FIGURE = FigureSpec(
+    NAME,
+    ("topk",),
+    table,
+    draw,
+    headline,
+    description="share of numeric tokens among the top-5 decodings per unrolled layer",
+)

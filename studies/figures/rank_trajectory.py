@@ -55,8 +55,19 @@ from studies.figures.style import (
 __all__ = ["FIGURE", "add_panel_plotly", "draw", "draw_panel", "headline", "table"]
 
 NAME = "rank_trajectory"
-COLUMNS = ["lens", "unrolled_index", "stage", "iteration", "block", "median", "ci_low", "ci_high", "geo_mean",
-           "top1", "n"]
+COLUMNS = [
+    "lens",
+    "unrolled_index",
+    "stage",
+    "iteration",
+    "block",
+    "median",
+    "ci_low",
+    "ci_high",
+    "geo_mean",
+    "top1",
+    "n",
+]
 
 
 def table(tables: Tables, layout: Layout, target: str = "predicted") -> pd.DataFrame:
@@ -95,8 +106,17 @@ def headline(tab: pd.DataFrame, layout: Layout) -> Headline:
 
 
 # ---------------------------------------------------------------- drawing
-def draw_panel(ax: Axes, tab: pd.DataFrame, layout: Layout, lenses: list[str], *, xlabel: bool = True,
-               top_index: bool = False, top: float | None = None, legend: bool = False) -> None:
+def draw_panel(
+    ax: Axes,
+    tab: pd.DataFrame,
+    layout: Layout,
+    lenses: list[str],
+    *,
+    xlabel: bool = True,
+    top_index: bool = False,
+    top: float | None = None,
+    legend: bool = False,
+) -> None:
     """Median line + bootstrap band of each lens in ``lenses`` on one axes (used by the overlay too)."""
     for lens in lenses:
         d = tab[tab["lens"] == lens].sort_values("unrolled_index")
@@ -105,8 +125,16 @@ def draw_panel(ax: Axes, tab: pd.DataFrame, layout: Layout, lenses: list[str], *
         color = lens_color(lens)
         x = d["unrolled_index"].to_numpy()
         ax.fill_between(x, d["ci_low"], d["ci_high"], color=color, alpha=0.18, lw=0, zorder=1)
-        ax.plot(x, d["median"], color=color, lw=1.1, marker="o", ms=marker_size(layout), zorder=3,
-                label=f"{lens_label(lens)} median")
+        ax.plot(
+            x,
+            d["median"],
+            color=color,
+            lw=1.1,
+            marker="o",
+            ms=marker_size(layout),
+            zorder=3,
+            label=f"{lens_label(lens)} median",
+        )
     rank_axis(ax, "median rank (log)", top=top if top is not None else float(tab["ci_high"].max()))
     decorate_unrolled(ax, layout, xlabel=xlabel, top_index=top_index)
     if legend:
@@ -125,14 +153,27 @@ def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
             ax.set_title(f"{lens_label(lens)}", loc="left", color=lens_color(lens), fontweight="bold")
             if i < len(lenses) - 1:
                 ax.tick_params(axis="x", labelbottom=False)
-        fig.suptitle(f"{title}\nrank of the model's own first answer token — median over {n_prompts} prompts, "
-                     f"shaded: 95 % bootstrap CI", fontsize=10)
+        fig.suptitle(
+            f"{title}\nrank of the model's own first answer token — median over {n_prompts} prompts, "
+            f"shaded: 95 % bootstrap CI",
+            fontsize=10,
+        )
     return fig
 
 
-def add_panel_plotly(fig: go.Figure, tab: pd.DataFrame, layout: Layout, lenses: list[str], row: int, col: int,
-                     *, showlegend: bool, name_suffix: str = "", xlabel: bool = True,
-                     top: float | None = None) -> None:
+def add_panel_plotly(
+    fig: go.Figure,
+    tab: pd.DataFrame,
+    layout: Layout,
+    lenses: list[str],
+    row: int,
+    col: int,
+    *,
+    showlegend: bool,
+    name_suffix: str = "",
+    xlabel: bool = True,
+    top: float | None = None,
+) -> None:
     """Plotly twin of :func:`draw_panel` into subplot (row, col)."""
     for lens in lenses:
         d = tab[tab["lens"] == lens].sort_values("unrolled_index")
@@ -140,36 +181,87 @@ def add_panel_plotly(fig: go.Figure, tab: pd.DataFrame, layout: Layout, lenses: 
             continue
         color = lens_color(lens)
         x = d["unrolled_index"].tolist()
-        fig.add_trace(go.Scatter(
-            x=x + x[::-1], y=d["ci_high"].tolist() + d["ci_low"].tolist()[::-1], fill="toself", mode="lines",
-            fillcolor=rgba(color, 0.18), line=dict(width=0), hoverinfo="skip", showlegend=False,
-            legendgroup=lens,
-        ), row=row, col=col)
-        custom = np.stack([d["stage"], d["iteration"], d["block"] + 1, d["ci_low"], d["ci_high"], d["geo_mean"],
-                           d["top1"], d["n"]], axis=1)
-        fig.add_trace(go.Scatter(
-            x=x, y=d["median"], mode="lines+markers", name=f"{lens_label(lens)}{name_suffix}", legendgroup=lens,
-            line=dict(color=color, width=1.6), marker=dict(size=4), customdata=custom, showlegend=showlegend,
-            hovertemplate=("layer %{x} · %{customdata[0]} · t=%{customdata[1]} · block %{customdata[2]}<br>"
-                           "median rank %{y:.4g} [%{customdata[3]:.4g}, %{customdata[4]:.4g}]<br>"
-                           "geo-mean %{customdata[5]:.4g} · rank-1 share %{customdata[6]:.0%} · n=%{customdata[7]}"
-                           f"<extra>{lens_label(lens)}</extra>"),
-        ), row=row, col=col)
-    rank_axis_plotly(fig, row=row, col=col, label="median rank (log)",
-                     top=top if top is not None else float(tab["ci_high"].max()))
+        fig.add_trace(
+            go.Scatter(
+                x=x + x[::-1],
+                y=d["ci_high"].tolist() + d["ci_low"].tolist()[::-1],
+                fill="toself",
+                mode="lines",
+                fillcolor=rgba(color, 0.18),
+                line=dict(width=0),
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=lens,
+            ),
+            row=row,
+            col=col,
+        )
+        custom = np.stack(
+            [
+                d["stage"],
+                d["iteration"],
+                d["block"] + 1,
+                d["ci_low"],
+                d["ci_high"],
+                d["geo_mean"],
+                d["top1"],
+                d["n"],
+            ],
+            axis=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=d["median"],
+                mode="lines+markers",
+                name=f"{lens_label(lens)}{name_suffix}",
+                legendgroup=lens,
+                line=dict(color=color, width=1.6),
+                marker=dict(size=4),
+                customdata=custom,
+                showlegend=showlegend,
+                hovertemplate=(
+                    "layer %{x} · %{customdata[0]} · t=%{customdata[1]} · block %{customdata[2]}<br>"
+                    "median rank %{y:.4g} [%{customdata[3]:.4g}, %{customdata[4]:.4g}]<br>"
+                    "geo-mean %{customdata[5]:.4g} · rank-1 share %{customdata[6]:.0%} · n=%{customdata[7]}"
+                    f"<extra>{lens_label(lens)}</extra>"
+                ),
+            ),
+            row=row,
+            col=col,
+        )
+    rank_axis_plotly(
+        fig,
+        row=row,
+        col=col,
+        label="median rank (log)",
+        top=top if top is not None else float(tab["ci_high"].max()),
+    )
     decorate_unrolled_plotly(fig, layout, row=row, col=col, xlabel=xlabel)
 
 
 def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
     lenses = lens_order(tab["lens"].unique())
-    fig = make_subplots(rows=len(lenses), cols=1, shared_xaxes=True, shared_yaxes=True, vertical_spacing=0.07,
-                        subplot_titles=[lens_label(lens) for lens in lenses])
+    fig = make_subplots(
+        rows=len(lenses),
+        cols=1,
+        shared_xaxes=True,
+        shared_yaxes=True,
+        vertical_spacing=0.07,
+        subplot_titles=[lens_label(lens) for lens in lenses],
+    )
     top = float(tab["ci_high"].max())
     for i, lens in enumerate(lenses, start=1):
-        add_panel_plotly(fig, tab, layout, [lens], row=i, col=1, showlegend=True, xlabel=i == len(lenses), top=top)
+        add_panel_plotly(
+            fig, tab, layout, [lens], row=i, col=1, showlegend=True, xlabel=i == len(lenses), top=top
+        )
     n_prompts = int(tab["n"].max()) if len(tab) else 0
-    plotly_layout(fig, f"{title} — rank of the model's own first answer token (median over {n_prompts} prompts, "
-                       "band: 95 % bootstrap CI)", height=180 + 260 * len(lenses))
+    plotly_layout(
+        fig,
+        f"{title} — rank of the model's own first answer token (median over {n_prompts} prompts, "
+        "band: 95 % bootstrap CI)",
+        height=180 + 260 * len(lenses),
+    )
     return fig
 
 
@@ -177,5 +269,11 @@ def draw(tab: pd.DataFrame, layout: Layout, title: str) -> tuple[MplFigure, go.F
     return _mpl(tab, layout, title), _plotly(tab, layout, title)
 
 
-FIGURE = FigureSpec(NAME, ("ranks",), table, draw, headline,
-                    description="rank of the model's own first answer token across unrolled layers, per lens")
+FIGURE = FigureSpec(
+    NAME,
+    ("ranks",),
+    table,
+    draw,
+    headline,
+    description="rank of the model's own first answer token across unrolled layers, per lens",
+)

@@ -53,8 +53,9 @@ def _reference_panels() -> pd.DataFrame:
     """The reference's figure tables (fixed data, fixed bootstrap seed: computed once per process)."""
     from studies.reference_data import HUGINN_LAYOUT, reference_tables
 
-    return pd.concat([p.assign(model="reference") for p in _panels(reference_tables(), HUGINN_LAYOUT)],
-                     ignore_index=True)
+    return pd.concat(
+        [p.assign(model="reference") for p in _panels(reference_tables(), HUGINN_LAYOUT)], ignore_index=True
+    )
 
 
 def table(tables: Tables, layout: Layout) -> pd.DataFrame:
@@ -89,12 +90,19 @@ def headline(tab: pd.DataFrame, layout: Layout) -> Headline:
         r = _part(tab, model, "rank_trajectory")
         if len(r):
             h = rt.headline(r, lay)
-            out.update({f"{model}_{k}": v for k, v in h.items()
-                        if k.endswith("median_rank_last") or k.endswith("top1_share_last")})
+            out.update(
+                {
+                    f"{model}_{k}": v
+                    for k, v in h.items()
+                    if k.endswith("median_rank_last") or k.endswith("top1_share_last")
+                }
+            )
         i = _part(tab, model, "intermediate_vs_final")
         if len(i):
             h = ivf.headline(i, lay)
-            out.update({f"{model}_{k}": v for k, v in h.items() if k.endswith("iters_intermediate_above_final")})
+            out.update(
+                {f"{model}_{k}": v for k, v in h.items() if k.endswith("iters_intermediate_above_final")}
+            )
     return out
 
 
@@ -105,8 +113,17 @@ def _rows(tab: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def _missing(ax: Axes, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#707070", fontsize=9,
-            style="italic")
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="#707070",
+        fontsize=9,
+        style="italic",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
@@ -128,7 +145,10 @@ def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
         axes = fig.subplots(len(rows), 2, squeeze=False)
         for c, model in enumerate(MODELS):
             lay = layouts[model]
-            tops = {p: _part(tab, model, p)["ci_high"].max() if len(_part(tab, model, p)) else None for p in PANELS}
+            tops = {
+                p: _part(tab, model, p)["ci_high"].max() if len(_part(tab, model, p)) else None
+                for p in PANELS
+            }
             if tops["intermediate_vs_final"] is not None:
                 shown = _part(tab, model, "intermediate_vs_final")
                 tops["intermediate_vs_final"] = float(shown.loc[shown["shown"], "ci_high"].max())
@@ -142,26 +162,55 @@ def _mpl(tab: pd.DataFrame, layout: Layout, title: str) -> MplFigure:
                 if panel == "rank_trajectory":
                     rt.draw_panel(ax, d, lay, [lens], xlabel=False, top=tops[panel])
                     ax.set_xlabel(_SHORT_X)
-                    ax.set_title(_title(panel, lens) + " (median, 95 % CI)", loc="left", color=lens_color(lens),
-                                 fontweight="bold")
+                    ax.set_title(
+                        _title(panel, lens) + " (median, 95 % CI)",
+                        loc="left",
+                        color=lens_color(lens),
+                        fontweight="bold",
+                    )
                 else:
                     ivf.draw_panel(ax, d, lens, lay, top=tops[panel])
-                    ax.set_title(f"{_title(panel, lens)} · core block {pick_block(lens, lay.core) + 1} of {lay.core}",
-                                 loc="left", color=lens_color(lens), fontweight="bold")
+                    ax.set_title(
+                        f"{_title(panel, lens)} · core block {pick_block(lens, lay.core) + 1} of {lay.core}",
+                        loc="left",
+                        color=lens_color(lens),
+                        fontweight="bold",
+                    )
                     if model == "reference":
-                        ax.text(0.99, 0.97, NO_BASELINE, transform=ax.transAxes, ha="right", va="top",
-                                fontsize=7.5, color="#707070", style="italic")
+                        ax.text(
+                            0.99,
+                            0.97,
+                            NO_BASELINE,
+                            transform=ax.transAxes,
+                            ha="right",
+                            va="top",
+                            fontsize=7.5,
+                            color="#707070",
+                            style="italic",
+                        )
         for ax, head in ((axes[0, 0], REFERENCE_NAME), (axes[0, 1], title)):
-            ax.annotate(head, (0.5, 1.14), xycoords="axes fraction", ha="center", va="bottom", fontsize=11,
-                        fontweight="bold")
+            ax.annotate(
+                head,
+                (0.5, 1.14),
+                xycoords="axes fraction",
+                ha="center",
+                va="bottom",
+                fontsize=11,
+                fontweight="bold",
+            )
         handles: dict[str, object] = {}
-        for ax in axes[len(rows) // 2:].flat:
+        for ax in axes[len(rows) // 2 :].flat:
             for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(label, h)
-        fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=len(handles))
-        fig.suptitle("Huginn-3.5B (reference study, 16 iterations) vs ours: same lenses, same conventions\n"
-                     "rank: median over prompts, log scale, shaded 95 % bootstrap CI; intermediate vs final: "
-                     f"correctly answered problems only; {NO_BASELINE}", fontsize=10)
+        fig.legend(
+            list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=len(handles)
+        )
+        fig.suptitle(
+            "Huginn-3.5B (reference study, 16 iterations) vs ours: same lenses, same conventions\n"
+            "rank: median over prompts, log scale, shaded 95 % bootstrap CI; intermediate vs final: "
+            f"correctly answered problems only; {NO_BASELINE}",
+            fontsize=10,
+        )
     return fig
 
 
@@ -175,15 +224,26 @@ def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
         for model in MODELS:
             head = f"<b>{REFERENCE_NAME if model == 'reference' else title}</b><br>" if r == 0 else ""
             titles.append(head + _title(panel, lens))
-    fig = make_subplots(rows=len(rows), cols=2, subplot_titles=titles, vertical_spacing=0.08, horizontal_spacing=0.07)
+    fig = make_subplots(
+        rows=len(rows), cols=2, subplot_titles=titles, vertical_spacing=0.08, horizontal_spacing=0.07
+    )
     seen: set[str] = set()
     for c, model in enumerate(MODELS, start=1):
         lay = layouts[model]
         for r, (panel, lens) in enumerate(rows, start=1):
             d = _part(tab, model, panel, lens)
             if d.empty:
-                fig.add_annotation(text="not recorded in this run", showarrow=False, row=r, col=c, x=0.5, y=0.5,
-                                   xref="x domain", yref="y domain", font=dict(color="#707070"))
+                fig.add_annotation(
+                    text="not recorded in this run",
+                    showarrow=False,
+                    row=r,
+                    col=c,
+                    x=0.5,
+                    y=0.5,
+                    xref="x domain",
+                    yref="y domain",
+                    font=dict(color="#707070"),
+                )
                 continue
             before = len(fig.data)
             if panel == "rank_trajectory":
@@ -191,15 +251,29 @@ def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
             else:
                 ivf.add_panel_plotly(fig, d, lens, lay, r, c, showlegend=True)
                 if model == "reference":
-                    fig.add_annotation(text=NO_BASELINE, showarrow=False, row=r, col=c, x=0.98, y=0.98,
-                                       xref="x domain", yref="y domain", xanchor="right", yanchor="top",
-                                       font=dict(size=10, color="#707070"))
+                    fig.add_annotation(
+                        text=NO_BASELINE,
+                        showarrow=False,
+                        row=r,
+                        col=c,
+                        x=0.98,
+                        y=0.98,
+                        xref="x domain",
+                        yref="y domain",
+                        xanchor="right",
+                        yanchor="top",
+                        font=dict(size=10, color="#707070"),
+                    )
             for trace in fig.data[before:]:  # one legend entry per name across the grid
                 if trace.showlegend is not False and trace.name:
                     trace.showlegend = trace.name not in seen
                     seen.add(trace.name)
-    plotly_layout(fig, "Huginn-3.5B (reference study) vs ours, same lenses and conventions; "
-                       f"{NO_BASELINE}", height=180 + 330 * len(rows), top=120)
+    plotly_layout(
+        fig,
+        f"Huginn-3.5B (reference study) vs ours, same lenses and conventions; {NO_BASELINE}",
+        height=180 + 330 * len(rows),
+        top=120,
+    )
     return fig
 
 
@@ -207,5 +281,11 @@ def draw(tab: pd.DataFrame, layout: Layout, title: str) -> tuple[MplFigure, go.F
     return _mpl(tab, layout, title), _plotly(tab, layout, title)
 
 
-FIGURE = FigureSpec(NAME, ("ranks",), table, draw, headline,
-                    description="figures 1-3 for Huginn-3.5B (reference study) next to ours")
+FIGURE = FigureSpec(
+    NAME,
+    ("ranks",),
+    table,
+    draw,
+    headline,
+    description="figures 1-3 for Huginn-3.5B (reference study) next to ours",
+)

@@ -24,8 +24,9 @@ N_BOOT = 1000
 LEVEL = 0.95
 
 
-def bootstrap_median(values: np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL,
-                     seed: int | np.random.Generator = 0) -> tuple[float, float, float]:
+def bootstrap_median(
+    values: np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL, seed: int | np.random.Generator = 0
+) -> tuple[float, float, float]:
     """``(median, ci_low, ci_high)``: percentile bootstrap over the values (prompts).
 
     The interval is widened, if ever needed, to contain the sample median (a percentile interval
@@ -45,8 +46,9 @@ def bootstrap_median(values: np.ndarray, n_boot: int = N_BOOT, level: float = LE
     return med, float(min(lo, med)), float(max(hi, med))
 
 
-def summarize_ranks(df: pd.DataFrame, keys: Sequence[str], value: str = "rank", seed: int = 0,
-                    n_boot: int = N_BOOT) -> pd.DataFrame:
+def summarize_ranks(
+    df: pd.DataFrame, keys: Sequence[str], value: str = "rank", seed: int = 0, n_boot: int = N_BOOT
+) -> pd.DataFrame:
     """Per group of ``keys``: median, bootstrap ci_low/ci_high, geo_mean, top1 share and n."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -55,18 +57,24 @@ def summarize_ranks(df: pd.DataFrame, keys: Sequence[str], value: str = "rank", 
         x = x[np.isfinite(x)]
         med, lo, hi = bootstrap_median(x, n_boot=n_boot, seed=rng)
         key = key if isinstance(key, tuple) else (key,)
-        rows.append({
-            **dict(zip(keys, key, strict=True)),
-            "median": med, "ci_low": lo, "ci_high": hi,
-            "geo_mean": float(np.exp(np.mean(np.log(np.maximum(x, 1.0))))) if x.size else float("nan"),
-            "top1": float(np.mean(x <= 1.0)) if x.size else float("nan"),
-            "n": int(x.size),
-        })
+        rows.append(
+            {
+                **dict(zip(keys, key, strict=True)),
+                "median": med,
+                "ci_low": lo,
+                "ci_high": hi,
+                "geo_mean": float(np.exp(np.mean(np.log(np.maximum(x, 1.0))))) if x.size else float("nan"),
+                "top1": float(np.mean(x <= 1.0)) if x.size else float("nan"),
+                "n": int(x.size),
+            }
+        )
     columns = [*keys, "median", "ci_low", "ci_high", "geo_mean", "top1", "n"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def wilson_interval(successes: np.ndarray, n: np.ndarray, z: float = 1.959964) -> tuple[np.ndarray, np.ndarray]:
+def wilson_interval(
+    successes: np.ndarray, n: np.ndarray, z: float = 1.959964
+) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval of a binomial proportion (well-behaved at 0 and 1 and for small n)."""
     k = np.asarray(successes, dtype=float)
     n = np.asarray(n, dtype=float)

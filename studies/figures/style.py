@@ -23,9 +23,25 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from studies.figures.layout import Layout
 
 __all__ = [
-    "DPI", "LENS_COLORS", "LENS_LABELS", "TARGET_COLORS", "TARGET_LABELS", "TARGET_ORDER",
-    "decorate_unrolled", "decorate_unrolled_plotly", "lens_order", "marker_size", "separator_iterations", "mpl_style", "new_figure",
-    "plotly_layout", "rank_axis", "rank_axis_plotly", "rgba", "save_html", "save_png",
+    "DPI",
+    "LENS_COLORS",
+    "LENS_LABELS",
+    "TARGET_COLORS",
+    "TARGET_LABELS",
+    "TARGET_ORDER",
+    "decorate_unrolled",
+    "decorate_unrolled_plotly",
+    "lens_order",
+    "marker_size",
+    "separator_iterations",
+    "mpl_style",
+    "new_figure",
+    "plotly_layout",
+    "rank_axis",
+    "rank_axis_plotly",
+    "rgba",
+    "save_html",
+    "save_png",
 ]
 
 DPI = 150
@@ -36,22 +52,41 @@ _EXTRA_COLORS = ["#CC79A7", "#56B4E9", "#E69F00", "#F0E442", "#000000"]
 
 TARGET_ORDER = ("intermediate", "final", "control", "digit_baseline")
 TARGET_COLORS: dict[str, str] = {
-    "intermediate": "#E69F00", "final": "#222222", "control": "#8C8C8C", "digit_baseline": "#CC79A7",
+    "intermediate": "#E69F00",
+    "final": "#222222",
+    "control": "#8C8C8C",
+    "digit_baseline": "#CC79A7",
 }
 TARGET_LABELS: dict[str, str] = {
-    "intermediate": "intermediate result", "final": "final answer", "control": "control token",
+    "intermediate": "intermediate result",
+    "final": "final answer",
+    "control": "control token",
     "digit_baseline": "other digits (baseline)",
 }
 TARGET_DASH: dict[str, tuple[str, str]] = {  # (matplotlib linestyle, plotly dash)
-    "intermediate": ("-", "solid"), "final": ("-", "solid"), "control": (":", "dot"),
+    "intermediate": ("-", "solid"),
+    "final": ("-", "solid"),
+    "control": (":", "dot"),
     "digit_baseline": ("--", "dash"),
 }
 
 _RC = {
-    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
-    "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False,
-    "axes.grid": True, "grid.alpha": 0.35, "grid.linewidth": 0.5, "axes.axisbelow": True,
-    "legend.frameon": False, "figure.dpi": 100, "savefig.dpi": DPI, "lines.linewidth": 1.4,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.35,
+    "grid.linewidth": 0.5,
+    "axes.axisbelow": True,
+    "legend.frameon": False,
+    "figure.dpi": 100,
+    "savefig.dpi": DPI,
+    "lines.linewidth": 1.4,
 }
 
 
@@ -73,7 +108,7 @@ def lens_label(lens: str) -> str:
 
 def rgba(color: str, alpha: float) -> str:
     """``#RRGGBB`` → ``rgba(r,g,b,alpha)`` for plotly fills."""
-    r, g, b = (int(color[i: i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
 
 
@@ -121,8 +156,10 @@ def marker_size(layout: Layout) -> float:
 
 
 def unrolled_xlabel(layout: Layout) -> str:
-    return (f"unrolled layer — P prelude ({layout.prelude}), recurrent iteration t = 1…{layout.steps} "
-            f"({layout.core} core blocks each), C coda ({layout.coda})")
+    return (
+        f"unrolled layer — P prelude ({layout.prelude}), recurrent iteration t = 1…{layout.steps} "
+        f"({layout.core} core blocks each), C coda ({layout.coda})"
+    )
 
 
 def decorate_unrolled(ax: Axes, layout: Layout, *, xlabel: bool = True, top_index: bool = False) -> None:
@@ -168,8 +205,9 @@ def _axis_refs(fig: go.Figure, row: int | None, col: int | None) -> tuple[str, s
     return (sub.xaxis.plotly_name.replace("axis", ""), sub.yaxis.plotly_name.replace("axis", ""))
 
 
-def decorate_unrolled_plotly(fig: go.Figure, layout: Layout, row: int | None = None, col: int | None = None,
-                             xlabel: bool = True) -> None:
+def decorate_unrolled_plotly(
+    fig: go.Figure, layout: Layout, row: int | None = None, col: int | None = None, xlabel: bool = True
+) -> None:
     """Plotly twin of :func:`decorate_unrolled` for one subplot (or the only one).
 
     Shapes are appended in one batch (``add_vline`` per iteration is slow for 64+ iterations).
@@ -181,19 +219,60 @@ def decorate_unrolled_plotly(fig: go.Figure, layout: Layout, row: int | None = N
     spans = [(-0.5, layout.core_start - 0.5)] if layout.prelude else []
     spans += [(layout.coda_start - 0.5, n - 0.5)] if layout.coda else []
     for x0, x1 in spans:
-        shapes.append(dict(type="rect", xref=x, yref=f"{y} domain", x0=x0, x1=x1, y0=0, y1=1, fillcolor="black",
-                           opacity=0.06, line_width=0, layer="below"))
+        shapes.append(
+            dict(
+                type="rect",
+                xref=x,
+                yref=f"{y} domain",
+                x0=x0,
+                x1=x1,
+                y0=0,
+                y1=1,
+                fillcolor="black",
+                opacity=0.06,
+                line_width=0,
+                layer="below",
+            )
+        )
     for t in separator_iterations(layout):
         xt = layout.core_start + t * layout.core - 0.5
-        shapes.append(dict(type="line", xref=x, yref=f"{y} domain", x0=xt, x1=xt, y0=0, y1=1, layer="below",
-                           line=dict(color="#c0c0c0", width=0.6, dash="dot")))
+        shapes.append(
+            dict(
+                type="line",
+                xref=x,
+                yref=f"{y} domain",
+                x0=xt,
+                x1=xt,
+                y0=0,
+                y1=1,
+                layer="below",
+                line=dict(color="#c0c0c0", width=0.6, dash="dot"),
+            )
+        )
     for xs in (layout.core_start - 0.5, layout.coda_start - 0.5):
-        shapes.append(dict(type="line", xref=x, yref=f"{y} domain", x0=xs, x1=xs, y0=0, y1=1, layer="below",
-                           line=dict(color="#606060", width=1)))
+        shapes.append(
+            dict(
+                type="line",
+                xref=x,
+                yref=f"{y} domain",
+                x0=xs,
+                x1=xs,
+                y0=0,
+                y1=1,
+                layer="below",
+                line=dict(color="#606060", width=1),
+            )
+        )
     fig.layout.shapes = tuple(fig.layout.shapes) + tuple(go.layout.Shape(**sh) for sh in shapes)
     ticks, labels = iteration_ticks(layout, max_labels=24)
-    fig.update_xaxes(range=[-0.5, n - 0.5], tickvals=ticks, ticktext=labels, showgrid=False,
-                     title_text=unrolled_xlabel(layout) if xlabel else None, **where)
+    fig.update_xaxes(
+        range=[-0.5, n - 0.5],
+        tickvals=ticks,
+        ticktext=labels,
+        showgrid=False,
+        title_text=unrolled_xlabel(layout) if xlabel else None,
+        **where,
+    )
 
 
 # ---------------------------------------------------------------- rank axes
@@ -217,20 +296,37 @@ def rank_axis(ax: Axes, label: str = "rank (log; 1 = top)", top: float | None = 
     ax.set_ylabel(label)
 
 
-def rank_axis_plotly(fig: go.Figure, row: int | None = None, col: int | None = None,
-                     label: str = "rank (log)", top: float | None = None) -> None:
+def rank_axis_plotly(
+    fig: go.Figure,
+    row: int | None = None,
+    col: int | None = None,
+    label: str = "rank (log)",
+    top: float | None = None,
+) -> None:
     where = {"row": row, "col": col} if row is not None else {}
     hi = max(10.0, (top or 10.0) * 1.8)
     vals = [10**k for k in range(0, int(math.log10(hi)) + 1)]
-    fig.update_yaxes(type="log", range=[math.log10(0.7), math.log10(hi)], tickvals=vals,
-                     ticktext=[_rank_label(v) for v in vals], title_text=label, **where)
+    fig.update_yaxes(
+        type="log",
+        range=[math.log10(0.7), math.log10(hi)],
+        tickvals=vals,
+        ticktext=[_rank_label(v) for v in vals],
+        title_text=label,
+        **where,
+    )
 
 
 def plotly_layout(fig: go.Figure, title: str, height: int, width: int | None = None, top: int = 80) -> None:
     """Common plotly look; ``width=None`` lets the figure fill the browser window."""
     fig.update_layout(
-        template="plotly_white", title=dict(text=title, x=0.01, xanchor="left"), height=height, width=width,
-        autosize=width is None, font=dict(size=12), hovermode="closest", margin=dict(l=70, r=30, t=top, b=90),
+        template="plotly_white",
+        title=dict(text=title, x=0.01, xanchor="left"),
+        height=height,
+        width=width,
+        autosize=width is None,
+        font=dict(size=12),
+        hovermode="closest",
+        margin=dict(l=70, r=30, t=top, b=90),
         legend=dict(orientation="h", yanchor="top", y=-0.10, x=0.5, xanchor="center"),
     )
 

@@ -33,17 +33,26 @@ from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
-OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+OPS: dict[str, Callable[[int, int], int]] = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+}
 """The operators of the one-digit composite task, in EleutherAI's notation."""
 
 WORDS: dict[str, str] = {"plus": "+", "minus": "-", "times": "*"}
 """Operator words of the two-operand formats."""
 
 BINARY: dict[str, tuple[int, str]] = {
-    "arithmetic_2da": (2, "plus"), "arithmetic_2ds": (2, "minus"), "arithmetic_2dm": (2, "times"),
-    "arithmetic_3da": (3, "plus"), "arithmetic_3ds": (3, "minus"),
-    "arithmetic_4da": (4, "plus"), "arithmetic_4ds": (4, "minus"),
-    "arithmetic_5da": (5, "plus"), "arithmetic_5ds": (5, "minus"),
+    "arithmetic_2da": (2, "plus"),
+    "arithmetic_2ds": (2, "minus"),
+    "arithmetic_2dm": (2, "times"),
+    "arithmetic_3da": (3, "plus"),
+    "arithmetic_3ds": (3, "minus"),
+    "arithmetic_4da": (4, "plus"),
+    "arithmetic_4ds": (4, "minus"),
+    "arithmetic_5da": (5, "plus"),
+    "arithmetic_5ds": (5, "minus"),
 }
 """Two-operand task → (digits per operand, operator word)."""
 
@@ -176,15 +185,19 @@ def enumerate_all(task: str = COMPOSITE, split: str | None = None) -> tuple[Prob
     if space_size(task) > ENUMERABLE_LIMIT:
         raise ValueError(f"{task} has {space_size(task):,} problems, too many to enumerate; use sample()")
     if task == COMPOSITE:
-        problems = (composite(a, o1, b, o2, c)
-                    for a, o1, b, o2, c in itertools.product(range(10), OPS, range(10), OPS, range(10)))
+        problems = (
+            composite(a, o1, b, o2, c)
+            for a, o1, b, o2, c in itertools.product(range(10), OPS, range(10), OPS, range(10))
+        )
     else:
         size = 10 ** BINARY[task][0]
         problems = (binary(task, a, b) for a in range(size) for b in range(size))
     return tuple(p for p in problems if split is None or split_of(p.context) == split)
 
 
-def sample(task: str, n: int, split: str = "train", seed: int = 0, single_digit: bool = False) -> list[Problem]:
+def sample(
+    task: str, n: int, split: str = "train", seed: int = 0, single_digit: bool = False
+) -> list[Problem]:
     """``n`` distinct problems of ``task`` from ``split``; the same arguments give the same list.
 
     Small tasks are drawn without replacement from :func:`enumerate_all`; larger ones uniformly
@@ -207,7 +220,9 @@ def sample(task: str, n: int, split: str = "train", seed: int = 0, single_digit:
             raise ValueError(f"{task} has only {len(pool)} problems in the {split!r} split, asked for {n}")
         return rng.sample(pool, n)
     if n > space_size(task) // 10:
-        raise ValueError(f"asked for {n} distinct {task} problems; at most {space_size(task) // 10} are sampled")
+        raise ValueError(
+            f"asked for {n} distinct {task} problems; at most {space_size(task) // 10} are sampled"
+        )
     digits = BINARY[task][0]
     seen: set[str] = set()
     out: list[Problem] = []
@@ -245,7 +260,9 @@ def load_reference_problems() -> list[Problem]:
     for row in _reference_rows():
         p = parse_problem(COMPOSITE, row["context"], row["completion"])
         if "intermediate" in row and row["intermediate"] != p.intermediate:
-            raise ValueError(f"{row['context']!r}: intermediate {row['intermediate']!r} != {p.intermediate!r}")
+            raise ValueError(
+                f"{row['context']!r}: intermediate {row['intermediate']!r} != {p.intermediate!r}"
+            )
         problems.append(p)
     return problems
 
@@ -257,8 +274,13 @@ def _seed(task: str, split: str, seed: int, single_digit: bool) -> int:
 
 
 def _is_single_digit(p: Problem) -> bool:
-    return len(p.completion.strip()) == 1 and p.completion.strip().isdigit() and p.intermediate is not None \
-        and len(p.intermediate) == 1 and p.intermediate.isdigit()
+    return (
+        len(p.completion.strip()) == 1
+        and p.completion.strip().isdigit()
+        and p.intermediate is not None
+        and len(p.intermediate) == 1
+        and p.intermediate.isdigit()
+    )
 
 
 def _check_task(task: str) -> None:

@@ -24,7 +24,9 @@ SYSTEM_MESSAGE = "You are a concise and helpful assistant. Always return only th
 """The reference study's system message."""
 
 NUM_SHOTS = 4
-ASSISTANT_ROLE = "Huginn"  # the role name the reference study used; Huginn's template also accepts "assistant"
+ASSISTANT_ROLE = (
+    "Huginn"  # the role name the reference study used; Huginn's template also accepts "assistant"
+)
 CHAT_ANSWER_PREFIX = "\n\n"  # Huginn's generation prompt ends "<|end_header|>\n\n"; the bare answer follows
 
 Shot = tuple[str, str] | Problem | Mapping[str, str]
@@ -79,19 +81,26 @@ class PromptTemplate:
 
     def __post_init__(self) -> None:
         if self.kind not in ("chat", "plain"):
-            raise ValueError(f"prompt template {self.name!r}: kind must be 'chat' or 'plain', got {self.kind!r}")
+            raise ValueError(
+                f"prompt template {self.name!r}: kind must be 'chat' or 'plain', got {self.kind!r}"
+            )
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
         except ValueError as exc:
-            raise ValueError(f"prompt template {self.name!r}: {self.template!r} is not a valid format string "
-                             f"({exc})") from exc
+            raise ValueError(
+                f"prompt template {self.name!r}: {self.template!r} is not a valid format string ({exc})"
+            ) from exc
         if "question" not in fields:
-            raise ValueError(f"prompt template {self.name!r}: {self.template!r} has no {{question}} slot; "
-                             "the question would be dropped")
+            raise ValueError(
+                f"prompt template {self.name!r}: {self.template!r} has no {{question}} slot; "
+                "the question would be dropped"
+            )
         if fields - {"question"}:
-            raise ValueError(f"prompt template {self.name!r}: {self.template!r} has unknown slot(s) "
-                             f"{sorted(fields - {'question'})}; only {{question}} is filled "
-                             "(write literal braces as {{ and }})")
+            raise ValueError(
+                f"prompt template {self.name!r}: {self.template!r} has unknown slot(s) "
+                f"{sorted(fields - {'question'})}; only {{question}} is filled "
+                "(write literal braces as {{ and }})"
+            )
         object.__setattr__(self, "shots", tuple(_as_shot(s) for s in self.shots))
         if self.answer_prefix is None:
             object.__setattr__(self, "answer_prefix", CHAT_ANSWER_PREFIX if self.kind == "chat" else "")
@@ -120,8 +129,10 @@ class PromptTemplate:
         """
         if self.kind == "chat":
             if tokenizer is None or not getattr(tokenizer, "has_chat_template", False):
-                raise ValueError(f"prompt template {self.name!r} is a chat prompt and needs a tokenizer with a "
-                                 "chat template; use a plain template for this model")
+                raise ValueError(
+                    f"prompt template {self.name!r} is a chat prompt and needs a tokenizer with a "
+                    "chat template; use a plain template for this model"
+                )
             return tokenizer.apply_chat_template(self.messages(question), add_generation_prompt=True)
         parts = [self.format_question(context) + completion for context, completion in self.shots]
         parts.append(self.format_question(question))
@@ -130,9 +141,14 @@ class PromptTemplate:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record for a run manifest."""
         return {
-            "name": self.name, "kind": self.kind, "template": self.template,
-            "shots": [list(s) for s in self.shots], "system": self.system, "separator": self.separator,
-            "assistant_role": self.assistant_role, "answer_prefix": self.answer_prefix,
+            "name": self.name,
+            "kind": self.kind,
+            "template": self.template,
+            "shots": [list(s) for s in self.shots],
+            "system": self.system,
+            "separator": self.separator,
+            "assistant_role": self.assistant_role,
+            "answer_prefix": self.answer_prefix,
         }
 
 
@@ -144,12 +160,15 @@ def _shot_list(shots: int | Sequence[Shot] | None) -> list[tuple[str, str]]:
     return [_as_shot(s) for s in shots]
 
 
-def chat_template(shots: int | Sequence[Shot] | None = None, system: str | None = SYSTEM_MESSAGE,
-                  name: str | None = None) -> PromptTemplate:
+def chat_template(
+    shots: int | Sequence[Shot] | None = None, system: str | None = SYSTEM_MESSAGE, name: str | None = None
+) -> PromptTemplate:
     """The reference study's chat prompt: its system message and worked examples (``None``: its 4;
     an int: its first K; or given examples)."""
     shot_list = _shot_list(shots)
-    return PromptTemplate(name or f"chat-{len(shot_list)}shot", kind="chat", shots=tuple(shot_list), system=system)
+    return PromptTemplate(
+        name or f"chat-{len(shot_list)}shot", kind="chat", shots=tuple(shot_list), system=system
+    )
 
 
 def plain_template(shots: int | Sequence[Shot] | None = None, name: str | None = None) -> PromptTemplate:
@@ -188,9 +207,11 @@ def resolve_template(spec: str | PromptTemplate | None, tokenizer: Any = None) -
         return plain_template(0, name="plain")
     for kind, build in (("chat", chat_template), ("plain", plain_template)):
         prefix = f"{kind}-"
-        if spec.startswith(prefix) and spec.endswith("shot") and spec[len(prefix):-4].isdigit():
-            return build(int(spec[len(prefix):-4]), name=spec)
+        if spec.startswith(prefix) and spec.endswith("shot") and spec[len(prefix) : -4].isdigit():
+            return build(int(spec[len(prefix) : -4]), name=spec)
     if "{" not in spec:
-        raise ValueError(f"unknown prompt template {spec!r}: use chat, plain, chat-Kshot, plain-Kshot "
-                         "or a text with a {question} slot")
+        raise ValueError(
+            f"unknown prompt template {spec!r}: use chat, plain, chat-Kshot, plain-Kshot "
+            "or a text with a {question} slot"
+        )
     return PromptTemplate("custom", template=spec)

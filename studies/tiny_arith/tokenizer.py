@@ -40,7 +40,16 @@ SPACED_WORDS: tuple[str, ...] = (" What", " is", " plus", " minus", " times", " 
 # pad/bos/eos/unk = 0/1/2/3, " -" " +" " *" " (" " )" " =" = 4..9, " 0".." 9" = 11..20, the words 21..28.
 _SLOTS = [i for i in range(32) if i != 10] + [127]
 _NON_ASCII_TOKENS: tuple[str, ...] = (
-    PAD, BOS, EOS, UNK, *SPACED_OPERATORS, *SPACED_DIGITS, *LINE_WORDS, *SPACED_WORDS, " /", *RESERVED,
+    PAD,
+    BOS,
+    EOS,
+    UNK,
+    *SPACED_OPERATORS,
+    *SPACED_DIGITS,
+    *LINE_WORDS,
+    *SPACED_WORDS,
+    " /",
+    *RESERVED,
 )
 assert len(_NON_ASCII_TOKENS) == len(_SLOTS), (len(_NON_ASCII_TOKENS), len(_SLOTS))
 
@@ -76,7 +85,10 @@ def build_tokenizer() -> Tokenizer:
     )
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": UNK,
         "clean_up_tokenization_spaces": False,
     }
     return Tokenizer(backend, config)

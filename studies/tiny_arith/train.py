@@ -120,7 +120,7 @@ def make_batch(cfg: TrainConfig, tokenizer, step: int) -> tuple[torch.Tensor, to
     for i, (prompt, answer) in enumerate(rows):
         seq = prompt + answer
         ids[i, : len(seq)] = torch.tensor(seq)
-        labels[i, len(prompt) - 1: len(seq) - 1] = torch.tensor(answer)
+        labels[i, len(prompt) - 1 : len(seq) - 1] = torch.tensor(answer)
     return ids, labels
 
 
@@ -137,13 +137,15 @@ def make_optimizer(cfg: TrainConfig, model: RecurrentDepthLM) -> torch.optim.Ada
         (no_decay if p.dim() < 2 or "norm" in name or "qk_bias" in name else decay).append(p)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, cfg.beta2),
+        lr=cfg.lr,
+        betas=(0.9, cfg.beta2),
     )
 
 
 # ---- checkpoints: safetensors for tensors, JSON for the rest ---------------------------------------
-def save_checkpoint(out: Path, model: RecurrentDepthLM, opt: torch.optim.AdamW, step: int,
-                    cfg: TrainConfig, log: list[dict]) -> None:
+def save_checkpoint(
+    out: Path, model: RecurrentDepthLM, opt: torch.optim.AdamW, step: int, cfg: TrainConfig, log: list[dict]
+) -> None:
     ckpt = out / "checkpoint"
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
@@ -164,8 +166,9 @@ def save_checkpoint(out: Path, model: RecurrentDepthLM, opt: torch.optim.AdamW, 
     (ckpt / "progress.json.tmp").replace(ckpt / "progress.json")
 
 
-def load_checkpoint(out: Path, model: RecurrentDepthLM, opt: torch.optim.AdamW,
-                    cfg: TrainConfig) -> tuple[int, list[dict]]:
+def load_checkpoint(
+    out: Path, model: RecurrentDepthLM, opt: torch.optim.AdamW, cfg: TrainConfig
+) -> tuple[int, list[dict]]:
     ckpt = out / "checkpoint"
     if not (ckpt / "progress.json").is_file():
         return 0, []
@@ -189,8 +192,9 @@ def load_checkpoint(out: Path, model: RecurrentDepthLM, opt: torch.optim.AdamW,
 
 
 @torch.no_grad()
-def quick_accuracy(model: RecurrentDepthLM, tokenizer, n: int = 256, num_steps: int | None = None,
-                   seed: int = 1234) -> float:
+def quick_accuracy(
+    model: RecurrentDepthLM, tokenizer, n: int = 256, num_steps: int | None = None, seed: int = 1234
+) -> float:
     """First-answer-token accuracy on held-out one-digit composite problems (a cheap training signal)."""
     problems = arithmetic.sample("arithmetic_1dc", n, split="validation", seed=seed)
     from lens.generation import pad_left
@@ -213,7 +217,9 @@ def train(cfg: TrainConfig, out: Path, export: Path | None = None) -> RecurrentD
     start, log = load_checkpoint(out, model, opt, cfg)
     model.train()
     last_save = time.monotonic()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train tiny-arith", mininterval=5)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="train tiny-arith", mininterval=5
+    )
     depth_gen = torch.Generator().manual_seed(cfg.seed + 17)
     for _ in range(start):  # keep the depth sequence identical after a resume
         sample_depth(cfg, depth_gen)
@@ -244,16 +250,25 @@ def train(cfg: TrainConfig, out: Path, export: Path | None = None) -> RecurrentD
     model.eval()
     final = out / "model"
     lens.save_model(model, final)
-    (final / "training_log.json").write_text(json.dumps(
-        {"train_config": asdict(cfg), "log": log, "seconds_this_session": round(time.monotonic() - t0, 1)}, indent=1
-    ))
+    (final / "training_log.json").write_text(
+        json.dumps(
+            {
+                "train_config": asdict(cfg),
+                "log": log,
+                "seconds_this_session": round(time.monotonic() - t0, 1),
+            },
+            indent=1,
+        )
+    )
     if export is not None:
         lens.save_model(model, export)
     return model
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("checkpoints/tiny-arith"))
     parser.add_argument("--export", type=Path, default=None, help="also write the final model here")
     parser.add_argument("--seed", type=int, default=0)

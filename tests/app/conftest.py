@@ -26,8 +26,19 @@ def runs_dir(tmp_path_factory) -> Path:
     """Two complete runs: a small one (prelude 1, core 2 × 4, coda 1) and a deeper 'reference' one."""
     root = tmp_path_factory.mktemp("runs")
     write_run(root, "arith-small", n_prompts=6)
-    write_run(root, "huginn-ref", n_prompts=8, prelude=2, core=4, coda=2, steps=8, vocab_size=4096,
-              model_name="huginn-0125", seed=1, figures=False)
+    write_run(
+        root,
+        "huginn-ref",
+        n_prompts=8,
+        prelude=2,
+        core=4,
+        coda=2,
+        steps=8,
+        vocab_size=4096,
+        model_name="huginn-0125",
+        seed=1,
+        figures=False,
+    )
     return root
 
 

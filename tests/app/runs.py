@@ -17,11 +17,70 @@ import pandas as pd
 
 from probes.store import Run
 
-PIECES = [" the", " of", " and", " to", " in", " number", " sum", " product", " result", " value", " two",
-          " three", " four", " five", " six", " seven", " eight", " nine", " zero", " one", " answer", " so",
-          " then", " first", " add", " minus", " times", " we", " it", "ation", "ist", " calc", " equal", " total",
-          " digit", " step", " let", " now", " get", " find", " half", " twice", " more", " less", " left"]
-WORDS = ["Question", ":", " What", " is", " (", ")", " *", " +", " -", "?", "\n", "Answer", " the", " =", " a"]
+PIECES = [
+    " the",
+    " of",
+    " and",
+    " to",
+    " in",
+    " number",
+    " sum",
+    " product",
+    " result",
+    " value",
+    " two",
+    " three",
+    " four",
+    " five",
+    " six",
+    " seven",
+    " eight",
+    " nine",
+    " zero",
+    " one",
+    " answer",
+    " so",
+    " then",
+    " first",
+    " add",
+    " minus",
+    " times",
+    " we",
+    " it",
+    "ation",
+    "ist",
+    " calc",
+    " equal",
+    " total",
+    " digit",
+    " step",
+    " let",
+    " now",
+    " get",
+    " find",
+    " half",
+    " twice",
+    " more",
+    " less",
+    " left",
+]
+WORDS = [
+    "Question",
+    ":",
+    " What",
+    " is",
+    " (",
+    ")",
+    " *",
+    " +",
+    " -",
+    "?",
+    "\n",
+    "Answer",
+    " the",
+    " =",
+    " a",
+]
 
 
 def vocabulary(size: int = 512) -> list[str]:
@@ -62,8 +121,13 @@ def problems(n: int, seed: int = 0) -> list[Problem]:
     rng = np.random.default_rng(seed)
     out: list[Problem] = []
     while len(out) < n:
-        p = Problem(int(rng.integers(1, 10)), int(rng.integers(1, 10)), int(rng.integers(1, 10)),
-                    str(rng.choice(["*", "+", "-"])), str(rng.choice(["+", "-"])))
+        p = Problem(
+            int(rng.integers(1, 10)),
+            int(rng.integers(1, 10)),
+            int(rng.integers(1, 10)),
+            str(rng.choice(["*", "+", "-"])),
+            str(rng.choice(["+", "-"])),
+        )
         if 0 <= p.intermediate <= 9 and 0 <= p.answer <= 9:
             out.append(p)
     return out
@@ -95,30 +159,66 @@ def write_run(
     rng = np.random.default_rng(seed)
     vocab = vocabulary(vocab_size)
     probs = problems(n_prompts, seed)
-    settings = {"study": "arithmetic", "task": "arithmetic_1dc", "n": n_prompts, "steps": steps,
-                "batch_size": -(-n_prompts // batches), "seed": seed, "lenses": list(lenses), "control": " the",
-                "depths": [1, 2, 4, steps]}
+    settings = {
+        "study": "arithmetic",
+        "task": "arithmetic_1dc",
+        "n": n_prompts,
+        "steps": steps,
+        "batch_size": -(-n_prompts // batches),
+        "seed": seed,
+        "lenses": list(lenses),
+        "control": " the",
+        "depths": [1, 2, 4, steps],
+    }
     manifest = {
-        "model": {"name": model_name, "config_name": model_name, "parameters": 1_234_567, "dtype": "float32",
-                  "device": "cpu", "layout": {"prelude": prelude, "core": core, "coda": coda}},
-        "config": {"n_embd": 64, "n_layers_in_prelude": prelude, "n_layers_in_recurrent_block": core,
-                   "n_layers_in_coda": coda, "mean_recurrence": steps, "vocab_size": vocab_size},
-        "prompt_template": {"name": "plain", "template": "Question: {question}\nAnswer:", "answer_prefix": ""},
+        "model": {
+            "name": model_name,
+            "config_name": model_name,
+            "parameters": 1_234_567,
+            "dtype": "float32",
+            "device": "cpu",
+            "layout": {"prelude": prelude, "core": core, "coda": coda},
+        },
+        "config": {
+            "n_embd": 64,
+            "n_layers_in_prelude": prelude,
+            "n_layers_in_recurrent_block": core,
+            "n_layers_in_coda": coda,
+            "mean_recurrence": steps,
+            "vocab_size": vocab_size,
+        },
+        "prompt_template": {
+            "name": "plain",
+            "template": "Question: {question}\nAnswer:",
+            "answer_prefix": "",
+        },
         "settings": settings,
     }
     run = Run.create(root, name, manifest, resume=False, overwrite=True)
     texts = [f"Question: {p.context}\nAnswer:" for p in probs]
-    run.write_shard("prompts", 0, pd.DataFrame({
-        "prompt_id": range(n_prompts), "task": "arithmetic_1dc", "context": [p.context for p in probs],
-        "completion": [f" {p.answer}" for p in probs], "intermediate": [str(p.intermediate) for p in probs],
-        "prompt_text": texts}))
+    run.write_shard(
+        "prompts",
+        0,
+        pd.DataFrame(
+            {
+                "prompt_id": range(n_prompts),
+                "task": "arithmetic_1dc",
+                "context": [p.context for p in probs],
+                "completion": [f" {p.answer}" for p in probs],
+                "intermediate": [str(p.intermediate) for p in probs],
+                "prompt_text": texts,
+            }
+        ),
+    )
     size = -(-n_prompts // batches)
     written = batches if status != "running" else 1
     for b in range(written):
         ids = list(range(b * size, min(n_prompts, (b + 1) * size)))
         if not ids:
             continue
-        tables = _batch_tables(rng, probs, ids, texts, vocab, prelude, core, coda, steps, lenses, target_kinds)
+        tables = _batch_tables(
+            rng, probs, ids, texts, vocab, prelude, core, coda, steps, lenses, target_kinds
+        )
         for table, frame in tables.items():
             run.write_shard(table, b, frame)
     if status != "running":
@@ -138,12 +238,15 @@ def _layers(prelude: int, core: int, coda: int, steps: int) -> pd.DataFrame:
     rows += [(f"coda.{i}", 0, i) for i in range(coda)]
     frame = pd.DataFrame(rows, columns=["site", "iteration", "block"])
     frame["unrolled_index"] = np.arange(len(frame))
-    extra = pd.DataFrame({"site": ["latent", "final"], "iteration": [steps, 0], "block": [-1, -1],
-                          "unrolled_index": [-1, -1]})
+    extra = pd.DataFrame(
+        {"site": ["latent", "final"], "iteration": [steps, 0], "block": [-1, -1], "unrolled_index": [-1, -1]}
+    )
     return pd.concat([frame, extra], ignore_index=True)
 
 
-def _curve(kind: str, lens: str, depth: np.ndarray, correct: bool, V: int, rng: np.random.Generator) -> np.ndarray:
+def _curve(
+    kind: str, lens: str, depth: np.ndarray, correct: bool, V: int, rng: np.random.Generator
+) -> np.ndarray:
     """log-rank along depth in [0, 1] (latent/final get depth 1)."""
     noise = rng.normal(0, 0.35, size=depth.shape)
     top = np.log(V / 3)
@@ -153,7 +256,7 @@ def _curve(kind: str, lens: str, depth: np.ndarray, correct: bool, V: int, rng: 
         floor = 0.0 if (kind == "predicted" or correct) else np.log(3)
         return top * (1 - settle) + floor * settle + noise * (1 - settle)
     if kind in ("intermediate", "intermediate_alt"):
-        bump = np.exp(-((depth - centre + 0.15) / 0.12) ** 2)
+        bump = np.exp(-(((depth - centre + 0.15) / 0.12) ** 2))
         return top * (1 - 0.9 * bump) + 0.6 * noise + np.log(4) * (depth > centre)
     if kind == "control":
         return top - 0.5 + noise
@@ -173,27 +276,47 @@ def _batch_tables(rng, probs, ids, texts, vocab, prelude, core, coda, steps, len
         correct = pid % 5 != 3
         answer_id = p.answer  # " d" tokens are ids 0..9
         predicted_id = answer_id if correct else (answer_id + 1) % 10
-        target_ids = {"predicted": predicted_id, "final": answer_id, "intermediate": p.intermediate,
-                      "intermediate_alt": 10 + p.intermediate, "control": vocab.index(" the")}
+        target_ids = {
+            "predicted": predicted_id,
+            "final": answer_id,
+            "intermediate": p.intermediate,
+            "intermediate_alt": 10 + p.intermediate,
+            "control": vocab.index(" the"),
+        }
         for d in range(10):
             target_ids[f"digit_{d}"] = d
         for lens in lenses:
             final_curve = None
             for kind in target_kinds:
-                logr = _curve(kind, lens, depth.to_numpy() if hasattr(depth, "to_numpy") else depth,
-                              correct, V, rng)
+                logr = _curve(
+                    kind, lens, depth.to_numpy() if hasattr(depth, "to_numpy") else depth, correct, V, rng
+                )
                 rank = np.clip(np.round(np.exp(logr)), 1, V).astype(np.int64)
                 if kind == "predicted":
                     rank[-1] = rank[-2] = 1  # latent / final rows: the model's own token is top-1
                     final_curve = rank
                 logprob = -np.log(rank) - rng.uniform(0.05, 0.6, size=rank.shape)
-                ranks.append(pd.DataFrame({
-                    "prompt_id": pid, "position": -1, **{c: layers[c].to_numpy() for c in layers},
-                    "lens": lens, "target_kind": kind, "token_id": target_ids.get(kind, 0),
-                    "token": vocab[target_ids.get(kind, 0)], "rank": rank, "logprob": logprob.astype(np.float32),
-                    "entropy": (np.log(V) * (0.2 + 0.8 * (1 - depth)) + rng.normal(0, 0.1, len(rank))).clip(0.01),
-                    "kl_to_final": (4 * (1 - depth) ** 2 + rng.uniform(0, 0.05, len(rank))).astype(np.float32),
-                }))
+                ranks.append(
+                    pd.DataFrame(
+                        {
+                            "prompt_id": pid,
+                            "position": -1,
+                            **{c: layers[c].to_numpy() for c in layers},
+                            "lens": lens,
+                            "target_kind": kind,
+                            "token_id": target_ids.get(kind, 0),
+                            "token": vocab[target_ids.get(kind, 0)],
+                            "rank": rank,
+                            "logprob": logprob.astype(np.float32),
+                            "entropy": (
+                                np.log(V) * (0.2 + 0.8 * (1 - depth)) + rng.normal(0, 0.1, len(rank))
+                            ).clip(0.01),
+                            "kl_to_final": (4 * (1 - depth) ** 2 + rng.uniform(0, 0.05, len(rank))).astype(
+                                np.float32
+                            ),
+                        }
+                    )
+                )
             # top-5 tokens: the predicted token once it is top-1, otherwise word pieces and prompt words
             if final_curve is None:
                 final_curve = np.full(len(layers), 50)
@@ -202,12 +325,23 @@ def _batch_tables(rng, probs, ids, texts, vocab, prelude, core, coda, steps, len
             order[settled, 0] = predicted_id
             lp = -np.sort(rng.uniform(0.05, 6, size=(len(layers), 5)), axis=1)
             lp[settled, 0] = -rng.uniform(0.01, 0.4, size=int(settled.sum()))
-            topk.append(pd.DataFrame({
-                "prompt_id": pid, "position": -1,
-                **{c: np.repeat(layers[c].to_numpy(), 5) for c in ("site", "iteration", "block", "unrolled_index")},
-                "lens": lens, "k": np.tile(np.arange(1, 6), len(layers)), "token_id": order.ravel(),
-                "token": vocab_arr[order.ravel()], "logprob": lp.ravel().astype(np.float32),
-            }))
+            topk.append(
+                pd.DataFrame(
+                    {
+                        "prompt_id": pid,
+                        "position": -1,
+                        **{
+                            c: np.repeat(layers[c].to_numpy(), 5)
+                            for c in ("site", "iteration", "block", "unrolled_index")
+                        },
+                        "lens": lens,
+                        "k": np.tile(np.arange(1, 6), len(layers)),
+                        "token_id": order.ravel(),
+                        "token": vocab_arr[order.ravel()],
+                        "logprob": lp.ravel().astype(np.float32),
+                    }
+                )
+            )
         # latent dynamics of the last core block: a damped spiral into a fixed point
         verdict = "fixed-point" if pid % 7 != 5 else ("cycle-2" if pid % 2 else "drift")
         t = np.arange(1, steps + 1)
@@ -215,19 +349,45 @@ def _batch_tables(rng, probs, ids, texts, vocab, prelude, core, coda, steps, len
         step = 0.8 * decay * rng.uniform(0.8, 1.2)
         phase = rng.uniform(0, 2 * np.pi)
         radius = 6 * np.exp(-0.25 * t) + (0 if verdict == "fixed-point" else 1.5)
-        dyn.append(pd.DataFrame({
-            "prompt_id": pid, "position": -1, "site": f"core.{core - 1}", "iteration": t,
-            "step_norm": np.where(t == 1, np.nan, step), "cos_to_last": np.where(t == steps, 1.0, 1 - rng.uniform(0.5, 0.8) * np.exp(-0.4 * (t - 1))), "norm": 8 + rng.normal(0, 0.05, steps),
-            "pc1": radius * np.cos(phase + 0.9 * t), "pc2": radius * np.sin(phase + 0.9 * t),
-            "pc3": 0.5 * radius * np.cos(0.5 * t),
-        }))
+        dyn.append(
+            pd.DataFrame(
+                {
+                    "prompt_id": pid,
+                    "position": -1,
+                    "site": f"core.{core - 1}",
+                    "iteration": t,
+                    "step_norm": np.where(t == 1, np.nan, step),
+                    "cos_to_last": np.where(
+                        t == steps, 1.0, 1 - rng.uniform(0.5, 0.8) * np.exp(-0.4 * (t - 1))
+                    ),
+                    "norm": 8 + rng.normal(0, 0.05, steps),
+                    "pc1": radius * np.cos(phase + 0.9 * t),
+                    "pc2": radius * np.sin(phase + 0.9 * t),
+                    "pc3": 0.5 * radius * np.cos(0.5 * t),
+                }
+            )
+        )
         verdicts.append({"prompt_id": pid, "position": -1, "site": f"core.{core - 1}", "verdict": verdict})
-        answers.append({"prompt_id": pid, "task": "arithmetic_1dc", "num_steps": steps, "prompt": texts[pid],
-                        "expected": f" {p.answer}", "generated": f" {predicted_id}", "correct": correct,
-                        "first_token_id": predicted_id, "intermediate": str(p.intermediate)})
-    return {"ranks": pd.concat(ranks, ignore_index=True), "topk": pd.concat(topk, ignore_index=True),
-            "dynamics": pd.concat(dyn, ignore_index=True), "verdicts": pd.DataFrame(verdicts),
-            "answers": pd.DataFrame(answers)}
+        answers.append(
+            {
+                "prompt_id": pid,
+                "task": "arithmetic_1dc",
+                "num_steps": steps,
+                "prompt": texts[pid],
+                "expected": f" {p.answer}",
+                "generated": f" {predicted_id}",
+                "correct": correct,
+                "first_token_id": predicted_id,
+                "intermediate": str(p.intermediate),
+            }
+        )
+    return {
+        "ranks": pd.concat(ranks, ignore_index=True),
+        "topk": pd.concat(topk, ignore_index=True),
+        "dynamics": pd.concat(dyn, ignore_index=True),
+        "verdicts": pd.DataFrame(verdicts),
+        "answers": pd.DataFrame(answers),
+    }
 
 
 def _depth_answers(rng: np.random.Generator, steps: int) -> pd.DataFrame:
@@ -236,9 +396,18 @@ def _depth_answers(rng: np.random.Generator, steps: int) -> pd.DataFrame:
         for depth in sorted({1, 2, 4, 8, steps}):
             p_correct = min(0.95, 0.1 + 0.2 * np.log2(depth) * (1.2 if task == "arithmetic_1dc" else 0.8))
             for i in range(10):
-                rows.append({"prompt_id": 1_000_000 * depth + i + (500 if task != "arithmetic_1dc" else 0),
-                             "task": task, "num_steps": depth, "prompt": "Question: …\nAnswer:", "expected": " 1",
-                             "generated": " 1", "correct": bool(rng.random() < p_correct), "first_token_id": 1})
+                rows.append(
+                    {
+                        "prompt_id": 1_000_000 * depth + i + (500 if task != "arithmetic_1dc" else 0),
+                        "task": task,
+                        "num_steps": depth,
+                        "prompt": "Question: …\nAnswer:",
+                        "expected": " 1",
+                        "generated": " 1",
+                        "correct": bool(rng.random() < p_correct),
+                        "first_token_id": 1,
+                    }
+                )
     return pd.DataFrame(rows)
 
 

@@ -18,8 +18,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"]
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 START_TIMEOUT_S = 60
 PAGE_TIMEOUT_MS = 30_000
 
@@ -55,7 +61,17 @@ def server(tmp_path_factory, runs_dir, model_dir):
     pytest.importorskip("playwright.sync_api")
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "streamlit.log"
-    cmd = [sys.executable, "-m", "lens.cli", "explore", str(runs_dir), "--model", str(model_dir), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "looplens",
+        "explore",
+        str(runs_dir),
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -79,7 +95,9 @@ def browser():
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"{CHROMIUM} not found")
     with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS, timeout=PAGE_TIMEOUT_MS)
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS, timeout=PAGE_TIMEOUT_MS
+        )
         try:
             yield b
         finally:
@@ -90,10 +108,12 @@ def _settle(page, charts: int = 1) -> None:
     """Wait until the script finished running and at least ``charts`` plotly charts are drawn."""
     page.wait_for_selector('[data-testid="stApp"]', timeout=PAGE_TIMEOUT_MS)
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=PAGE_TIMEOUT_MS)
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=PAGE_TIMEOUT_MS
+    )
     if charts:
-        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {charts}",
-                               timeout=PAGE_TIMEOUT_MS)
+        page.wait_for_function(
+            f"() => document.querySelectorAll('.js-plotly-plot').length >= {charts}", timeout=PAGE_TIMEOUT_MS
+        )
     page.wait_for_timeout(600)  # let plotly finish layout before the screenshot
 
 
@@ -130,8 +150,12 @@ def test_every_page_renders(server, browser, tmp_path):
     page.set_default_timeout(PAGE_TIMEOUT_MS)
     shots = []
     try:
-        for url_path, charts, name in [("", 3, "overview"), ("trajectories", 3, "trajectories"),
-                                       ("dynamics", 3, "dynamics"), ("compare", 3, "compare")]:
+        for url_path, charts, name in [
+            ("", 3, "overview"),
+            ("trajectories", 3, "trajectories"),
+            ("dynamics", 3, "dynamics"),
+            ("compare", 3, "compare"),
+        ]:
             page.goto(f"{server}/{url_path}", wait_until="domcontentloaded")
             _settle(page, charts)
             _assert_clean(page)

@@ -79,8 +79,9 @@ def test_cached_queries_follow_the_manifest(tmp_path):
     assert data.rank_rows(*ref, ("coda",), ("final",))["prompt_id"].nunique() == 3  # from the cache
     full = write_run(tmp_path / "other", "growing", n_prompts=6, figures=False)
     manifest = Run.open(path).manifest
-    writer = Run.create(tmp_path, "growing", {k: manifest[k] for k in ("model", "config", "prompt_template",
-                                                                       "settings")})  # resumes the run
+    writer = Run.create(
+        tmp_path, "growing", {k: manifest[k] for k in ("model", "config", "prompt_template", "settings")}
+    )  # resumes the run
     second = Run.open(full).table("ranks")
     writer.write_shard("ranks", 1, second[second["prompt_id"] >= 3].drop(columns=["run"]))
     new_ref = data.run_ref(path)
@@ -106,14 +107,27 @@ def test_a_damaged_shard_is_named(corrupt_runs_dir):
 
 
 def _rows(prompts=3, steps=4, prelude=1, core=2, coda=1, lenses=("logit", "coda")):
-    sites = [(f"prelude.{i}", 0, i) for i in range(prelude)] + \
-        [(f"core.{j}", t, j) for t in range(1, steps + 1) for j in range(core)] + [(f"coda.{i}", 0, i) for i in range(coda)]
+    sites = (
+        [(f"prelude.{i}", 0, i) for i in range(prelude)]
+        + [(f"core.{j}", t, j) for t in range(1, steps + 1) for j in range(core)]
+        + [(f"coda.{i}", 0, i) for i in range(coda)]
+    )
     out = []
     for lens in lenses:
         for p in range(prompts):
             for u, (site, it, block) in enumerate(sites):
-                out.append({"prompt_id": p, "lens": lens, "target_kind": "final", "unrolled_index": u, "site": site,
-                            "iteration": it, "block": block, "rank": max(1, 500 // (u + 1) - p)})
+                out.append(
+                    {
+                        "prompt_id": p,
+                        "lens": lens,
+                        "target_kind": "final",
+                        "unrolled_index": u,
+                        "site": site,
+                        "iteration": it,
+                        "block": block,
+                        "rank": max(1, 500 // (u + 1) - p),
+                    }
+                )
     return pd.DataFrame(out)
 
 
@@ -147,8 +161,14 @@ def test_heatmap_layout():
 
 def test_lens_grid_and_token_text():
     assert charts.token_text(" 7\n<b>") == "␣7↵&lt;b&gt;"
-    cells = pd.DataFrame({"row": ["prelude.0", "prelude.0", "core.0 · t=2"], "position": [0, 1, 0],
-                          "token": [" 7", "x", "y"], "prob": [0.9, 0.2, 0.5]})
+    cells = pd.DataFrame(
+        {
+            "row": ["prelude.0", "prelude.0", "core.0 · t=2"],
+            "position": [0, 1, 0],
+            "token": [" 7", "x", "y"],
+            "prob": [0.9, 0.2, 0.5],
+        }
+    )
     fig = charts.lens_grid(cells, ["Q", ":"])
     assert list(fig.layout.xaxis.ticktext) == ["Q", ":"]
     assert list(fig.layout.yaxis.ticktext) == ["prelude.0", "core.0 · t=2"]
@@ -156,22 +176,42 @@ def test_lens_grid_and_token_text():
 
 
 def test_other_figures_and_empty_inputs():
-    dyn = pd.DataFrame({"prompt_id": np.repeat([0, 1], 4), "position": -1, "iteration": np.tile(np.arange(1, 5), 2),
-                        "step_norm": [np.nan, 0.5, 0.2, 0.1] * 2, "cos_to_last": [0.2, 0.5, 0.8, 1.0] * 2,
-                        "pc1": np.arange(8.0), "pc2": np.arange(8.0), "pc3": np.arange(8.0), "verdict": "fixed-point"})
+    dyn = pd.DataFrame(
+        {
+            "prompt_id": np.repeat([0, 1], 4),
+            "position": -1,
+            "iteration": np.tile(np.arange(1, 5), 2),
+            "step_norm": [np.nan, 0.5, 0.2, 0.1] * 2,
+            "cos_to_last": [0.2, 0.5, 0.8, 1.0] * 2,
+            "pc1": np.arange(8.0),
+            "pc2": np.arange(8.0),
+            "pc3": np.arange(8.0),
+            "verdict": "fixed-point",
+        }
+    )
     fig = charts.step_curves(dyn)
     assert fig.layout.yaxis.type == "log" and len(fig.data) == 3  # two prompts and the median
     assert charts.pca_trajectories(dyn, 3).data[0].type == "scatter3d"
     assert charts.pca_trajectories(dyn, 2).layout.yaxis.scaleanchor == "x"
     bar = charts.steps_used_bar([" 7", "\n"], [3, 16], 16)
     assert list(bar.data[0].y) == [3, 16]
-    cmp = charts.compare_trajectories([("a", _rows()), ("b", _rows(steps=8, prelude=2, core=4, coda=2))],
-                                      relative_depth=True)
-    assert cmp.layout.yaxis2.matches == "y" and np.nanmax(np.asarray(cmp.data[-1].x, dtype=float)) == pytest.approx(1.0)
-    empty = pd.DataFrame(columns=["prompt_id", "lens", "target_kind", "unrolled_index", "site", "iteration",
-                                  "block", "rank"])
-    for fig in (charts.rank_trajectory(empty), charts.rank_heatmap(empty), charts.step_curves(None),
-                charts.lens_grid(None, []), charts.accuracy_by_depth(pd.DataFrame()), charts.verdict_bar(None)):
+    cmp = charts.compare_trajectories(
+        [("a", _rows()), ("b", _rows(steps=8, prelude=2, core=4, coda=2))], relative_depth=True
+    )
+    assert cmp.layout.yaxis2.matches == "y" and np.nanmax(
+        np.asarray(cmp.data[-1].x, dtype=float)
+    ) == pytest.approx(1.0)
+    empty = pd.DataFrame(
+        columns=["prompt_id", "lens", "target_kind", "unrolled_index", "site", "iteration", "block", "rank"]
+    )
+    for fig in (
+        charts.rank_trajectory(empty),
+        charts.rank_heatmap(empty),
+        charts.step_curves(None),
+        charts.lens_grid(None, []),
+        charts.accuracy_by_depth(pd.DataFrame()),
+        charts.verdict_bar(None),
+    ):
         assert fig.layout.annotations  # a note instead of an error
 
 
@@ -191,7 +231,9 @@ def test_probe_text_every_position(model):
     assert set(result.ranks["position"]) == set(range(n))
     assert set(result.target_kinds()) == {"predicted", "final"}
     rows = result.rank_rows(target_kinds=["final"])
-    assert len(rows) == (1 + 2 * 3 + 1) + (1 + 2 * 3)  # unrolled layers per lens (the coda lens skips the coda)
+    assert len(rows) == (1 + 2 * 3 + 1) + (
+        1 + 2 * 3
+    )  # unrolled layers per lens (the coda lens skips the coda)
     assert set(result.hover()["lens"]) == {"logit", "coda"}
     cells = live.grid_cells(result, "coda", 2)
     assert set(cells["position"]) == set(range(n))

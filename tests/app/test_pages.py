@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,11 @@ def goto(at: AppTest, page: str) -> AppTest:
 
 
 def texts(at: AppTest) -> str:
-    parts = [e.value for kind in ("markdown", "caption", "info", "warning", "error", "subheader", "header", "code")
-             for e in getattr(at, kind)]
+    parts = [
+        e.value
+        for kind in ("markdown", "caption", "info", "warning", "error", "subheader", "header", "code")
+        for e in getattr(at, kind)
+    ]
     return "\n".join(str(p) for p in parts)
 
 
@@ -176,7 +180,9 @@ def test_lens_grid_page(monkeypatch, runs_dir, model_dir):
     at.segmented_control(key="grid_lens").set_value("logit").run()
     at.slider(key="grid_iter").set_value(1).run()
     assert_clean(at)
-    assert "core.0 · t=1" in at.get("plotly_chart")[0].proto.spec
+    # read the figure as JSON: plotly escapes "·" as \\u00b7 unless orjson happens to be installed
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert "core.0 · t=1" in figure["layout"]["yaxis"]["ticktext"]
 
 
 def test_dynamics_live(monkeypatch, runs_dir, model_dir):

@@ -22,14 +22,20 @@ TARGET = GPUTarget("cuda", 90, 128)
 POINTER = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
-def compile_kernel(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int, num_stages: int = 3):
+def compile_kernel(
+    fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int, num_stages: int = 3
+):
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
     # what the launcher's specialisation gives real calls: 16-aligned pointers and multiple-of-16 sizes
     aligned = [n for n in names if n not in constexprs and (types[n].startswith("*") or types[n] == "i32")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    src = ASTSource(
+        fn=fn,
+        signature=signature,
+        attrs=attrs,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    )
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -54,11 +60,32 @@ def lens_variants():
         ("fp32", 2, 3, True, (64, 128, 32), "ieee"),
     ]:
         types = {n: "*fp32" for n in triton_lens._lens_stats_kernel.arg_names}
-        types.update(X=POINTER[dtype], W=POINTER[dtype], T="*i64", REF_IDX="*i64", OUT_CNT="*i32", OUT_TOPI="*i32",
-                     N="i32", V="i32", D="i32", stride_x="i32", stride_w="i32", stride_ref="i32")
-        flags = {"NUM_TARGETS": k_t, "KP": max(2, triton.next_power_of_2(k_t)), "TOPK": topk,
-                 "TKP": max(2, triton.next_power_of_2(topk)), "HAS_REF": ref, "UPCAST": False,
-                 "INPUT_PRECISION": precision, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}
+        types.update(
+            X=POINTER[dtype],
+            W=POINTER[dtype],
+            T="*i64",
+            REF_IDX="*i64",
+            OUT_CNT="*i32",
+            OUT_TOPI="*i32",
+            N="i32",
+            V="i32",
+            D="i32",
+            stride_x="i32",
+            stride_w="i32",
+            stride_ref="i32",
+        )
+        flags = {
+            "NUM_TARGETS": k_t,
+            "KP": max(2, triton.next_power_of_2(k_t)),
+            "TOPK": topk,
+            "TKP": max(2, triton.next_power_of_2(topk)),
+            "HAS_REF": ref,
+            "UPCAST": False,
+            "INPUT_PRECISION": precision,
+            "BLOCK_N": bn,
+            "BLOCK_V": bv,
+            "BLOCK_D": bd,
+        }
         name = f"lens {dtype} K={k_t} top{topk} ref={ref} tile={bn}x{bv}x{bd}"
         yield name, triton_lens._lens_stats_kernel, types, flags, 8
 
@@ -66,11 +93,30 @@ def lens_variants():
 def core_variants():
     for dtype in ("bf16", "fp32"):
         p = POINTER[dtype]
-        yield (f"rms_norm {dtype} residual d<=8192", triton_core._rms_norm_kernel,
-               {"X": p, "R": p, "W": p, "Y": p, "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
-                "D": "i32", "eps": "fp32"}, {"HAS_RESIDUAL": True, "BLOCK_D": 8192}, 8)
-        yield (f"swiglu {dtype}", triton_core._swiglu_kernel,
-               {"F_": p, "Y": p, "stride_f": "i32", "stride_y": "i32", "H": "i32"}, {"BLOCK": 1024}, 4)
+        yield (
+            f"rms_norm {dtype} residual d<=8192",
+            triton_core._rms_norm_kernel,
+            {
+                "X": p,
+                "R": p,
+                "W": p,
+                "Y": p,
+                "stride_x": "i32",
+                "stride_r": "i32",
+                "stride_y": "i32",
+                "D": "i32",
+                "eps": "fp32",
+            },
+            {"HAS_RESIDUAL": True, "BLOCK_D": 8192},
+            8,
+        )
+        yield (
+            f"swiglu {dtype}",
+            triton_core._swiglu_kernel,
+            {"F_": p, "Y": p, "stride_f": "i32", "stride_y": "i32", "H": "i32"},
+            {"BLOCK": 1024},
+            4,
+        )
 
 
 def main() -> None:

@@ -32,10 +32,18 @@ class Lens64:
     kl: Tensor | None
 
 
-def lens64(hidden: Tensor, w: Tensor, norm_weight: Tensor | None = None, eps: float = 1e-6,
-           ref_logprobs: Tensor | None = None, ref_index: Tensor | None = None) -> Lens64:
+def lens64(
+    hidden: Tensor,
+    w: Tensor,
+    norm_weight: Tensor | None = None,
+    eps: float = 1e-6,
+    ref_logprobs: Tensor | None = None,
+    ref_index: Tensor | None = None,
+) -> Lens64:
     x = hidden
-    if norm_weight is not None:  # the definition: normalise, round to dtype, times the gain in the promoted dtype
+    if (
+        norm_weight is not None
+    ):  # the definition: normalise, round to dtype, times the gain in the promoted dtype
         out_dtype = torch.promote_types(hidden.dtype, norm_weight.dtype)
         x = rms_norm64(hidden, norm_weight, eps).to(out_dtype)
     logits = x.double() @ w.double().T

@@ -54,7 +54,9 @@ def test_adapter_split_equals_linear_on_concat(gen):
     linear = torch.nn.Linear(2 * d, d, bias=True)
     x, e = torch.randn(3, 7, d, generator=gen), torch.randn(3, 7, d, generator=gen)
     with torch.no_grad():
-        split = kernels.adapter_step(x, linear.weight, kernels.adapter_injection(e, linear.weight), linear.bias)
+        split = kernels.adapter_step(
+            x, linear.weight, kernels.adapter_injection(e, linear.weight), linear.bias
+        )
         torch.testing.assert_close(split, linear(torch.cat([x, e], dim=-1)), atol=1e-5, rtol=1e-5)
 
 
@@ -170,5 +172,7 @@ def test_force_reference_wins_over_triton(gen, triton_on_cpu):
     x = torch.randn(3, 16, generator=gen)
     with kernels.force_reference():
         assert kernels.backend_for(x) == "reference"
-        assert torch.equal(kernels.rms_norm(x, torch.ones(16)), core_ops.rms_norm_reference(x, torch.ones(16)))
+        assert torch.equal(
+            kernels.rms_norm(x, torch.ones(16)), core_ops.rms_norm_reference(x, torch.ones(16))
+        )
     assert kernels.backend_for(x) == "triton"

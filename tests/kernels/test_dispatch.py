@@ -36,7 +36,9 @@ def test_env_var_forces_reference_lens_path(gen, monkeypatch):
     from kernels.lens_stats import api
 
     calls = []
-    monkeypatch.setattr(api, "lens_statistics_reference", lambda inputs: calls.append(1) or lens_statistics_reference(inputs))
+    monkeypatch.setattr(
+        api, "lens_statistics_reference", lambda inputs: calls.append(1) or lens_statistics_reference(inputs)
+    )
     kernels.lens_statistics(**args, topk=3)
     assert calls == [1]
 
@@ -46,27 +48,38 @@ def test_lens_dispatch_to_triton_and_fallbacks(gen, triton_on_cpu, monkeypatch):
 
     calls = []
     real = triton_lens.lens_statistics_triton_inputs
-    monkeypatch.setattr(triton_lens, "lens_statistics_triton_inputs",
-                        lambda inputs, **kw: calls.append(1) or real(inputs, block_n=16, block_v=64, **kw))
+    monkeypatch.setattr(
+        triton_lens,
+        "lens_statistics_triton_inputs",
+        lambda inputs, **kw: calls.append(1) or real(inputs, block_n=16, block_v=64, **kw),
+    )
     args = make_inputs(gen, 13, 40, 300, torch.float32)
     assert_matches(kernels.lens_statistics(**args, topk=4), expected(args), args, 4, ATOL[torch.float32])
     assert calls == [1]
     # a non-contiguous unembedding is made contiguous, not misread
     args_t = dict(args, unembedding=torch.randn(40, 300, generator=gen).T)
     assert not args_t["unembedding"].is_contiguous()
-    assert_matches(kernels.lens_statistics(**args_t, topk=2), expected(args_t), args_t, 2, ATOL[torch.float32])
+    assert_matches(
+        kernels.lens_statistics(**args_t, topk=2), expected(args_t), args_t, 2, ATOL[torch.float32]
+    )
     assert calls == [1, 1]
     # inputs the kernel does not cover take the chunked path: float64, more than 8 targets
     args64 = make_inputs(gen, 7, 24, 100, torch.float64)
-    assert_matches(kernels.lens_statistics(**args64, topk=2), expected(args64), args64, 2, ATOL[torch.float64])
+    assert_matches(
+        kernels.lens_statistics(**args64, topk=2), expected(args64), args64, 2, ATOL[torch.float64]
+    )
     args9 = make_inputs(gen, 7, 24, 100, torch.float32, k_targets=9)
     assert_matches(kernels.lens_statistics(**args9), expected(args9), args9, 0, ATOL[torch.float32])
     assert calls == [1, 1]
 
 
 def test_empty_batch(gen):
-    stats = kernels.lens_statistics(torch.zeros(0, 8), torch.randn(20, 8, generator=gen), topk=2,
-                                    targets=torch.zeros(0, 1, dtype=torch.long))
+    stats = kernels.lens_statistics(
+        torch.zeros(0, 8),
+        torch.randn(20, 8, generator=gen),
+        topk=2,
+        targets=torch.zeros(0, 1, dtype=torch.long),
+    )
     assert stats.logsumexp.shape == (0,) and stats.topk_ids.shape == (0, 2)
 
 
@@ -85,7 +98,10 @@ def test_empty_batch(gen):
         ({"topk": -1}, "topk"),
         ({"ref_logprobs": torch.zeros(4, 49)}, "ref_logprobs must be"),
         ({"ref_logprobs": torch.zeros(3, 50)}, "pass ref_index"),
-        ({"ref_logprobs": torch.zeros(3, 50), "ref_index": torch.tensor([0, 1, 2, 3])}, "ref_index out of range"),
+        (
+            {"ref_logprobs": torch.zeros(3, 50), "ref_index": torch.tensor([0, 1, 2, 3])},
+            "ref_index out of range",
+        ),
         ({"ref_index": torch.zeros(4, dtype=torch.long)}, "without ref_logprobs"),
     ],
 )
@@ -111,8 +127,11 @@ def test_nan_states_give_nan_not_numbers(gen, triton_on_cpu):
     args = make_inputs(gen, 6, 16, 70, torch.float32, k_targets=1, with_ref=False)
     args["hidden"][2, 3] = float("nan")
     inputs = prepare_lens_inputs(**args)
-    for stats in (lens_statistics_reference(inputs), lens_statistics_chunked(inputs, chunk_size=32),
-                  lens_statistics_triton_inputs(inputs, block_n=16, block_v=32)):
+    for stats in (
+        lens_statistics_reference(inputs),
+        lens_statistics_chunked(inputs, chunk_size=32),
+        lens_statistics_triton_inputs(inputs, block_n=16, block_v=32),
+    ):
         assert bool(stats.logsumexp[2].isnan()) and bool(stats.entropy[2].isnan())
         assert bool(torch.isfinite(stats.logsumexp[[0, 1, 3, 4, 5]]).all())
 

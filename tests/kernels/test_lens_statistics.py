@@ -13,8 +13,16 @@ from tests.kernels.reference64 import Lens64, lens64, rank_bounds
 ATOL = {torch.float64: 2e-5, torch.float32: 5e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 
 
-def make_inputs(gen: torch.Generator, n: int, d: int, v: int, dtype: torch.dtype, k_targets: int = 3,
-                with_ref: bool = True, ref_rows: int | None = None) -> dict:
+def make_inputs(
+    gen: torch.Generator,
+    n: int,
+    d: int,
+    v: int,
+    dtype: torch.dtype,
+    k_targets: int = 3,
+    with_ref: bool = True,
+    ref_rows: int | None = None,
+) -> dict:
     """Random lens inputs with Huginn-like scales: unit-norm-ish states, logits of order a few nats."""
     hidden = (torch.randn(n, d, generator=gen) * 3 + 0.5).to(dtype)
     w = (torch.randn(v, d, generator=gen) * (2.0 / d**0.5)).to(dtype)
@@ -33,8 +41,14 @@ def make_inputs(gen: torch.Generator, n: int, d: int, v: int, dtype: torch.dtype
 
 
 def expected(args: dict) -> Lens64:
-    return lens64(args["hidden"], args["unembedding"], args.get("norm_weight"), 1e-6,
-                  args.get("ref_logprobs"), args.get("ref_index"))
+    return lens64(
+        args["hidden"],
+        args["unembedding"],
+        args.get("norm_weight"),
+        1e-6,
+        args.get("ref_logprobs"),
+        args.get("ref_index"),
+    )
 
 
 def assert_matches(stats: LensStatistics, ex: Lens64, args: dict, topk: int, atol: float) -> None:
@@ -140,8 +154,9 @@ def test_triton_options(gen, k_targets, topk, with_ref, splits, tiles):
 
     args = make_inputs(gen, 21, 72, 300, torch.float32, k_targets=k_targets, with_ref=with_ref)
     bn, bv, bd = tiles
-    stats = lens_statistics_triton(**args, topk=topk, num_splits=splits, block_n=bn, block_v=bv, block_d=bd,
-                                   poison=True)
+    stats = lens_statistics_triton(
+        **args, topk=topk, num_splits=splits, block_n=bn, block_v=bv, block_d=bd, poison=True
+    )
     assert_matches(stats, expected(args), args, topk, ATOL[torch.float32])
 
 
@@ -189,8 +204,9 @@ def test_ranks_with_exact_ties(gen, path):
     else:
         from kernels.triton_lens import lens_statistics_triton_inputs
 
-        stats = lens_statistics_triton_inputs(inputs, block_n=16, block_v=64, block_d=16, num_splits=3,
-                                              poison=True)
+        stats = lens_statistics_triton_inputs(
+            inputs, block_n=16, block_v=64, block_d=16, num_splits=3, poison=True
+        )
     ranks = brute_force_ranks(args)
     assert torch.equal(stats.target_ranks, ranks)
     tied = (args["hidden"] @ args["unembedding"].T).gather(1, args["targets"])
@@ -208,8 +224,13 @@ def test_lens_statistics_validates_shapes():
     with pytest.raises(ValueError, match="entropy"):
         LensStatistics(logsumexp=lse, entropy=torch.zeros(3))
     with pytest.raises(ValueError, match="target_ranks"):
-        LensStatistics(lse, lse, target_logits=torch.zeros(4, 2), target_ranks=torch.zeros(4, 2),
-                       target_logprobs=torch.zeros(4, 2))
+        LensStatistics(
+            lse,
+            lse,
+            target_logits=torch.zeros(4, 2),
+            target_ranks=torch.zeros(4, 2),
+            target_logprobs=torch.zeros(4, 2),
+        )
     with pytest.raises(ValueError, match="together"):
         LensStatistics(lse, lse, topk_ids=torch.zeros(4, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="logsumexp"):

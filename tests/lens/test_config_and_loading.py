@@ -9,17 +9,17 @@ from safetensors.torch import load_file, save_file
 
 import lens
 from lens.loading import CheckpointError
-from tests.conftest import shared_path, small_config
+from tests.conftest import HUGINN_0125, small_config
 
 
 def test_huginn_config_parses_and_meta_model_matches_index():
-    cfg = lens.RecurrentDepthConfig.from_json(shared_path("huginn-0125", "config.json"))
+    cfg = lens.RecurrentDepthConfig.from_json(HUGINN_0125 / "config.json")
     assert (cfg.n_embd, cfg.n_heads, cfg.head_dim, cfg.padded_vocab_size) == (5280, 55, 96, 65536)
     assert cfg.unrolled_layers(16) == 68
     with torch.device("meta"):
         model = lens.RecurrentDepthLM(cfg)
     state = model.state_dict()
-    index = json.loads(shared_path("huginn-0125", "model.safetensors.index.json").read_text())
+    index = json.loads((HUGINN_0125 / "model.safetensors.index.json").read_text())
     assert set(state) == set(index["weight_map"])
     # every tensor stored in float32: the index's total size pins the shapes down
     assert sum(t.numel() * 4 for t in state.values()) == index["metadata"]["total_size"]
@@ -62,7 +62,10 @@ def test_sharded_checkpoint_loads(tmp_path):
     state = load_file(str(path / "model.safetensors"))
     keys = sorted(state)
     half = len(keys) // 2
-    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[:half],
+        "model-00002-of-00002.safetensors": keys[half:],
+    }
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     shutil.copy(path / "config.json", sharded / "config.json")
@@ -70,7 +73,9 @@ def test_sharded_checkpoint_loads(tmp_path):
     for name, ks in shards.items():
         save_file({k: state[k] for k in ks}, str(sharded / name))
         weight_map.update({k: name for k in ks})
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     again = lens.load_model(sharded)
     ids = torch.randint(0, 97, (1, 5))
     with torch.no_grad():

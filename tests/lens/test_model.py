@@ -52,7 +52,7 @@ def test_left_padded_batch_equals_each_prompt_alone(small_model):
         batch = small_model(ids, 6, "zeros", mask).logits
         for i, p in enumerate(prompts):
             alone = small_model(torch.tensor([p]), 6, "zeros").logits[0]
-            torch.testing.assert_close(batch[i, -len(p):], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(batch[i, -len(p) :], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_truncated_backprop_only_reaches_last_iterations(small_model):
@@ -75,12 +75,23 @@ def test_stream_sites_order_and_unrolled_index(small_model):
     seen = []
     ids = torch.randint(0, 97, (2, 5))
     with torch.no_grad():
-        out = small_model(ids, num_steps=3, init_state="zeros", consumers=[lens.Subscription(
-            lambda s: seen.append((s.site, s.iteration, s.block, s.unrolled_index, tuple(s.tensor.shape))),
-            positions="last")])
+        out = small_model(
+            ids,
+            num_steps=3,
+            init_state="zeros",
+            consumers=[
+                lens.Subscription(
+                    lambda s: seen.append(
+                        (s.site, s.iteration, s.block, s.unrolled_index, tuple(s.tensor.shape))
+                    ),
+                    positions="last",
+                )
+            ],
+        )
     sites = [s[0] for s in seen]
-    assert sites == (["embed", "prelude.0"] + ["adapter", "core.0", "core.1"] * 3
-                     + ["latent", "coda.0", "final"])
+    assert sites == (
+        ["embed", "prelude.0"] + ["adapter", "core.0", "core.1"] * 3 + ["latent", "coda.0", "final"]
+    )
     block_rows = [s for s in seen if s[3] >= 0]
     assert [s[3] for s in block_rows] == list(range(small_model.config.unrolled_layers(3)))
     assert all(s[4] == (2, 1, 64) for s in seen)
@@ -94,8 +105,12 @@ def test_positions_and_trace(small_model):
     with torch.no_grad():
         out = small_model(ids, num_steps=4, init_state="zeros", return_trace=["core.0", "latent"])
         kept = []
-        small_model(ids, num_steps=4, init_state="zeros",
-                    consumers=[lens.Subscription(kept.append, sites=["core.0"], positions=[0, -1])])
+        small_model(
+            ids,
+            num_steps=4,
+            init_state="zeros",
+            consumers=[lens.Subscription(kept.append, sites=["core.0"], positions=[0, -1])],
+        )
     assert out.trace["core.0"].shape == (4, 2, 6, 64)
     assert out.trace["latent"].shape == (1, 2, 6, 64)
     torch.testing.assert_close(out.trace["latent"][0], out.latent)
@@ -114,7 +129,9 @@ def test_hooks_read_patch_and_are_removed(small_model):
 
     with torch.no_grad():
         base = small_model(ids, 3, "zeros").logits
-        small_model.run_with_hooks(ids, 3, "zeros", fwd_hooks=[("transformer.core_block.1.hook_resid_post", record)])
+        small_model.run_with_hooks(
+            ids, 3, "zeros", fwd_hooks=[("transformer.core_block.1.hook_resid_post", record)]
+        )
         assert seen == [("transformer.core_block.1.hook_resid_post", t) for t in (1, 2, 3)]
         with small_model.hooks([("hook_adapter", lambda x, hook: torch.zeros_like(x))]):
             patched = small_model(ids, 3, "zeros").logits
@@ -168,8 +185,13 @@ _MEMORY_PROBE = textwrap.dedent("""
 
 
 def _peak_growth(steps, mode):
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(steps), mode], capture_output=True,
-                         text=True, cwd=REPO, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(steps), mode],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 

@@ -5,12 +5,12 @@ import torch
 from safetensors.torch import load_file
 
 import lens
-from tests.conftest import shared_path
+from tests.conftest import data_path
 
 
 @pytest.mark.parametrize("steps", [1, 3, 8])
 def test_huginn_tiny_logits_match_reference(steps):
-    fixture = shared_path("fixtures", "huginn-tiny")
+    fixture = data_path("fixtures", "huginn-tiny")
     model = lens.load_model(fixture / "checkpoint")
     ref = load_file(str(fixture / "reference.safetensors"))
     with torch.no_grad():

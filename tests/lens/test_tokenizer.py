@@ -10,7 +10,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers
 
 from lens.tokenizer import Tokenizer
-from tests.conftest import shared_path
+from tests.conftest import HUGINN_0125, REFERENCE
 
 SYSTEM = "You are a concise and helpful assistant. Always return only the final answer straightway."
 
@@ -36,12 +36,12 @@ EXPECTED_PROMPT = (
 
 @pytest.fixture(scope="module")
 def huginn() -> Tokenizer:
-    return Tokenizer.from_dir(shared_path("huginn-0125"))
+    return Tokenizer.from_dir(HUGINN_0125)
 
 
 @pytest.fixture(scope="module")
 def reference_rows() -> list[dict]:
-    path = shared_path("reference", "huginn-latent-cot", "filtered_arithmetic_dataset.json")
+    path = REFERENCE / "filtered_arithmetic_dataset.json"
     return json.loads(path.read_text())
 
 
@@ -56,7 +56,11 @@ def reference_messages(rows: list[dict], question: str) -> list[dict]:
 
 def test_huginn_special_tokens_and_sizes(huginn: Tokenizer) -> None:
     assert (huginn.bos_token_id, huginn.eos_token_id, huginn.pad_token_id) == (65504, 65505, 65509)
-    assert (huginn.bos_token, huginn.eos_token, huginn.pad_token) == ("<|begin_text|>", "<|end_text|>", "<|pad|>")
+    assert (huginn.bos_token, huginn.eos_token, huginn.pad_token) == (
+        "<|begin_text|>",
+        "<|end_text|>",
+        "<|pad|>",
+    )
     assert huginn.vocab_size == 65536 and huginn.has_chat_template
     assert huginn.token_to_id("<|begin_header|>") == 65506 and huginn.id_to_token(65508) == "<|end_turn|>"
     assert huginn.id_to_token(10**6) is None and huginn.token_to_id("no such token") is None
@@ -96,7 +100,9 @@ def test_reference_chat_prompt_renders_and_round_trips(huginn: Tokenizer, refere
         assert huginn.encode("<|end_header|>\n\n" + answer)[-1] == ord(answer)
 
 
-def test_chat_prompt_without_generation_prompt_ends_the_text(huginn: Tokenizer, reference_rows: list[dict]) -> None:
+def test_chat_prompt_without_generation_prompt_ends_the_text(
+    huginn: Tokenizer, reference_rows: list[dict]
+) -> None:
     messages = reference_messages(reference_rows, reference_rows[5]["context"])
     text = huginn.apply_chat_template(messages, add_generation_prompt=False)
     assert text.endswith("Question: What is (6 - 5) * 3?\nAnswer:<|end_turn|><|end_text|>")
@@ -108,7 +114,11 @@ def test_chat_prompt_without_generation_prompt_ends_the_text(huginn: Tokenizer, 
 
 def test_save_and_reload(huginn: Tokenizer, tmp_path) -> None:
     out = huginn.save(tmp_path / "tok")
-    assert {p.name for p in out.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
     again = Tokenizer.from_dir(out)
     text = "Question: What is (3 * 2) + 1?\nAnswer: 7<|end_turn|>"
     assert again.encode(text) == huginn.encode(text)
@@ -147,10 +157,14 @@ def test_broken_config_names_the_file(tmp_path) -> None:
 
 
 def test_generation_tag_and_plain_tokenizer(tmp_path) -> None:
-    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
-                "{% generation %}[{{ m['content'] }}]{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
-                "{% endfor %}{% if add_generation_prompt %}>{% endif %}")
-    tok = _word_level(tmp_path, {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "chat_template": template})
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{% generation %}[{{ m['content'] }}]{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    tok = _word_level(
+        tmp_path, {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "chat_template": template}
+    )
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, None)
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     assert tok.apply_chat_template(msgs) == "<s>a[b]>"

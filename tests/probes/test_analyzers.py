@@ -28,7 +28,9 @@ def test_tuned_lens_beats_logit_lens_on_held_out_kl(model, tmp_path):
     lenses["shared"].save(tmp_path / "tl")
     again = TunedLens.load(tmp_path / "tl", model)
     h = torch.randn(1, 4, 64)
-    torch.testing.assert_close(again.transform_hidden(h, "core.1", 2), lenses["shared"].transform_hidden(h, "core.1", 2))
+    torch.testing.assert_close(
+        again.transform_hidden(h, "core.1", 2), lenses["shared"].transform_hidden(h, "core.1", 2)
+    )
     untrained = TunedLens(model)
     assert torch.equal(untrained.transform_hidden(h, "core.0", 1), h)  # identity at initialisation
     with pytest.raises(ValueError, match="no translator"):

@@ -26,8 +26,16 @@ def test_recorded_ranks_match_brute_force():
     model = lens.RecurrentDepthLM(small_config()).eval()
     ids = torch.randint(0, 97, (3, 6))
     targets = {"a": [0, 15, 40], "b": [12, 3, 96]}
-    res = probe_prompts(model, ids.tolist(), targets, num_steps=3, init_state="zeros", topk=5, dynamics=False,
-                        predicted_target=None)
+    res = probe_prompts(
+        model,
+        ids.tolist(),
+        targets,
+        num_steps=3,
+        init_state="zeros",
+        topk=5,
+        dynamics=False,
+        predicted_target=None,
+    )
     with torch.no_grad():
         trace = model(ids, 3, "zeros", return_trace=True).trace
     lenses = {"logit": LogitLens(model), "coda": CodaLens(model)}

@@ -30,11 +30,24 @@ MANIFEST = {
 def rank_rows(batch: int, prompts: int = 2, layers: int = 3) -> list[dict]:
     """Deterministic ranks records for one batch of prompts (what a study would compute)."""
     return [
-        {"prompt_id": batch * prompts + p, "position": -1, "site": f"core.{u % 2}", "iteration": 1 + u // 2,
-         "block": u % 2, "unrolled_index": u, "lens": "logit", "target_kind": "final", "token_id": 7,
-         "token": "7", "rank": 1 + (p + u) % 5, "logprob": -0.5 * u, "entropy": 1.25,
-         "kl_to_final": None if u == 0 else 0.1 * u}
-        for p in range(prompts) for u in range(layers)
+        {
+            "prompt_id": batch * prompts + p,
+            "position": -1,
+            "site": f"core.{u % 2}",
+            "iteration": 1 + u // 2,
+            "block": u % 2,
+            "unrolled_index": u,
+            "lens": "logit",
+            "target_kind": "final",
+            "token_id": 7,
+            "token": "7",
+            "rank": 1 + (p + u) % 5,
+            "logprob": -0.5 * u,
+            "entropy": 1.25,
+            "kl_to_final": None if u == 0 else 0.1 * u,
+        }
+        for p in range(prompts)
+        for u in range(layers)
     ]
 
 
@@ -44,9 +57,14 @@ def rank_rows(batch: int, prompts: int = 2, layers: int = 3) -> list[dict]:
 def test_schemas_name_the_tables_and_nullable_columns():
     assert set(SCHEMAS) == {"ranks", "topk", "answers", "dynamics", "prompts", "verdicts"}
     nullable = {name: sorted(f.name for f in s if f.nullable) for name, s in SCHEMAS.items()}
-    assert nullable == {"ranks": ["kl_to_final"], "topk": [], "answers": ["intermediate"],
-                        "dynamics": ["pc1", "pc2", "pc3", "step_norm"], "prompts": ["intermediate"],
-                        "verdicts": []}
+    assert nullable == {
+        "ranks": ["kl_to_final"],
+        "topk": [],
+        "answers": ["intermediate"],
+        "dynamics": ["pc1", "pc2", "pc3", "step_norm"],
+        "prompts": ["intermediate"],
+        "verdicts": [],
+    }
     assert SCHEMAS["topk"].field("k").type == pa.int8()
     assert SCHEMAS["ranks"].field("position").type == pa.int32()
 
@@ -86,8 +104,20 @@ def test_schema_errors_name_table_and_column(change, column, words):
 
 
 def test_topk_k_overflow_and_unknown_table():
-    row = {"run": "r", "prompt_id": 0, "position": 0, "site": "latent", "iteration": 4, "block": -1,
-           "unrolled_index": -1, "lens": "logit", "k": 300, "token_id": 1, "token": "a", "logprob": -1.0}
+    row = {
+        "run": "r",
+        "prompt_id": 0,
+        "position": 0,
+        "site": "latent",
+        "iteration": 4,
+        "block": -1,
+        "unrolled_index": -1,
+        "lens": "logit",
+        "k": 300,
+        "token_id": 1,
+        "token": "a",
+        "logprob": -1.0,
+    }
     with pytest.raises(ValueError, match="'k'.*int8"):
         to_table("topk", [row])
     with pytest.raises(ValueError, match="unknown table 'rankz'"):
@@ -144,9 +174,11 @@ def test_resume_with_equal_settings_keeps_shards(tmp_path):
 
 @pytest.mark.parametrize(
     ("section", "change", "key"),
-    [("settings", {"num_steps": 16}, "settings.num_steps"),
-     ("model", {"name": "huginn-0125"}, "model.name"),
-     ("settings", {"extra": True}, "settings.extra")],
+    [
+        ("settings", {"num_steps": 16}, "settings.num_steps"),
+        ("model", {"name": "huginn-0125"}, "model.name"),
+        ("settings", {"extra": True}, "settings.extra"),
+    ],
 )
 def test_resume_with_other_model_or_settings_names_the_key(tmp_path, section, change, key):
     Run.create(tmp_path, "r", MANIFEST).write_shard("ranks", 0, rank_rows(0))
@@ -206,8 +238,14 @@ run.mark_complete()
 
 def run_study(root: Path, crash_at: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(STUDY), str(root), str(crash_at)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(STUDY), str(root), str(crash_at)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_killed_study_resumes_without_recomputing_or_duplicating(tmp_path):
@@ -285,9 +323,22 @@ def test_open_without_manifest_says_so(tmp_path):
 def test_list_runs_and_status(tmp_path):
     with Run.create(tmp_path, "b-done", MANIFEST) as done:
         done.write_shard("ranks", 0, rank_rows(0))
-        done.write_shard("answers", 0, [{"prompt_id": 0, "task": "add", "num_steps": 8, "prompt": "1+1=",
-                                         "expected": "2", "generated": "2", "correct": True,
-                                         "first_token_id": 17}])
+        done.write_shard(
+            "answers",
+            0,
+            [
+                {
+                    "prompt_id": 0,
+                    "task": "add",
+                    "num_steps": 8,
+                    "prompt": "1+1=",
+                    "expected": "2",
+                    "generated": "2",
+                    "correct": True,
+                    "first_token_id": 17,
+                }
+            ],
+        )
         done.mark_complete()
     with pytest.raises(RuntimeError), Run.create(tmp_path, "a-broken", MANIFEST):
         raise RuntimeError("out of memory")

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import lens
 import probes.api
-from lens.cli import app
+from looplens.cli import app
 from probes.store import Run
 from studies.arithmetic import run_arithmetic_study
 from tests.conftest import save_arith_model
@@ -45,7 +45,13 @@ def test_figure_tables(run):
     # a random model answers nothing correctly, so intermediate-vs-final (correct problems only) is skipped;
     # tests/studies/test_embedded_study.py checks it on the trained tiny-arith
     assert not (figures / "intermediate_vs_final.png").exists()
-    for name in ("rank_trajectory", "numeric_prefix", "depth_scaling", "latent_dynamics", "reference_overlay"):
+    for name in (
+        "rank_trajectory",
+        "numeric_prefix",
+        "depth_scaling",
+        "latent_dynamics",
+        "reference_overlay",
+    ):
         assert (figures / f"{name}.png").stat().st_size > 10_000
         assert (figures / f"{name}.html").is_file()
     traj = pd.read_parquet(figures / "rank_trajectory.parquet")
@@ -94,9 +100,23 @@ def test_bad_inputs_give_one_clear_error(model_dir, tmp_path):
     (no_weights / "config.json").write_text((model_dir / "config.json").read_text())
     cases = [
         (["study", "arithmetic", "--model", str(no_weights), "--out", str(tmp_path)], "no weights"),
-        (["study", "arithmetic", "--model", str(model_dir), "--template", "Q: what?", "--out", str(tmp_path)],
-         "{question}"),
-        (["study", "arithmetic", "--model", str(model_dir), "--steps", "0", "--out", str(tmp_path)], "--steps"),
+        (
+            [
+                "study",
+                "arithmetic",
+                "--model",
+                str(model_dir),
+                "--template",
+                "Q: what?",
+                "--out",
+                str(tmp_path),
+            ],
+            "{question}",
+        ),
+        (
+            ["study", "arithmetic", "--model", str(model_dir), "--steps", "0", "--out", str(tmp_path)],
+            "--steps",
+        ),
         (["study", "geometry"], "unknown study"),
     ]
     for args, message in cases:
@@ -116,8 +136,16 @@ def test_study_sized_run_on_the_embedded_model_resumes_after_a_kill(tmp_path, mo
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    settings = dict(model="tiny-arith", n=200, steps=16, batch_size=50, depths=(16,), depth_n=2, tuned_lens=False,
-                    out=tmp_path)
+    settings = dict(
+        model="tiny-arith",
+        n=200,
+        steps=16,
+        batch_size=50,
+        depths=(16,),
+        depth_n=2,
+        tuned_lens=False,
+        out=tmp_path,
+    )
     monkeypatch.setattr("studies.arithmetic.probe_prompts", dying)
     with pytest.raises(KeyboardInterrupt):
         run_arithmetic_study(**settings)
@@ -126,10 +154,14 @@ def test_study_sized_run_on_the_embedded_model_resumes_after_a_kill(tmp_path, mo
     written = {p.name: p.stat().st_mtime_ns for p in (path / "ranks").glob("*.parquet")}
     assert len(written) == 2
     run = run_arithmetic_study(**settings)
-    assert {p.name: p.stat().st_mtime_ns for p in (path / "ranks").glob("*.parquet") if p.name in written} == written
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (path / "ranks").glob("*.parquet") if p.name in written
+    } == written
     ranks = run.table("ranks")
     layout = lens.load_model("tiny-arith").layout
     layers = layout.prelude + 16 * layout.core + layout.coda
     per_prompt = ranks.query("target_kind == 'predicted' and unrolled_index >= 0").groupby("prompt_id").size()
-    assert len(per_prompt) == 200 and (per_prompt == 2 * layers - 1).all()  # the Coda Lens stops before the coda
+    assert (
+        len(per_prompt) == 200 and (per_prompt == 2 * layers - 1).all()
+    )  # the Coda Lens stops before the coda
     assert not ranks.duplicated(["prompt_id", "site", "iteration", "lens", "target_kind"]).any()

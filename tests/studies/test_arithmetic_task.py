@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import operator
 
@@ -20,7 +21,7 @@ from studies.tasks.prompts import (
     reference_shots,
     resolve_template,
 )
-from tests.conftest import shared_path
+from tests.conftest import HUGINN_0125
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
@@ -46,8 +47,9 @@ def question_expression(context: str) -> str:
 
 def test_reference_rows_are_reproduced_exactly() -> None:
     rows = json.loads(arithmetic.reference_path().read_text())
-    shared = shared_path("reference", "huginn-latent-cot", "filtered_arithmetic_dataset.json")
-    assert rows == json.loads(shared.read_text())  # the packaged copy is unchanged
+    # the packaged copy is the reference study's released file, byte for byte
+    released = "d12dd2be219854a6059f117bceef09a02d4407f3ae156e0939cd3519af103e27"
+    assert hashlib.sha256(arithmetic.reference_path().read_bytes()).hexdigest() == released
     problems = arithmetic.load_reference_problems()
     assert len(problems) == len(rows) == 71
     for row, p in zip(rows, problems, strict=True):
@@ -66,9 +68,15 @@ def test_formats() -> None:
     assert arithmetic.binary("arithmetic_2ds", 20, 73).completion == " -53"
     assert arithmetic.binary("arithmetic_2dm", 17, 44).context == "Question: What is 17 times 44?\nAnswer:"
     p = arithmetic.composite(2, "-", 9, "+", 3)
-    assert (p.context, p.completion, p.intermediate) == ("Question: What is (2 - 9) + 3?\nAnswer:", " -4", "-7")
+    assert (p.context, p.completion, p.intermediate) == (
+        "Question: What is (2 - 9) + 3?\nAnswer:",
+        " -4",
+        "-7",
+    )
     assert arithmetic.composite(3, "*", 4, "*", 1).completion == " 12"
-    assert arithmetic.parse_problem("arithmetic_3ds", "Question: What is 5 minus 999?\nAnswer:").answer == -994
+    assert (
+        arithmetic.parse_problem("arithmetic_3ds", "Question: What is 5 minus 999?\nAnswer:").answer == -994
+    )
     with pytest.raises(ValueError, match="completion"):
         arithmetic.parse_problem("arithmetic_1dc", "Question: What is (1 + 1) + 1?\nAnswer:", " 4")
     with pytest.raises(ValueError):
@@ -106,7 +114,9 @@ def test_sampling_is_seeded() -> None:
         assert a == arithmetic.sample(task, 100, "test", seed=5)
         assert a != arithmetic.sample(task, 100, "test", seed=6)
         assert len({p.context for p in a}) == 100  # distinct within a sample
-    assert arithmetic.sample("arithmetic_1dc", 5, "train", seed=1) != arithmetic.sample("arithmetic_1dc", 5, "test", seed=1)
+    assert arithmetic.sample("arithmetic_1dc", 5, "train", seed=1) != arithmetic.sample(
+        "arithmetic_1dc", 5, "test", seed=1
+    )
     assert arithmetic.sample("arithmetic_1dc", 0, "test") == []
 
 
@@ -174,24 +184,34 @@ def test_template_checks_and_records() -> None:
         resolve_template("chatty")
     record = chat_template().to_dict()
     assert json.loads(json.dumps(record)) == record
-    assert record["name"] == "chat-4shot" and record["template"] == "{question}" and record["system"] == SYSTEM_MESSAGE
+    assert (
+        record["name"] == "chat-4shot"
+        and record["template"] == "{question}"
+        and record["system"] == SYSTEM_MESSAGE
+    )
     assert record["shots"] == [list(s) for s in reference_shots()] and record["answer_prefix"] == "\n\n"
     assert plain_template().to_dict()["answer_prefix"] == ""
-    assert resolve_template(None, None).name == "plain" and resolve_template("plain-4shot").shots == tuple(reference_shots())
+    assert resolve_template(None, None).name == "plain" and resolve_template("plain-4shot").shots == tuple(
+        reference_shots()
+    )
     with pytest.raises(ValueError, match="chat template"):
         chat_template().render(Q, None)
 
 
 def test_chat_prompt_matches_the_reference_for_huginn() -> None:
-    tok = Tokenizer.from_dir(shared_path("huginn-0125"))
+    tok = Tokenizer.from_dir(HUGINN_0125)
     text = chat_prompt(tok, Q)
-    assert text.startswith("<|begin_text|><|begin_header|>system<|end_header|>\n\n" + SYSTEM_MESSAGE + "<|end_turn|>")
+    assert text.startswith(
+        "<|begin_text|><|begin_header|>system<|end_header|>\n\n" + SYSTEM_MESSAGE + "<|end_turn|>"
+    )
     assert "<|begin_header|>Huginn<|end_header|>\n\n7<|end_turn|>" in text
-    assert text.endswith("<|begin_header|>user<|end_header|>\n\n" + Q + "<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n")
+    assert text.endswith(
+        "<|begin_header|>user<|end_header|>\n\n" + Q + "<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n"
+    )
     template = resolve_template(None, tok)
     assert template.name == "chat" and template.render(Q, tok) == text
     assert tok.decode(tok.encode(text)) == text
     # the first answer token as Huginn must emit it: the bare digit after the header ("7" = 55)
     prefix = template.answer_prefix
     answer = template.expected_answer(" 7")
-    assert tok.encode(prefix + answer)[len(tok.encode(prefix)):] == [55]
+    assert tok.encode(prefix + answer)[len(tok.encode(prefix)) :] == [55]

@@ -38,62 +38,139 @@ def _correct(pid: int) -> bool:
     return pid % 3 != 0
 
 
-def synthetic_tables(seed: int = 0, layout: Layout = LAYOUT, n_prompts: int = N_PROMPTS) -> dict[str, pd.DataFrame]:
+def synthetic_tables(
+    seed: int = 0, layout: Layout = LAYOUT, n_prompts: int = N_PROMPTS
+) -> dict[str, pd.DataFrame]:
     """Every input table of the figures, for ``n_prompts`` fake problems (prompt ids % 3 == 0 wrong)."""
     rng = np.random.default_rng(seed)
-    sites = [(f"{s}.{j}", t, j, layout.unrolled_index(s, t, j)) for s, t, j in
-             [layout.locate(u) for u in range(layout.n_unrolled)]]
+    sites = [
+        (f"{s}.{j}", t, j, layout.unrolled_index(s, t, j))
+        for s, t, j in [layout.locate(u) for u in range(layout.n_unrolled)]
+    ]
     sites += [("embed", 0, -1, -1), ("latent", layout.steps, -1, -1), ("final", 0, -1, -1)]
-    kinds = ["predicted", "final", "intermediate", "intermediate_alt", "control"] + [f"digit_{d}" for d in range(10)]
+    kinds = ["predicted", "final", "intermediate", "intermediate_alt", "control"] + [
+        f"digit_{d}" for d in range(10)
+    ]
     rows, tops = [], []
     for pid in range(n_prompts):
         inter, ans = _answer(pid)
-        ids = {"predicted": 100 + ans, "final": 100 + ans, "intermediate": 100 + inter,
-               "intermediate_alt": 200 + inter, "control": 300}
+        ids = {
+            "predicted": 100 + ans,
+            "final": 100 + ans,
+            "intermediate": 100 + inter,
+            "intermediate_alt": 200 + inter,
+            "control": 300,
+        }
         ids.update({f"digit_{d}": 100 + d for d in range(10)})
         for lens in LENSES:
             for site, t, j, u in sites:
                 depth = max(u, 0) / layout.n_unrolled
                 for kind in kinds:
                     rank = int(1 + np.exp(rng.normal(6 * (1 - depth), 1.5)))
-                    if kind in ("final", "intermediate", "intermediate_alt", "control") or kind.startswith("digit"):
+                    if kind in ("final", "intermediate", "intermediate_alt", "control") or kind.startswith(
+                        "digit"
+                    ):
                         rank = rank if _correct(pid) else WRONG_RANK
                     rows.append((pid, -1, site, t, j, u, lens, kind, ids[kind], rank))
                 if u >= 0 and not (lens == "coda" and site.startswith("coda")):
                     for k in range(1, 6):
                         tops.append((pid, -1, site, t, j, u, lens, k, 0, TOKENS[rng.integers(len(TOKENS))]))
-    ranks = pd.DataFrame(rows, columns=["prompt_id", "position", "site", "iteration", "block", "unrolled_index",
-                                        "lens", "target_kind", "token_id", "rank"])
+    ranks = pd.DataFrame(
+        rows,
+        columns=[
+            "prompt_id",
+            "position",
+            "site",
+            "iteration",
+            "block",
+            "unrolled_index",
+            "lens",
+            "target_kind",
+            "token_id",
+            "rank",
+        ],
+    )
     ranks["logprob"] = -np.log(ranks["rank"].astype(float))
     ranks["entropy"], ranks["kl_to_final"], ranks["token"] = 1.0, 0.1, "?"
-    topk = pd.DataFrame(tops, columns=["prompt_id", "position", "site", "iteration", "block", "unrolled_index",
-                                       "lens", "k", "token_id", "token"])
+    topk = pd.DataFrame(
+        tops,
+        columns=[
+            "prompt_id",
+            "position",
+            "site",
+            "iteration",
+            "block",
+            "unrolled_index",
+            "lens",
+            "k",
+            "token_id",
+            "token",
+        ],
+    )
     topk["logprob"] = -1.0
-    answers = pd.DataFrame([{
-        "prompt_id": pid, "task": "arithmetic_1dc", "num_steps": layout.steps, "prompt": f"Q{pid}",
-        "expected": "-3" if pid == 4 else str(_answer(pid)[1]), "generated": "?", "correct": _correct(pid),
-        "first_token_id": 100, "intermediate": str(_answer(pid)[0]),
-    } for pid in range(n_prompts)])
+    answers = pd.DataFrame(
+        [
+            {
+                "prompt_id": pid,
+                "task": "arithmetic_1dc",
+                "num_steps": layout.steps,
+                "prompt": f"Q{pid}",
+                "expected": "-3" if pid == 4 else str(_answer(pid)[1]),
+                "generated": "?",
+                "correct": _correct(pid),
+                "first_token_id": 100,
+                "intermediate": str(_answer(pid)[0]),
+            }
+            for pid in range(n_prompts)
+        ]
+    )
     # the same prompts at another depth, with the opposite verdict: must be ignored
-    answers = pd.concat([answers, answers.assign(num_steps=2 * layout.steps, correct=~answers["correct"])],
-                        ignore_index=True)
+    answers = pd.concat(
+        [answers, answers.assign(num_steps=2 * layout.steps, correct=~answers["correct"])], ignore_index=True
+    )
     dyn_rows, verdicts = [], []
     for pid in range(n_prompts):
         for site in ("core.0", "core.1"):
             pcs = np.cumsum(rng.normal(size=(layout.steps, 2)), axis=0)
             for t in range(1, layout.steps + 1):
-                dyn_rows.append({"prompt_id": pid, "position": -1, "site": site, "iteration": t,
-                                 "step_norm": np.nan if t == 1 else 0.5 ** t * rng.uniform(0.5, 1.5),
-                                 "cos_to_last": 1 - 0.1 * (layout.steps - t) * rng.uniform(0.5, 1),
-                                 "norm": 10.0, "pc1": pcs[t - 1, 0], "pc2": pcs[t - 1, 1], "pc3": 0.0})
-            verdicts.append({"prompt_id": pid, "position": -1, "site": site,
-                             "verdict": ["fixed-point", "cycle-2", "drift"][pid % 3]})
-    depth = pd.DataFrame([{"task": task, "num_steps": s, "n": 20, "correct": c}
-                          for task, base in (("arithmetic_1dc", 2), ("arithmetic_2da", 0))
-                          for s, c in zip((1, 2, 4, 8), (base, base + 5, base + 12, base + 15), strict=True)])
+                dyn_rows.append(
+                    {
+                        "prompt_id": pid,
+                        "position": -1,
+                        "site": site,
+                        "iteration": t,
+                        "step_norm": np.nan if t == 1 else 0.5**t * rng.uniform(0.5, 1.5),
+                        "cos_to_last": 1 - 0.1 * (layout.steps - t) * rng.uniform(0.5, 1),
+                        "norm": 10.0,
+                        "pc1": pcs[t - 1, 0],
+                        "pc2": pcs[t - 1, 1],
+                        "pc3": 0.0,
+                    }
+                )
+            verdicts.append(
+                {
+                    "prompt_id": pid,
+                    "position": -1,
+                    "site": site,
+                    "verdict": ["fixed-point", "cycle-2", "drift"][pid % 3],
+                }
+            )
+    depth = pd.DataFrame(
+        [
+            {"task": task, "num_steps": s, "n": 20, "correct": c}
+            for task, base in (("arithmetic_1dc", 2), ("arithmetic_2da", 0))
+            for s, c in zip((1, 2, 4, 8), (base, base + 5, base + 12, base + 15), strict=True)
+        ]
+    )
     depth["accuracy"] = depth["correct"] / depth["n"]
-    return {"ranks": ranks, "topk": topk, "answers": answers, "dynamics": pd.DataFrame(dyn_rows),
-            "verdicts": pd.DataFrame(verdicts), "depth": depth}
+    return {
+        "ranks": ranks,
+        "topk": topk,
+        "answers": answers,
+        "dynamics": pd.DataFrame(dyn_rows),
+        "verdicts": pd.DataFrame(verdicts),
+        "depth": depth,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +242,19 @@ def test_rank_trajectory_headline(tables):
 
 # ---------------------------------------------------------------- figure 2
 def test_is_numeric():
-    assert [npx.is_numeric(t) for t in TOKENS] == [True, True, True, True, False, False, True, False, False,
-                                                   False, False]
+    assert [npx.is_numeric(t) for t in TOKENS] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_numeric_prefix_table(tables):
@@ -194,14 +282,19 @@ def test_intermediate_vs_final_uses_only_correct_problems(tables):
     n_correct = sum(_correct(p) for p in range(N_PROMPTS))
     assert (tab["n"] == n_correct).all()
     assert tab["ci_high"].max() < WRONG_RANK
-    assert ivf.correct_prompt_ids(tables["answers"], LAYOUT.steps) == {p for p in range(N_PROMPTS) if _correct(p)}
+    assert ivf.correct_prompt_ids(tables["answers"], LAYOUT.steps) == {
+        p for p in range(N_PROMPTS) if _correct(p)
+    }
     assert set(tab["target"]) == {"intermediate", "final", "control", "digit_baseline"}
     # every core block position of every lens, every iteration
-    assert set(zip(tab["lens"], tab["block"], strict=True)) == {(lens, b) for lens in LENSES for b in range(2)}
+    assert set(zip(tab["lens"], tab["block"], strict=True)) == {
+        (lens, b) for lens in LENSES for b in range(2)
+    }
     assert set(tab["iteration"]) == set(range(1, LAYOUT.steps + 1))
     assert (tab["ci_low"] <= tab["median"]).all() and (tab["median"] <= tab["ci_high"]).all()
-    assert tab["shown"].tolist() == [b == pick_block(lens, LAYOUT.core) for lens, b in zip(tab["lens"], tab["block"],
-                                                                                          strict=True)]
+    assert tab["shown"].tolist() == [
+        b == pick_block(lens, LAYOUT.core) for lens, b in zip(tab["lens"], tab["block"], strict=True)
+    ]
 
 
 def test_intermediate_is_min_of_spellings_and_baseline_excludes_answer_digits(tables):
@@ -209,7 +302,9 @@ def test_intermediate_is_min_of_spellings_and_baseline_excludes_answer_digits(ta
     r = tables["ranks"]
     ok = [p for p in range(N_PROMPTS) if _correct(p)]
     at = r[(r["lens"] == "coda") & (r["site"] == "core.1") & (r["iteration"] == 3) & r["prompt_id"].isin(ok)]
-    inter = at[at["target_kind"].isin(["intermediate", "intermediate_alt"])].groupby("prompt_id")["rank"].min()
+    inter = (
+        at[at["target_kind"].isin(["intermediate", "intermediate_alt"])].groupby("prompt_id")["rank"].min()
+    )
     row = tab[(tab["lens"] == "coda") & (tab["block"] == 1) & (tab["iteration"] == 3)].set_index("target")
     assert row.loc["intermediate", "median"] == pytest.approx(np.median(inter))
     base = []
@@ -247,7 +342,9 @@ def test_latent_dynamics_table(tables):
     assert it["iteration"].tolist() == list(range(1, LAYOUT.steps + 1))
     assert np.isnan(it["step_norm_median"].iloc[0])  # no step into iteration 1
     s = it.dropna(subset=["step_norm_median"])
-    assert ((s["step_norm_q25"] <= s["step_norm_median"]) & (s["step_norm_median"] <= s["step_norm_q75"])).all()
+    assert (
+        (s["step_norm_q25"] <= s["step_norm_median"]) & (s["step_norm_median"] <= s["step_norm_q75"])
+    ).all()
     ver = tab[tab["part"] == "verdict"]
     assert ver["verdict"].tolist() == ["fixed-point", "cycle-2", "drift"]
     assert ver["count"].sum() == N_PROMPTS
@@ -286,8 +383,12 @@ def test_reference_documented_facts():
     coda_last = pred[(pred["lens"] == "coda") & (pred["iteration"] == 16) & (pred["block"] == 3)]
     assert (coda_last["rank"] == 1).all()
     # but the logit lens on that same latent is far off: the saw-tooth, 4th core block is worst
-    med = pred[(pred["lens"] == "logit") & (pred["site"].str.startswith("core"))].groupby(
-        ["iteration", "block"])["rank"].median().unstack()
+    med = (
+        pred[(pred["lens"] == "logit") & (pred["site"].str.startswith("core"))]
+        .groupby(["iteration", "block"])["rank"]
+        .median()
+        .unstack()
+    )
     assert (med[3] > 10 * med[2]).all()
     assert med.loc[16, 3] > 1000
     # the correct answer (67 correctly answered problems) is rank 1 at the output; the intermediate is not
@@ -325,7 +426,7 @@ def test_render_all_writes_every_figure(tables, tmp_path):
     assert set(results) == set(FIGURES)
     for name, info in results.items():
         for kind in ("png", "html", "table"):
-            path = tmp_path / f"{name}.{ {'png': 'png', 'html': 'html', 'table': 'parquet'}[kind]}"
+            path = tmp_path / f"{name}.{ {'png': 'png', 'html': 'html', 'table': 'parquet'}[kind] }"
             assert str(path) == info[kind] and path.stat().st_size > 1000
         assert isinstance(info["headline"], dict) and info["headline"]
         assert len(pd.read_parquet(info["table"]))

@@ -10,12 +10,35 @@ from studies.tasks.prompts import plain_prompt
 from studies.tiny_arith.tokenizer import build_tokenizer, main
 
 FIXED_IDS = {
-    "<|pad|>": 0, "<|begin_text|>": 1, "<|end_text|>": 2, "<|unk|>": 3,
-    " -": 4, " +": 5, " *": 6, " (": 7, " )": 8, " =": 9, "\n": 10,
+    "<|pad|>": 0,
+    "<|begin_text|>": 1,
+    "<|end_text|>": 2,
+    "<|unk|>": 3,
+    " -": 4,
+    " +": 5,
+    " *": 6,
+    " (": 7,
+    " )": 8,
+    " =": 9,
+    "\n": 10,
     **{f" {d}": 11 + d for d in range(10)},
-    "Question": 21, "Answer": 22, " What": 23, " is": 24, " plus": 25, " minus": 26, " times": 27, " the": 28,
+    "Question": 21,
+    "Answer": 22,
+    " What": 23,
+    " is": 24,
+    " plus": 25,
+    " minus": 26,
+    " times": 27,
+    " the": 28,
     **{str(d): 48 + d for d in range(10)},  # ASCII codes, as in Huginn
-    "-": 45, "+": 43, "*": 42, "(": 40, ")": 41, ":": 58, "?": 63, " ": 32,
+    "-": 45,
+    "+": 43,
+    "*": 42,
+    "(": 40,
+    ")": 41,
+    ":": 58,
+    "?": 63,
+    " ": 32,
 }
 
 
@@ -61,7 +84,23 @@ def test_every_task_round_trips(tok: Tokenizer, task: str) -> None:
 
 def test_question_tokens(tok: Tokenizer) -> None:
     pieces = [tok.id_to_token(i) for i in tok.encode("Question: What is (6 - 5) * 3?\nAnswer:")]
-    assert pieces == ["Question", ":", " What", " is", " (", "6", " -", " 5", ")", " *", " 3", "?", "\n", "Answer", ":"]
+    assert pieces == [
+        "Question",
+        ":",
+        " What",
+        " is",
+        " (",
+        "6",
+        " -",
+        " 5",
+        ")",
+        " *",
+        " 3",
+        "?",
+        "\n",
+        "Answer",
+        ":",
+    ]
     pieces = [tok.id_to_token(i) for i in tok.encode("Question: What is 98 minus 45?\nAnswer: -53")]
     assert pieces[4:8] == [" 9", "8", " minus", " 4"] and pieces[-3:] == [" -", "5", "3"]
 
@@ -80,7 +119,11 @@ def test_saved_files_load_back(tok: Tokenizer, tmp_path, capsys) -> None:
     main([str(tmp_path / "out")])
     assert "128 tokens" in capsys.readouterr().out
     again = Tokenizer.from_dir(tmp_path / "out")
-    assert again.vocab_size == 128 and (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (0, 1, 2)
+    assert again.vocab_size == 128 and (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (
+        0,
+        1,
+        2,
+    )
     assert not again.has_chat_template
     text = "Question: What is (2 - 9) + 3?\nAnswer: -4"
     assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == text

@@ -12,8 +12,18 @@ from studies.tiny_arith.train import TrainConfig, sample_depth, train
 
 
 def small() -> TrainConfig:
-    return TrainConfig(steps=6, batch_size=16, n_embd=32, n_heads=2, intermediate_size=64, mean_recurrence=4,
-                       backprop_depth=2, warmup_steps=2, checkpoint_minutes=0.0, eval_every=1000)
+    return TrainConfig(
+        steps=6,
+        batch_size=16,
+        n_embd=32,
+        n_heads=2,
+        intermediate_size=64,
+        mean_recurrence=4,
+        backprop_depth=2,
+        warmup_steps=2,
+        checkpoint_minutes=0.0,
+        eval_every=1000,
+    )
 
 
 def weights(path):

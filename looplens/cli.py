@@ -13,12 +13,22 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="looplens: probe latent reasoning in recurrent-depth language models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="looplens: probe latent reasoning in recurrent-depth language models.",
+)
 console = Console()
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def _dtype(name: str | None):
@@ -60,16 +70,31 @@ def study(
         _fail(ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}"))
     try:
         depth_list = [int(x) for x in depths.split(",") if x.strip()]
-        STUDIES[name](model=model, n=n, steps=steps, batch_size=batch_size, seed=seed, out=out, name=run_name,
-                      device=device, dtype=_dtype(dtype), template=template, tuned_lens=tuned_lens,
-                      depths=depth_list, overwrite=overwrite, console=console)
+        STUDIES[name](
+            model=model,
+            n=n,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            out=out,
+            name=run_name,
+            device=device,
+            dtype=_dtype(dtype),
+            template=template,
+            tuned_lens=tuned_lens,
+            depths=depth_list,
+            overwrite=overwrite,
+            console=console,
+        )
     except (ValueError, FileNotFoundError, NotADirectoryError, TypeError, KeyError) as err:
         _fail(err)
 
 
 @app.command()
 def train(
-    out: Annotated[Path, typer.Option(help="checkpoint directory (resumes if present)")] = Path("checkpoints/tiny-arith"),
+    out: Annotated[Path, typer.Option(help="checkpoint directory (resumes if present)")] = Path(
+        "checkpoints/tiny-arith"
+    ),
     seed: Annotated[int, typer.Option()] = 0,
     steps: Annotated[int | None, typer.Option(help="override the number of steps")] = None,
     export: Annotated[Path | None, typer.Option(help="also write the final model here")] = None,
@@ -88,8 +113,12 @@ def train(
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
-    depths: Annotated[str, typer.Option(help="iterations to evaluate (default: powers of two to 64, "
-                                        "the model's default depth and 4x it)")] = "",
+    depths: Annotated[
+        str,
+        typer.Option(
+            help="iterations to evaluate (default: powers of two to 64, the model's default depth and 4x it)"
+        ),
+    ] = "",
     n: Annotated[int, typer.Option(help="problems per task")] = 400,
     out: Annotated[Path, typer.Option(help="directory holding runs")] = Path("runs"),
     seed: Annotated[int, typer.Option()] = 0,
@@ -99,8 +128,15 @@ def evaluate(
     from studies.evaluation import run_evaluation
 
     try:
-        run_evaluation(model, [int(x) for x in depths.split(",") if x.strip()] or None, n=n, out=out, seed=seed,
-                       card=card, console=console)
+        run_evaluation(
+            model,
+            [int(x) for x in depths.split(",") if x.strip()] or None,
+            n=n,
+            out=out,
+            seed=seed,
+            card=card,
+            console=console,
+        )
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
 
@@ -130,24 +166,41 @@ def explore(
     host: Annotated[str, typer.Option(help="bind address (localhost only by default)")] = "127.0.0.1",
 ) -> None:
     """Start the Streamlit explorer on localhost."""
-    script = Path(__file__).resolve().parents[1] / "app" / "main.py"
-    if not script.is_file():
-        from importlib.util import find_spec
+    from importlib.util import find_spec
 
-        spec = find_spec("app.main")
-        script = Path(spec.origin) if spec and spec.origin else script
-    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", host, "--server.port",
-           str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--client.toolbarMode", "minimal", "--",
-           "--runs", str(runs), "--model", model]
+    spec = find_spec("app.main")
+    script = Path(spec.origin)  # type: ignore[union-attr, arg-type]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(script),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
+        "--",
+        "--runs",
+        str(runs),
+        "--model",
+        model,
+    ]
     console.print(f"looplens explorer on http://{host}:{port}  (runs: {runs})")
     sys.stdout.flush()
     os.execv(sys.executable, cmd)  # become the server: signals reach Streamlit directly
 
 
 @app.command()
-def info(model: Annotated[str, typer.Argument(help="embedded model name or checkpoint directory")] = "tiny-arith"
-         ) -> None:
+def info(
+    model: Annotated[str, typer.Argument(help="embedded model name or checkpoint directory")] = "tiny-arith",
+) -> None:
     """Print a model's architecture and size."""
     import lens
 
@@ -157,8 +210,10 @@ def info(model: Annotated[str, typer.Argument(help="embedded model name or check
         _fail(err)
     cfg = m.config
     console.print(f"{cfg.name}: {m.num_parameters():,} parameters, width {cfg.n_embd}, {cfg.n_heads} heads")
-    console.print(f"prelude {cfg.n_layers_in_prelude} · core {cfg.n_layers_in_recurrent_block} × "
-                  f"{cfg.mean_recurrence} (mean) · coda {cfg.n_layers_in_coda}; vocabulary {cfg.vocab_size}")
+    console.print(
+        f"prelude {cfg.n_layers_in_prelude} · core {cfg.n_layers_in_recurrent_block} × "
+        f"{cfg.mean_recurrence} (mean) · coda {cfg.n_layers_in_coda}; vocabulary {cfg.vocab_size}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+"""``python -m looplens`` = the ``looplens`` command."""
+
+from looplens.cli import app
+
+app()

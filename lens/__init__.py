@@ -6,14 +6,19 @@
 
 from lens.cache import KVCache
 from lens.config import RecurrentDepthConfig
+from lens.errors import CheckpointError, ConfigError, InputError, LooplensError, ModelNotFoundError
 from lens.hooks import HookPoint
-from lens.loading import EMBEDDED_MODELS, CheckpointError, load_model, save_model
+from lens.loading import EMBEDDED_MODELS, load_model, save_model
 from lens.model import RecurrentDepthLM, RecurrentDepthOutput
 from lens.stream import SiteLayout, State, Subscription, Trace, TraceCollector
 
 __all__ = [
     "EMBEDDED_MODELS",
     "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "LooplensError",
+    "ModelNotFoundError",
     "HookPoint",
     "KVCache",
     "RecurrentDepthConfig",

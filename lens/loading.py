@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lens.config import RecurrentDepthConfig
+from lens.errors import CheckpointError, ModelNotFoundError
 from lens.layers import precompute_freqs_cis
 from lens.model import RecurrentDepthLM
 
@@ -25,23 +26,19 @@ _WHOLE_FILE_LIMIT = 256 * 2**20  # larger weight files are fingerprinted from sa
 _SAMPLE_BYTES = 2**20
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the architecture or is damaged."""
-
-
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """An embedded model's name or a directory; anything else is an error listing the choices."""
     path = Path(name_or_path)
     if str(name_or_path) in EMBEDDED_MODELS:
         path = EMBEDDED_DIR / str(name_or_path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"the embedded model {name_or_path!r} is not installed at {path}")
+            raise ModelNotFoundError(f"the embedded model {name_or_path!r} is not installed at {path}")
         return path
     if path.is_dir():
         return path
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds config.json")
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"unknown model {str(name_or_path)!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}) "
         "and not an existing directory"
     )

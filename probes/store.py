@@ -51,6 +51,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lens.errors import LooplensError
 from probes.records import SCHEMAS, to_table
 
 __all__ = [
@@ -69,7 +70,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")  # ".<final name>.<pid>.tmp"
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(LooplensError, ValueError):
     """An existing run was made with a different model or settings than the ones asked for."""
 
     def __init__(self, message: str, keys: list[str]) -> None:
@@ -77,11 +78,11 @@ class RunMismatchError(ValueError):
         self.keys = keys
 
 
-class CorruptRunError(ValueError):
+class CorruptRunError(LooplensError, ValueError):
     """A manifest or shard on disk is unreadable or does not match what the manifest recorded."""
 
 
-class ShardExistsError(FileExistsError):
+class ShardExistsError(LooplensError, FileExistsError):
     """The shard is already recorded; pass ``replace=True`` to overwrite it on purpose."""
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lens
-from lens.loading import CheckpointError
+from lens.errors import CheckpointError
 from tests.conftest import HUGINN_0125, small_config
 
 

@@ -113,9 +113,7 @@ def main() -> None:
 
 def huginn_gpu(depths: tuple[int, ...]) -> list[dict]:
     """The real Huginn-3.5B shape, random weights, bf16 on the GPU."""
-    cfg = lens.RecurrentDepthConfig.from_json(
-        Path(__file__).resolve().parents[2] / "shared/huginn-0125/config.json"
-    )
+    cfg = lens.RecurrentDepthConfig.from_name("huginn-0125")
     with torch.device("cuda"):
         model = lens.RecurrentDepthLM(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, 65536, (1, 512), device="cuda")

@@ -100,6 +100,12 @@ def read_state_dict(
                     if key in tensors:
                         raise CheckpointError(f"key {key!r} appears in more than one shard ({file.name})")
                     t = f.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad = int((~torch.isfinite(t)).sum())
+                        raise CheckpointError(
+                            f"{file.name}: tensor {key!r} holds {bad} NaN/Inf value(s); a damaged or diverged "
+                            "checkpoint gives meaningless lens ranks, so it is refused"
+                        )
                     if dtype is not None and t.is_floating_point() and key != "freqs_cis":
                         t = t.to(dtype)
                     tensors[key] = t.to(device) if device is not None else t

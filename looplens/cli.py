@@ -1,17 +1,24 @@
 """The ``looplens`` command line: studies, training and evaluation of the embedded model, the explorer.
 
-Every command prints a short summary and exits non-zero with one clear line on bad input.
+Every command prints a short summary and exits with status 2 and one clear line on bad input: a
+``lens.errors.LooplensError`` (the common base of looplens's user errors) or an operating-system error on
+a path the user gave (a read-only ``--out``, a missing file). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from lens.errors import LooplensError
 
 app = typer.Typer(
     add_completion=False,
@@ -20,6 +27,22 @@ app = typer.Typer(
     help="looplens: probe latent reasoning in recurrent-depth language models.",
 )
 console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"looplens {importlib.metadata.version('looplens')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """looplens: probe latent reasoning in recurrent-depth language models."""
+
 
 DTYPES = {
     "float32": "float32",
@@ -42,8 +65,35 @@ def _dtype(name: str | None):
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """One line for a user error (bad input, a damaged file, a path that cannot be written); bugs keep
+    their traceback. ``ValueError`` is still caught while the library's last plain ``ValueError``s are
+    converted to ``LooplensError`` subclasses."""
+    try:
+        yield
+    except (LooplensError, ValueError) as err:
+        _fail(err)
+    except OSError as err:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        _fail(OSError(f"{err.strerror or err}{where}"))
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from lens.errors import InputError
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu"
+        )
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise InputError(f"--device {device!r}: use cpu or cuda (cuda:N)")
 
 
 @app.command()
@@ -68,7 +118,8 @@ def study(
 
     if name not in STUDIES:
         _fail(ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}"))
-    try:
+    with _user_errors():
+        _check_device(device)
         depth_list = [int(x) for x in depths.split(",") if x.strip()]
         STUDIES[name](
             model=model,
@@ -86,8 +137,6 @@ def study(
             overwrite=overwrite,
             console=console,
         )
-    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError, KeyError) as err:
-        _fail(err)
 
 
 @app.command()
@@ -95,7 +144,7 @@ def train(
     out: Annotated[Path, typer.Option(help="checkpoint directory (resumes if present)")] = Path(
         "checkpoints/tiny-arith"
     ),
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of data order, initialisation and depth draws")] = 0,
     steps: Annotated[int | None, typer.Option(help="override the number of steps")] = None,
     export: Annotated[Path | None, typer.Option(help="also write the final model here")] = None,
 ) -> None:
@@ -121,13 +170,13 @@ def evaluate(
     ] = "",
     n: Annotated[int, typer.Option(help="problems per task")] = 400,
     out: Annotated[Path, typer.Option(help="directory holding runs")] = Path("runs"),
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the problem sample and initial states")] = 0,
     card: Annotated[bool, typer.Option(help="rewrite the accuracy table of the model card")] = False,
 ) -> None:
     """Exact-match accuracy per task format and number of iterations, written as a run with a figure."""
     from studies.evaluation import run_evaluation
 
-    try:
+    with _user_errors():
         run_evaluation(
             model,
             [int(x) for x in depths.split(",") if x.strip()] or None,
@@ -137,36 +186,35 @@ def evaluate(
             card=card,
             console=console,
         )
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
 
 
 @app.command("tuned-lens")
 def tuned_lens_cmd(
-    model: Annotated[str, typer.Option()] = "tiny-arith",
+    model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
     steps: Annotated[int, typer.Option(help="recurrent iterations")] = 16,
     n: Annotated[int, typer.Option(help="prompts (a quarter held out)")] = 200,
-    epochs: Annotated[int, typer.Option()] = 30,
+    epochs: Annotated[int, typer.Option(help="passes over the training prompts")] = 30,
     save: Annotated[Path | None, typer.Option(help="directory to save the lenses")] = None,
 ) -> None:
     """Train Tuned Lenses (shared and per-iteration) and print held-out KL against the Logit Lens."""
     from studies.tuned import train_tuned_lenses
 
-    try:
+    with _user_errors():
         train_tuned_lenses(model, steps, n, epochs, save, console)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
 
 
 @app.command()
 def explore(
     runs: Annotated[Path, typer.Argument(help="directory holding runs")] = Path("runs"),
     model: Annotated[str, typer.Option(help="model for the live probe")] = "tiny-arith",
-    port: Annotated[int, typer.Option()] = 8501,
+    port: Annotated[int, typer.Option(help="TCP port of the server", min=1, max=65535)] = 8501,
     host: Annotated[str, typer.Option(help="bind address (localhost only by default)")] = "127.0.0.1",
 ) -> None:
     """Start the Streamlit explorer on localhost."""
     from importlib.util import find_spec
+
+    if not runs.is_dir():
+        _fail(FileNotFoundError(f"runs folder {runs} does not exist (run a study first, or pass the folder)"))
 
     spec = find_spec("app.main")
     script = Path(spec.origin)  # type: ignore[union-attr, arg-type]
@@ -204,10 +252,8 @@ def info(
     """Print a model's architecture and size."""
     import lens
 
-    try:
+    with _user_errors():
         m = lens.load_model(model)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        _fail(err)
     cfg = m.config
     console.print(f"{cfg.name}: {m.num_parameters():,} parameters, width {cfg.n_embd}, {cfg.n_heads} heads")
     console.print(

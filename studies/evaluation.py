@@ -27,11 +27,11 @@ CARD_BEGIN = "<!-- accuracy-table:begin -->"
 CARD_END = "<!-- accuracy-table:end -->"
 
 
-def _clean(text: str) -> str:
-    """The answer as written: up to the first newline or end-of-turn, without surrounding spaces."""
+def _answer_text(text: str) -> str:
+    """The answer as written: up to the first newline, end-of-turn or end-of-text (never shown)."""
     for stop in ("\n", "<|end_turn|>", "<|end_text|>"):
         text = text.split(stop)[0]
-    return text.strip()
+    return text
 
 
 @torch.no_grad()
@@ -55,7 +55,7 @@ def evaluate_answers(
     rows = []
     ids = list(prompt_ids) if prompt_ids is not None else list(range(len(problems)))
     for i, p in enumerate(problems):
-        generated = tok.decode(res.tokens[i])
+        generated = _answer_text(tok.decode(res.tokens[i]))
         rows.append(
             {
                 "prompt_id": ids[i],
@@ -64,7 +64,7 @@ def evaluate_answers(
                 "prompt": texts[i] if texts is not None else tok.decode(list(prompt_ids_tokens[i])),
                 "expected": p.completion,
                 "generated": generated,
-                "correct": _clean(generated) == p.completion.strip(),
+                "correct": generated.strip() == p.completion.strip(),
                 "first_token_id": res.tokens[i][0] if res.tokens[i] else -1,
                 "intermediate": p.intermediate,
             }

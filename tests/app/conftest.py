@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.runs import corrupt_shard, write_run
+from studies.synthetic import corrupt_shard, write_run
 from tests.conftest import save_arith_model
 
 

@@ -9,7 +9,7 @@ import pytest
 from app import charts, data, live
 from app.settings import parse_settings
 from probes.store import CorruptRunError, Run
-from tests.app.runs import write_run
+from studies.synthetic import write_run
 
 
 def test_settings_arguments_then_environment_then_defaults():

@@ -255,7 +255,7 @@ def test_corrupt_runs(monkeypatch, corrupt_runs_dir, model_dir):
 
 
 def test_failed_run_shows_its_error(monkeypatch, tmp_path, model_dir):
-    from tests.app.runs import write_run
+    from studies.synthetic import write_run
 
     write_run(tmp_path, "arith-failed", n_prompts=4, status="failed", figures=False)
     at = start(monkeypatch, tmp_path, model_dir)
@@ -283,7 +283,7 @@ def test_answers_only_run(monkeypatch, tmp_path, model_dir):
     import numpy as np
 
     from probes.store import Run
-    from tests.app.runs import _depth_answers
+    from studies.synthetic import _depth_answers
 
     run = Run.create(tmp_path, "eval-only", {"model": {"name": "tiny-arith"}, "settings": {"study": "eval"}})
     run.write_shard("answers", 0, _depth_answers(np.random.default_rng(0), 16))

@@ -208,3 +208,30 @@ def test_streaming_64_iterations_costs_about_two_iterations_of_memory():
     kept = _peak_growth(64, "keep")
     assert streamed <= 2 * iteration
     assert kept >= 64 * 3 * state  # every kept state is resident: the measurement sees them
+
+
+def test_transformer_lens_conventions(small_model):
+    """Issue #11.21: hooks are called as ``fn(act, hook=...)``; ``run_with_cache`` stacks looped hook points."""
+    ids = torch.randint(0, 97, (2, 5))
+    fired = []
+
+    def keyword_only(act, *, hook):
+        fired.append(hook.iteration)
+
+    with torch.no_grad():
+        small_model.run_with_hooks(
+            ids, 3, "zeros", fwd_hooks=[("transformer.core_block.0.hook_resid_post", keyword_only)]
+        )
+        logits, cache = small_model.run_with_cache(
+            ids, num_steps=3, init_state="zeros", names_filter=lambda n: n.endswith("hook_resid_post")
+        )
+        out = small_model(ids, 3, "zeros", return_trace=True)
+    assert fired == [1, 2, 3]
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=0)
+    assert torch.equal(cache["transformer.core_block.1.hook_resid_post"], out.trace["core.1"])  # [T, B, S, d]
+    assert torch.equal(cache["transformer.prelude.0.hook_resid_post"], out.trace["prelude.0"][0])
+    assert "hook_adapter" not in cache
+    with pytest.raises(KeyError, match="was not cached"):
+        cache["hook_adapter"]
+    with pytest.raises(KeyError, match="no hook point"):
+        small_model.run_with_cache(ids, num_steps=1, names_filter="hook_nowhere")

@@ -1,4 +1,4 @@
-"""Realistic synthetic runs for the explorer's tests and benchmark, written through ``probes.store.Run``.
+"""Realistic synthetic runs, written through ``probes.store.Run``: the explorer's tests and benchmark use them.
 
 The tables follow ``probes.records`` exactly as the arithmetic study writes them (last position
 only, block outputs plus ``latent``/``final`` rows off the unrolled axis, top-5 tokens, answers

@@ -6,7 +6,8 @@ materialised beyond one vocabulary chunk (CPU) or tile (GPU).
 
 Rank convention: ``rank = 1 + #(logits strictly greater than the target's logit)``, counted on float32
 logits (bf16 logits tie often at V = 65536, which would make ranks meaningless). 1 is the top token;
-tied tokens share the better rank.
+tied tokens share the better rank. A NaN logit compares false with everything, so it would read as
+rank 1 at every layer: non-finite states or logits raise ``lens.errors.InputError`` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 import kernels
+from lens.errors import InputError
 from lens.model import RecurrentDepthLM
 
 MAX_TARGETS = 8
@@ -70,8 +72,11 @@ def token_statistics(
                 target_ranks=torch.cat([p.target_ranks for p in parts], 1),
                 target_logprobs=torch.cat([p.target_logprobs for p in parts], 1),
             )
+    if not bool(torch.isfinite(hidden).all()):
+        bad = int((~torch.isfinite(hidden)).flatten(1).any(-1).sum())
+        raise InputError(f"{bad} of {hidden.shape[0]} hidden states hold NaN/Inf: no rank can be computed")
     norm = model.transformer.ln_f
-    return kernels.lens_statistics(
+    stats = kernels.lens_statistics(
         hidden,
         model.lm_head.weight,
         norm_weight=norm.weight if normalize else None,
@@ -81,6 +86,10 @@ def token_statistics(
         ref_logprobs=ref_logprobs,
         ref_index=ref_index,
     )
+    if not bool(torch.isfinite(stats.logsumexp).all()):
+        bad = int((~torch.isfinite(stats.logsumexp)).sum())
+        raise InputError(f"{bad} of {hidden.shape[0]} states have NaN/Inf logits (a non-finite unembedding?)")
+    return stats
 
 
 def final_logprobs(logits: Float[Tensor, "N V"]) -> Float[Tensor, "N V"]:

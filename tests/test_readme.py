@@ -47,7 +47,9 @@ def test_python_block_runs(index, code, tmp_path, monkeypatch):
 def _shell_env() -> dict[str, str]:
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(REPO)  # this checkout's code, whatever the environment's editable install points at
+    env["PYTHONPATH"] = str(
+        REPO
+    )  # this checkout's code, whatever the environment's editable install points at
     return env
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from kernels.dispatch import backend_for
 from kernels.lens_stats.chunked import lens_statistics_chunked
-from kernels.lens_stats.inputs import LensInputs, prepare_lens_inputs
+from kernels.lens_stats.inputs import prepare_lens_inputs
 from kernels.lens_stats.reference import lens_statistics_reference
 from kernels.lens_stats.result import LensStatistics
 
@@ -45,23 +44,7 @@ def lens_statistics(
     inputs = prepare_lens_inputs(
         hidden, unembedding, norm_weight, eps, targets, topk, ref_logprobs, ref_index
     )
-    if not bool(torch.isfinite(inputs.hidden).all()):
-        bad = int((~torch.isfinite(inputs.hidden)).any(-1).sum())
-        _non_finite(f"{bad} of {inputs.num_states} hidden states hold NaN/Inf: no rank can be computed")
-    result = _dispatch(inputs, backend_for(hidden), chunk_size)
-    if not bool(torch.isfinite(result.logsumexp).all()):
-        bad = int((~torch.isfinite(result.logsumexp)).sum())
-        _non_finite(f"{bad} of {inputs.num_states} states have NaN/Inf logits (non-finite unembedding?)")
-    return result
-
-
-def _non_finite(message: str) -> None:
-    from lens.errors import InputError  # lens imports kernels: import lazily, on the error path only
-
-    raise InputError(message)
-
-
-def _dispatch(inputs: LensInputs, backend: str, chunk_size: int | None) -> LensStatistics:
+    backend = backend_for(hidden)
     if backend == "reference" or inputs.num_states == 0:
         return lens_statistics_reference(inputs)
     if backend == "triton":

@@ -171,7 +171,8 @@ def test_nan_weights_are_refused_at_load(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("rope_base", float("nan")), ("norm_eps", -1e-6), ("rope_base", 0.0), ("norm_eps", float("inf"))]
+    ("field", "value"),
+    [("rope_base", float("nan")), ("norm_eps", -1e-6), ("rope_base", 0.0), ("norm_eps", float("inf"))],
 )
 def test_non_finite_or_out_of_range_config_values_are_refused(tmp_path, field, value):
     _, path = _saved_model(tmp_path)

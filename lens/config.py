@@ -11,7 +11,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from lens.errors import ConfigError, ConfigTypeError
 
 # Fields whose value must equal what looplens implements: anything else would be a different model.
 _ARCHITECTURE_CHECKS: dict[str, tuple[Any, ...]] = {
@@ -96,6 +98,8 @@ class RecurrentDepthConfig:
         >>> cfg.head_dim, cfg.num_key_value_heads, cfg.embed_scale
         (16, 4, 8.0)
     """
+
+    family: ClassVar[str] = "huginn"
 
     n_embd: int = 128
     n_heads: int = 4
@@ -188,22 +192,22 @@ class RecurrentDepthConfig:
                 continue
             expected = f.type if isinstance(f.type, str) else str(f.type)
             if expected.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
-                raise TypeError(f"config field {f.name!r} must be an integer, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be an integer, got {value!r}")
             if expected.startswith("float") and (
                 not isinstance(value, (int, float)) or isinstance(value, bool)
             ):
-                raise TypeError(f"config field {f.name!r} must be a number, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be a number, got {value!r}")
             if expected.startswith("float"):
                 setattr(self, f.name, float(value))
             if expected.startswith("bool") and not isinstance(value, bool):
-                raise TypeError(f"config field {f.name!r} must be true or false, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be true or false, got {value!r}")
             if expected.startswith("str") and not isinstance(value, str):
-                raise TypeError(f"config field {f.name!r} must be a string, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be a string, got {value!r}")
             if expected.startswith("dict") and not isinstance(value, dict):
-                raise TypeError(f"config field {f.name!r} must be a mapping, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be a mapping, got {value!r}")
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for any inconsistent or unsupported setting."""
+        """Raise ``ConfigError`` naming the field for any inconsistent or unsupported setting."""
         for name in (
             "n_embd",
             "n_heads",
@@ -215,34 +219,34 @@ class RecurrentDepthConfig:
             "n_layers_in_recurrent_block",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
         for name in ("n_layers_in_prelude", "n_layers_in_coda"):
             if getattr(self, name) < 0:
-                raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if self.n_heads * self.head_dim != self.n_embd:
-            raise ValueError(
+            raise ConfigError(
                 f"config fields 'n_heads' x 'head_dim' ({self.n_heads} x {self.head_dim}) must equal 'n_embd' ({self.n_embd})"
             )
         if self.n_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"config field 'num_key_value_heads' ({self.num_key_value_heads}) must divide 'n_heads' ({self.n_heads})"
             )
         if self.head_dim % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"config field 'head_dim' must be even for rotary embeddings, got {self.head_dim}"
             )
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError("config field 'padded_vocab_size' must be >= 'vocab_size'")
+            raise ConfigError("config field 'padded_vocab_size' must be >= 'vocab_size'")
         for key in ("std", "embed_scale"):
             if key not in self.init_values:
-                raise ValueError(f"config field 'init_values' lacks {key!r}")
+                raise ConfigError(f"config field 'init_values' lacks {key!r}")
         for name, allowed in _ARCHITECTURE_CHECKS.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise ConfigError(
                     f"config field {name!r} = {getattr(self, name)!r} is not supported (looplens implements {allowed[0]!r})"
                 )
         if self.test_time_noise_type not in ("fixed", "geom", "sqrt", "line", "chi"):
-            raise ValueError(
+            raise ConfigError(
                 f"config field 'test_time_noise_type' = {self.test_time_noise_type!r} is unknown"
             )
 
@@ -256,7 +260,7 @@ class RecurrentDepthConfig:
             data["n_heads"] = data.pop("num_attention_heads")
         unknown = sorted(k for k in data if k not in known and k not in _HF_BOOKKEEPING)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown config field(s) {unknown}: not part of the recurrent-depth architecture"
             )
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -272,9 +276,9 @@ class RecurrentDepthConfig:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
+            raise ConfigError(f"{path} is not valid JSON: {err}") from err
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
+            raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def fit_tuned_lens(
     progress: bool = True,
 ) -> TunedLens:
     """Fit translators on collected states; the model itself stays frozen."""
-    sites = sorted({site for site, _ in data.states}, key=lambda s: model.layout.all_sites().index(s))
+    sites = sorted({site for site, _ in data.states}, key=lambda s: model.layout.sites().index(s))
     lens = TunedLens(model, mode, num_steps, [s for s in sites if s in model.layout.block_sites()])
     params = list(lens.translators.parameters())
     opt = torch.optim.Adam(params, lr=lr)

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 import kernels
-from lens.model import RecurrentDepthLM
+from lens.model import LoopedLM
 
 MAX_TARGETS = 8
 
@@ -36,7 +36,7 @@ def check_token_ids(ids: Tensor, vocab_size: int, what: str = "target") -> None:
 
 @torch.no_grad()
 def token_statistics(
-    model: RecurrentDepthLM,
+    model: LoopedLM,
     hidden: Float[Tensor, "N d"],
     normalize: bool = True,
     targets: Int[Tensor, "N K"] | None = None,
@@ -44,7 +44,8 @@ def token_statistics(
     ref_logprobs: Float[Tensor, "R V"] | None = None,
     ref_index: Int[Tensor, " N"] | None = None,
 ) -> kernels.LensStatistics:
-    """Statistics of ``lm_head(ln_f(hidden))`` (or ``lm_head(hidden)`` when ``normalize`` is False).
+    """Statistics of ``lm_head(norm(hidden))`` (or ``lm_head(hidden)`` when ``normalize`` is False), with
+    the model's final norm (Huginn's ``ln_f``, Ouro's ``model.norm``).
 
     Not differentiable: these are measurements (train lenses on materialised logits instead).
     """
@@ -70,7 +71,7 @@ def token_statistics(
                 target_ranks=torch.cat([p.target_ranks for p in parts], 1),
                 target_logprobs=torch.cat([p.target_logprobs for p in parts], 1),
             )
-    norm = model.transformer.ln_f
+    norm = model.final_norm_layer
     return kernels.lens_statistics(
         hidden,
         model.lm_head.weight,

@@ -44,6 +44,7 @@ class RetrofitConfig(RecurrentDepthConfig):
     max_position_embeddings: int | None = None
     partial_rotary_factor: float = 1.0
     tie_embeddings: bool = False
+    qk_bias: bool = False
     name: str = "retrofit"
 
     def default_init_values(self) -> dict[str, float]:

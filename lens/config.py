@@ -181,8 +181,10 @@ class RecurrentDepthConfig:
         }
 
     def unrolled_layers(self, num_steps: int) -> int:
-        """Number of block outputs in the unrolled order at ``num_steps`` iterations."""
-        return self.n_layers_in_prelude + num_steps * self.n_layers_in_recurrent_block + self.n_layers_in_coda
+        """Number of block outputs in the unrolled order at ``num_steps`` iterations (from the layout)."""
+        from lens.families.huginn import huginn_layout
+
+        return huginn_layout(self).num_unrolled(num_steps)
 
     # ---- validation ---------------------------------------------------------------------------
     def _check_types(self) -> None:

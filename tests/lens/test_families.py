@@ -272,8 +272,50 @@ def test_ouro_early_exit_skips_compute_and_equals_choosing_afterwards(ouro, prom
     assert skipped < full
 
 
+def test_ouro_generation_with_the_authors_exit_modes(ouro):
+    """gate_exit in generation runs every iteration (as the authors' code does) and picks the readout;
+    the key/value cache changes nothing (equal to re-running the whole sequence each token)."""
+    model, ref = ouro
+    ids = ref["input_ids_0"]
+    default = model.generate(ids, 8, gate_exit=GateExit.at_threshold(1.0), stop_token_ids=[])
+    assert ids[0].tolist() + default.tokens[0] == ref["generate_greedy8_0"][0].tolist()
+    for mode in (GateExit.at_threshold(0.3), GateExit.weighted(), GateExit.at_step(2)):
+        cached = model.generate(ids, 6, gate_exit=mode, stop_token_ids=[])
+        plain = model.generate(ids, 6, gate_exit=mode, stop_token_ids=[], use_cache=False)
+        assert cached.tokens == plain.tokens, mode
+    assert cached.tokens == model.generate(ids, 6, 2, stop_token_ids=[]).tokens  # at_step(2) = 2 iterations
+
+
 def test_exit_distribution_sums_to_one():
     lam = torch.rand(3, 5, 6)
     pdf, cdf = exit_distribution(lam)
     assert torch.allclose(pdf.sum(-1), torch.ones(3, 5)) and torch.allclose(cdf[..., -1], torch.ones(3, 5))
     assert torch.allclose(pdf[..., 1], lam[..., 1] * (1 - lam[..., 0]))
+
+
+def test_released_shapes_build_on_the_meta_device_with_their_own_key_names():
+    """Ouro-1.4B (its published shape) and a TinyLlama retrofit (4-8-4): parameter names are the
+    checkpoints' own, sizes are the released ones."""
+    with torch.device("meta"):
+        ouro = lens.OuroLM(lens.OuroConfig())  # the defaults are Ouro-1.4B's
+        retro = lens.RetrofitLM(
+            lens.RetrofitConfig(
+                n_embd=2048,
+                n_heads=32,
+                num_key_value_heads=4,
+                intermediate_size=5632,
+                vocab_size=32000,
+                n_layers_in_prelude=4,
+                n_layers_in_recurrent_block=8,
+                n_layers_in_coda=4,
+                block_size=2048,
+            )
+        )
+    names = set(ouro.state_dict())
+    assert {"model.embed_tokens.weight", "model.norm.weight", "model.early_exit_gate.bias", "lm_head.weight"} <= names
+    assert "model.layers.23.post_attention_layernorm_2.weight" in names and len(names) == 5 + 24 * 11
+    assert 1.35e9 < ouro.num_parameters() < 1.5e9
+    assert ouro.layout.num_unrolled(4) == 96
+    assert "transformer.core_block.7.attn.Wqkv.weight" in retro.state_dict()
+    assert tuple(retro.state_dict()["transformer.core_block.0.attn.Wqkv.weight"].shape) == (2048 + 2 * 256, 2048)
+    assert "freqs_cis" not in retro.state_dict() and 0.8e9 < retro.num_parameters() < 0.9e9

@@ -331,3 +331,16 @@ def test_every_page_on_an_ouro_run_and_model(monkeypatch, ouro_runs_dir, ouro_mo
     assert_clean(at)
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert figure["layout"]["yaxis"]["ticktext"] == ["core.0 · t=4", "core.1 · t=4", "latent · t=4", "final"]
+
+
+def test_live_probe_on_a_retrofit_model(monkeypatch, runs_dir, tmp_path):
+    from tests.conftest import save_arith_model
+
+    model = save_arith_model(tmp_path / "tiny-retrofit", family="retrofit", block_size=256)
+    at = goto(start(monkeypatch, runs_dir, model), "live_probe")
+    assert "retrofit" in texts(at)
+    assert at.multiselect(key="live_lenses").options == ["logit", "coda"]
+    probe(at)
+    assert_clean(at)
+    assert charts(at) >= 7
+    assert "gate" not in at.selectbox(key="live_gen_crit").options

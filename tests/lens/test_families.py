@@ -312,10 +312,18 @@ def test_released_shapes_build_on_the_meta_device_with_their_own_key_names():
             )
         )
     names = set(ouro.state_dict())
-    assert {"model.embed_tokens.weight", "model.norm.weight", "model.early_exit_gate.bias", "lm_head.weight"} <= names
+    assert {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.early_exit_gate.bias",
+        "lm_head.weight",
+    } <= names
     assert "model.layers.23.post_attention_layernorm_2.weight" in names and len(names) == 5 + 24 * 11
     assert 1.35e9 < ouro.num_parameters() < 1.5e9
     assert ouro.layout.num_unrolled(4) == 96
     assert "transformer.core_block.7.attn.Wqkv.weight" in retro.state_dict()
-    assert tuple(retro.state_dict()["transformer.core_block.0.attn.Wqkv.weight"].shape) == (2048 + 2 * 256, 2048)
+    assert tuple(retro.state_dict()["transformer.core_block.0.attn.Wqkv.weight"].shape) == (
+        2048 + 2 * 256,
+        2048,
+    )
     assert "freqs_cis" not in retro.state_dict() and 0.8e9 < retro.num_parameters() < 0.9e9

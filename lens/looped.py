@@ -253,6 +253,11 @@ class LoopedLM(HookedModule):
         gated = layout.exit_gate
         if gate_exit is not None and not gated:
             raise InputError(f"exit modes need an exit gate; {layout.family} models have none")
+        if gate_exit is not None and exit_criterion is not None:
+            raise InputError(
+                "gate_exit (decode after running every iteration) and exit_criterion (stop early) exclude "
+                "each other; for a thresholded exit that stops computing use exit_criterion='gate'"
+            )
         if exit_criterion is not None and exit_criterion.needs_gate and not gated:
             raise InputError(
                 f"the 'gate' exit criterion needs an exit gate; {layout.family} models have none"

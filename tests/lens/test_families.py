@@ -185,6 +185,8 @@ def test_ouro_stream_sites_hooks_and_refusals(ouro):
         lens.load_model(RETROFIT / "checkpoint")(ids, 2, gate_exit=GateExit.weighted())
     with pytest.raises(InputError, match="beyond"):
         model(ids, 2, gate_exit=GateExit.at_step(3))
+    with pytest.raises(InputError, match="exclude each other"):
+        model.generate(ids, 2, gate_exit=GateExit.weighted(), exit_criterion="gate")
     with pytest.raises(InputError, match="warm"):
         model.generate(ids, 2, warm_start=True)
 

@@ -24,6 +24,8 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from lens.errors import LooplensError
+from lens.layout import Unrolled, UnrolledLayout
 from probes.store import MANIFEST, Run, RunInfo, list_runs
 
 __all__ = [
@@ -31,11 +33,13 @@ __all__ = [
     "choices",
     "depth_accuracy",
     "dynamics_rows",
+    "exit_gate_rows",
     "figure_files",
     "find_runs",
     "headline",
     "hover_aggregate",
     "hover_per_prompt",
+    "layout",
     "median_trajectories",
     "open_run",
     "prompt_table",
@@ -104,6 +108,27 @@ def _query(path: str, mtime: int, sql: str) -> pd.DataFrame:
 def q_manifest(path: str, mtime: int) -> dict[str, Any]:
     """The run's manifest (a copy)."""
     return open_run(path, mtime).manifest
+
+
+def q_layout(path: str, mtime: int) -> Unrolled | None:
+    """The model's unrolled layout as the run recorded it (``model.layout``), at the run's depth
+    (``settings.steps``); ``None`` for a run that records no layout or no depth (an evaluation run)."""
+    manifest = open_run(path, mtime).manifest
+    steps = (manifest.get("settings") or {}).get("steps")
+    try:
+        return UnrolledLayout.from_manifest(manifest).at(int(steps)) if steps else None
+    except (LooplensError, TypeError, ValueError):
+        return None
+
+
+def q_exit_gate_rows(path: str, mtime: int, prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
+    """Exit-gate readings (λ_t, p_t, cumulative) at the recorded position, one row per prompt × iteration."""
+    sql = f"""
+    SELECT prompt_id, position, iteration, num_steps, gate_lambda, exit_prob, exit_cdf
+    FROM exit_gate WHERE {_POSITION_SQL.format(table="exit_gate")} {_in("prompt_id", prompt_ids, int)}
+    ORDER BY prompt_id, iteration
+    """
+    return _query(path, mtime, sql)
 
 
 def q_choices(path: str, mtime: int) -> dict[str, list]:
@@ -301,6 +326,8 @@ def figure_files(path: str | os.PathLike[str]) -> dict[str, list[Path]]:
 
 # The cached versions the pages call.
 manifest = _cached(q_manifest)
+layout = _cached(q_layout)
+exit_gate_rows = _cached(q_exit_gate_rows)
 choices = _cached(q_choices)
 prompt_table = _cached(q_prompt_table)
 rank_rows = _cached(q_rank_rows)
@@ -315,6 +342,8 @@ headline = _cached(q_headline)
 #: name → (uncached, cached) for the benchmark.
 QUERIES = {
     "manifest": (q_manifest, manifest),
+    "layout": (q_layout, layout),
+    "exit_gate_rows": (q_exit_gate_rows, exit_gate_rows),
     "choices": (q_choices, choices),
     "prompt_table": (q_prompt_table, prompt_table),
     "rank_rows": (q_rank_rows, rank_rows),

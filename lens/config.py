@@ -12,9 +12,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from lens.errors import ConfigError
+from lens.errors import ConfigError, ConfigTypeError
 
 CONFIGS_DIR = Path(__file__).parent / "configs"  # released models' configs and tokenizers (no weights)
 
@@ -102,6 +102,8 @@ class RecurrentDepthConfig:
         (16, 4, 8.0)
     """
 
+    family: ClassVar[str] = "huginn"
+
     n_embd: int = 128
     n_heads: int = 4
     num_key_value_heads: int | None = None
@@ -182,8 +184,10 @@ class RecurrentDepthConfig:
         }
 
     def unrolled_layers(self, num_steps: int) -> int:
-        """Number of block outputs in the unrolled order at ``num_steps`` iterations."""
-        return self.n_layers_in_prelude + num_steps * self.n_layers_in_recurrent_block + self.n_layers_in_coda
+        """Number of block outputs in the unrolled order at ``num_steps`` iterations (from the layout)."""
+        from lens.families.huginn import huginn_layout
+
+        return huginn_layout(self).num_unrolled(num_steps)
 
     # ---- validation ---------------------------------------------------------------------------
     def _check_types(self) -> None:
@@ -193,19 +197,19 @@ class RecurrentDepthConfig:
                 continue
             expected = f.type if isinstance(f.type, str) else str(f.type)
             if expected.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
-                raise TypeError(f"config field {f.name!r} must be an integer, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be an integer, got {value!r}")
             if expected.startswith("float") and (
                 not isinstance(value, (int, float)) or isinstance(value, bool)
             ):
-                raise TypeError(f"config field {f.name!r} must be a number, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be a number, got {value!r}")
             if expected.startswith("float"):
                 setattr(self, f.name, float(value))
             if expected.startswith("bool") and not isinstance(value, bool):
-                raise TypeError(f"config field {f.name!r} must be true or false, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be true or false, got {value!r}")
             if expected.startswith("str") and not isinstance(value, str):
-                raise TypeError(f"config field {f.name!r} must be a string, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be a string, got {value!r}")
             if expected.startswith("dict") and not isinstance(value, dict):
-                raise TypeError(f"config field {f.name!r} must be a mapping, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be a mapping, got {value!r}")
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field for any inconsistent, non-finite or unsupported setting."""

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from lens.errors import InputError
 from lens.exit_criteria import ExitCriterion
-from lens.model import InitState, RecurrentDepthLM
+from lens.exit_gate import GateExit
+from lens.model import InitState, LoopedLM
 
 StopReason = Literal["eos", "stop_token", "stop_string", "max_new_tokens", "context"]
 
@@ -79,7 +80,7 @@ def sample_next(
 
 @torch.no_grad()
 def generate(
-    model: RecurrentDepthLM,
+    model: LoopedLM,
     prompts: Tensor | Sequence[Sequence[int]] | Sequence[str] | str,
     max_new_tokens: int = 16,
     num_steps: int | None = None,
@@ -96,11 +97,16 @@ def generate(
     stop_token_ids: Sequence[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    gate_exit: GateExit | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt (a batch is left-padded).
 
     ``num_steps`` fixes the depth, or caps it when ``exit_criterion`` (``"kl"``, ``"entropy-diff"``,
-    ``"latent-diff"``, ``"argmax-stability"``, ``"cosine"``) lets each token stop early.
+    ``"latent-diff"``, ``"argmax-stability"``, ``"cosine"``, or ``"gate"`` for an exit-gated family:
+    the cumulative exit probability reaches ``exit_threshold``) lets each token stop early; a stopped
+    token computes no further iterations, and later tokens read its keys of its exit iteration.
+    ``gate_exit`` (exit-gated families) decodes each token as one of Ouro's exit modes after running
+    every iteration, as the authors' code does.
     ``warm_start`` starts each new token's latent from the previous token's last latent
     (Huginn's continuous compute). Generation stops at an end-of-text token, a stop token,
     a stop string, the token budget, or a full context (``result.stopped`` says which).
@@ -147,6 +153,7 @@ def generate(
                 logits="last",
                 generator=generator,
                 exit_criterion=criterion,
+                gate_exit=gate_exit,
             )
         else:
             out = model(
@@ -157,6 +164,7 @@ def generate(
                 logits="last",
                 generator=generator,
                 exit_criterion=criterion,
+                gate_exit=gate_exit,
             )
         next_ids = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator).cpu()
         used = out.steps_used.cpu().tolist() if out.steps_used is not None else [out.num_steps] * B
@@ -186,7 +194,7 @@ def generate(
     return GenerationResult(new_tokens, steps, texts, [list(p) for p in token_lists], reasons)
 
 
-def _as_token_lists(model: RecurrentDepthLM, prompts: object) -> list[list[int]]:
+def _as_token_lists(model: LoopedLM, prompts: object) -> list[list[int]]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, Tensor):

@@ -249,17 +249,26 @@ def explore(
 def info(
     model: Annotated[str, typer.Argument(help="embedded model name or checkpoint directory")] = "tiny-arith",
 ) -> None:
-    """Print a model's architecture and size."""
+    """Print a model's family, unrolled layout, size and the lenses that apply."""
     import lens
 
     with _user_errors():
         m = lens.load_model(model)
-    cfg = m.config
-    console.print(f"{cfg.name}: {m.num_parameters():,} parameters, width {cfg.n_embd}, {cfg.n_heads} heads")
+    cfg, layout = m.config, m.layout
     console.print(
-        f"prelude {cfg.n_layers_in_prelude} · core {cfg.n_layers_in_recurrent_block} × "
-        f"{cfg.mean_recurrence} (mean) · coda {cfg.n_layers_in_coda}; vocabulary {cfg.vocab_size}"
+        f"{cfg.name} ({layout.family} family): {m.num_parameters():,} parameters, width {cfg.n_embd}, "
+        f"{cfg.n_heads} heads; vocabulary {cfg.vocab_size}"
     )
+    console.print(f"layout: {layout.describe()}, T = {m.default_steps} by default")
+    console.print(f"sites: {layout.describe_sites()}")
+    decode = "final norm → head" if not layout.coda else "coda → final norm → head"
+    if layout.coda and layout.latent_norm:
+        decode = "final norm → " + decode
+    console.print(f"decoding a state: {decode}; fed back between iterations: {layout.feedback}")
+    missing = "" if layout.coda else " (no coda: the Coda Lens does not apply)"
+    console.print(f"lenses that apply: {', '.join(layout.lenses())}{missing}")
+    if layout.exit_gate:
+        console.print("exit gate: λ_t recorded per iteration; exit modes threshold / step / weighted")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,16 @@
 
 from probes.api import ProbeResult, probe_prompts
 from probes.dynamics import DynamicsRecorder, classify_trajectory
-from probes.lenses import CodaLens, Lens, LogitLens, TunedLens, make_lens
+from probes.exit_gate import ExitGateRecorder
+from probes.lenses import (
+    CodaLens,
+    Lens,
+    LensNotApplicableError,
+    LogitLens,
+    TunedLens,
+    applicable_lenses,
+    make_lens,
+)
 from probes.linear import LatentCollector, collect_for_probe, linear_probe
 from probes.recorder import LensRecorder
 from probes.records import SCHEMAS, to_table
@@ -19,8 +28,10 @@ __all__ = [
     "CodaLens",
     "CorruptRunError",
     "DynamicsRecorder",
+    "ExitGateRecorder",
     "LatentCollector",
     "Lens",
+    "LensNotApplicableError",
     "LensRecorder",
     "LogitLens",
     "ProbeResult",
@@ -29,6 +40,7 @@ __all__ = [
     "RunInfo",
     "RunMismatchError",
     "TunedLens",
+    "applicable_lenses",
     "classify_trajectory",
     "collect_for_probe",
     "linear_probe",

@@ -15,23 +15,26 @@ import torch
 from tqdm import tqdm
 
 from lens.generation import pad_left
-from lens.model import InitState, RecurrentDepthLM
+from lens.model import InitState, LoopedLM
 from lens.stream import Positions
 from probes.dynamics import DynamicsRecorder
-from probes.lenses import Lens, make_lens
+from probes.exit_gate import ExitGateRecorder
+from probes.lenses import Lens, applicable_lenses, make_lens
 from probes.recorder import LensRecorder
 
 
 @dataclass
 class ProbeResult:
     """Tidy tables: ``ranks`` (one row per prompt, position, site, iteration, lens, target), ``topk``,
-    ``dynamics`` and ``verdicts`` (latent trajectory per prompt), ``logits`` of the model's last position."""
+    ``dynamics`` and ``verdicts`` (latent trajectory per prompt), ``logits`` of the model's last position,
+    and for exit-gated families ``exit_gate`` (λ_t, p_t, cumulative per prompt, position, iteration)."""
 
     ranks: pd.DataFrame
     topk: pd.DataFrame
     dynamics: pd.DataFrame = field(default_factory=pd.DataFrame)
     verdicts: pd.DataFrame = field(default_factory=pd.DataFrame)
     predictions: list[int] = field(default_factory=list)
+    exit_gate: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def trajectory(self, lens: str, target_kind: str = "final") -> pd.DataFrame:
         """Ranks of one lens and target as a prompts × unrolled-layer table (unrolled order)."""
@@ -44,11 +47,11 @@ class ProbeResult:
 
 
 def probe_prompts(
-    model: RecurrentDepthLM,
+    model: LoopedLM,
     prompts: Sequence[Sequence[int]] | Sequence[str],
     targets: Mapping[str, Sequence[int]] | None = None,
     num_steps: int | None = None,
-    lenses: Sequence[str | Lens] = ("logit", "coda"),
+    lenses: Sequence[str | Lens] | None = None,
     positions: Positions = "last",
     sites: Sequence[str] | None = None,
     topk: int = 5,
@@ -65,12 +68,16 @@ def probe_prompts(
     ``targets`` maps a target kind to one token id per prompt (``"final"``, ``"intermediate"``,
     ``"control"``, …); ``predicted_target`` adds the model's own greedy token at each position (the
     reference study's target). Prompts are left-padded so position -1 is every prompt's last token.
+    ``lenses`` defaults to every built-in lens the model's family supports (Logit, and Coda where a
+    coda exists).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list (of strings or token-id lists), not one string")
     token_lists = [model.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     if isinstance(positions, str) and positions == "all" and len({len(t) for t in token_lists}) > 1:
         raise ValueError("positions='all' needs prompts of equal length (positions are per padded sequence)")
+    if lenses is None:
+        lenses = applicable_lenses(model)
     built = [make_lens(model, lens) for lens in lenses]
     ids_all = list(prompt_ids) if prompt_ids is not None else list(range(len(token_lists)))
     targets = {k: list(v) for k, v in (targets or {}).items()}
@@ -78,7 +85,7 @@ def probe_prompts(
         if len(ids) != len(token_lists):
             raise ValueError(f"{kind!r} has {len(ids)} target ids for {len(token_lists)} prompts")
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    ranks, tops, dyn, verdicts, predictions = [], [], [], [], []
+    ranks, tops, dyn, verdicts, predictions, gates = [], [], [], [], [], []
     pad = model.config.pad_token_id or 0
     starts = range(0, len(token_lists), batch_size)
     for start in tqdm(starts, desc="probe", disable=not progress):
@@ -99,6 +106,9 @@ def probe_prompts(
         dyn_rec = DynamicsRecorder(model, positions=positions) if dynamics else None
         if dyn_rec is not None:
             consumers.append(dyn_rec)
+        gate_rec = ExitGateRecorder(model, positions) if model.layout.exit_gate else None
+        if gate_rec is not None:
+            consumers.append(gate_rec)
         with torch.no_grad():
             out = model(
                 ids,
@@ -123,12 +133,17 @@ def probe_prompts(
                 frame.insert(0, "prompt_id", [batch_ids[i] for i in frame.pop("prompt_index")])
             dyn.append(d)
             verdicts.append(v)
+        if gate_rec is not None:
+            g = gate_rec.finalize()
+            g.insert(0, "prompt_id", [batch_ids[i] for i in g.pop("prompt_index")])
+            gates.append(g)
     result = ProbeResult(
         pd.concat(ranks, ignore_index=True),
         pd.concat(tops, ignore_index=True),
         pd.concat(dyn, ignore_index=True) if dyn else pd.DataFrame(),
         pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
         predictions,
+        pd.concat(gates, ignore_index=True) if gates else pd.DataFrame(),
     )
     if model.tokenizer is not None:
         for frame in (result.ranks, result.topk):

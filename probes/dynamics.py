@@ -1,7 +1,8 @@
 """Latent dynamics across iterations: step norms, convergence, PCA trajectories, and a verdict.
 
-The recurrent state (by default the last core block's output, the tensor fed back into the next
-iteration) is kept only at the chosen positions, ``[T, B, P, d]``: small enough to keep whole, which
+The recurrent state (by default the tensor fed back into the next iteration: the last core block's
+output, or the normalised ``latent`` where the family feeds that back, Ouro) is kept only at the
+chosen positions, ``[T, B, P, d]``: small enough to keep whole, which
 the cosine-to-last and the PCA need.
 """
 
@@ -14,7 +15,8 @@ import pandas as pd
 import torch
 from sklearn.decomposition import PCA
 
-from lens.model import RecurrentDepthLM
+from lens.errors import InputError
+from lens.model import LoopedLM
 from lens.stream import Positions, State
 
 
@@ -45,17 +47,19 @@ class DynamicsRecorder:
 
     def __init__(
         self,
-        model: RecurrentDepthLM,
+        model: LoopedLM,
         sites: Sequence[str] | None = None,
         positions: Positions = "last",
         n_components: int = 3,
     ) -> None:
-        last_core = f"core.{model.layout.core - 1}"
-        self.sites = list(sites) if sites is not None else [last_core]
+        layout = model.layout
+        fed_back = "latent" if layout.latent_per_iteration else f"core.{layout.core - 1}"
+        self.sites = list(sites) if sites is not None else [fed_back]
         for site in self.sites:
-            kind, _ = model.layout.parse(site)
-            if kind not in ("core", "adapter"):
-                raise ValueError(f"dynamics follow recurrent sites (core.j, adapter), not {site!r}")
+            if not layout.is_recurrent(site):
+                raise InputError(
+                    f"dynamics follow recurrent sites (emitted every iteration: core.j, adapter), not {site!r}"
+                )
         self.positions = positions
         self.n_components = n_components
         self._states: dict[str, list[torch.Tensor]] = {}

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lens.model import RecurrentDepthLM
+from lens.model import LoopedLM
 from lens.stream import Positions, State, Trace
 from probes.lenses.base import Lens
 from probes.statistics import check_token_ids, final_logprobs, token_statistics
@@ -34,7 +34,7 @@ class _Entry:
     normalize: bool
 
 
-def default_sites(model: RecurrentDepthLM) -> list[str]:
+def default_sites(model: LoopedLM) -> list[str]:
     """Every block output plus ``latent`` and ``final``: the unrolled trajectory."""
     return model.layout.block_sites() + ["latent", "final"]
 
@@ -48,7 +48,7 @@ class LensRecorder:
 
     def __init__(
         self,
-        model: RecurrentDepthLM,
+        model: LoopedLM,
         lenses: Sequence[Lens],
         sites: Sequence[str] | None = None,
         positions: Positions = "last",

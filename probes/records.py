@@ -11,6 +11,8 @@ Tables (one row is …):
 - ``answers``: one prompt's generated answer and whether it is correct.
 - ``dynamics``: one latent state's movement (step norm, cosine to the last iteration, PCA).
 - ``prompts``: one prompt as it was built from a task.
+- ``exit_gate``: one exit-gate reading (λ_t, p_t, cumulative) at one prompt × position × iteration
+  (exit-gated families: Ouro).
 
 Example:
     >>> table = to_table("prompts", [{"run": "r", "prompt_id": 0, "task": "add", "context": "2+3",
@@ -28,10 +30,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["SCHEMAS", "SITE_PATTERN", "TABLE_DOCS", "to_table"]
+from lens.layout import SITE_PATTERN
 
-#: Site names as the model emits them (same grammar as ``lens.stream``).
-SITE_PATTERN = r"^(embed|adapter|latent|final|(prelude|core|coda)\.[0-9]+)$"
+__all__ = ["SCHEMAS", "SITE_PATTERN", "TABLE_DOCS", "to_table"]
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -64,6 +65,7 @@ TABLE_DOCS: dict[str, str] = {
     "dynamics": "one latent state's movement across iterations",
     "prompts": "one prompt as built from its task",
     "verdicts": "one latent trajectory's classification (fixed point, cycle, drift)",
+    "exit_gate": "one exit-gate reading at one prompt × position × iteration",
 }
 
 _FIELDS: dict[str, list[pa.Field]] = {
@@ -112,6 +114,18 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _SITE,
         _f("verdict", pa.string(), "fixed-point, cycle-k or drift"),
     ],
+    "exit_gate": [
+        _RUN,
+        _PROMPT,
+        _POSITION,
+        _ITERATION,
+        _f("num_steps", pa.int32(), "iterations run (T): the last one holds the remaining exit mass"),
+        _f(
+            "gate_lambda", pa.float32(), "λ_t = sigmoid(gate(h_t)): chance to stop at t if not stopped before"
+        ),
+        _f("exit_prob", pa.float32(), "p_t = λ_t · Π_{j<t}(1 − λ_j); p_T = the remaining mass"),
+        _f("exit_cdf", pa.float32(), "Σ_{j≤t} p_j: probability of having exited by iteration t"),
+    ],
     "prompts": [
         _RUN,
         _PROMPT,
@@ -136,6 +150,11 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("position", lambda a: pc.greater_equal(a, -1), "position must be >= 0, or -1 for the last token"),
     ("iteration", lambda a: pc.greater_equal(a, 0), "iteration must be >= 0"),
     ("site", lambda a: pc.match_substring_regex(a, SITE_PATTERN), "site must match " + SITE_PATTERN),
+    (
+        "gate_lambda",
+        lambda a: pc.and_(pc.greater_equal(a, 0), pc.less_equal(a, 1)),
+        "gate_lambda must be a probability in [0, 1]",
+    ),
 ]
 
 Data = pa.Table | pd.DataFrame | Sequence[Mapping[str, Any]]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 import kernels
 from lens.errors import InputError
-from lens.model import RecurrentDepthLM
+from lens.model import LoopedLM
 
 MAX_TARGETS = 8
 
@@ -38,7 +38,7 @@ def check_token_ids(ids: Tensor, vocab_size: int, what: str = "target") -> None:
 
 @torch.no_grad()
 def token_statistics(
-    model: RecurrentDepthLM,
+    model: LoopedLM,
     hidden: Float[Tensor, "N d"],
     normalize: bool = True,
     targets: Int[Tensor, "N K"] | None = None,
@@ -46,7 +46,8 @@ def token_statistics(
     ref_logprobs: Float[Tensor, "R V"] | None = None,
     ref_index: Int[Tensor, " N"] | None = None,
 ) -> kernels.LensStatistics:
-    """Statistics of ``lm_head(ln_f(hidden))`` (or ``lm_head(hidden)`` when ``normalize`` is False).
+    """Statistics of ``lm_head(norm(hidden))`` (or ``lm_head(hidden)`` when ``normalize`` is False), with
+    the model's final norm (Huginn's ``ln_f``, Ouro's ``model.norm``).
 
     Not differentiable: these are measurements (train lenses on materialised logits instead).
     """
@@ -75,7 +76,7 @@ def token_statistics(
     if not bool(torch.isfinite(hidden).all()):
         bad = int((~torch.isfinite(hidden)).flatten(1).any(-1).sum())
         raise InputError(f"{bad} of {hidden.shape[0]} hidden states hold NaN/Inf: no rank can be computed")
-    norm = model.transformer.ln_f
+    norm = model.final_norm_layer
     stats = kernels.lens_statistics(
         hidden,
         model.lm_head.weight,

@@ -1,10 +1,12 @@
 """``looplens study arithmetic``: the latent chain-of-thought analysis on one-digit composite arithmetic.
 
-For each problem, at the last prompt position, every unrolled layer is decoded with the Logit, Coda
-(and optionally Tuned) Lens; the ranks of the model's own answer token, the correct answer, the
-intermediate result, a control token and every digit are recorded; answers are generated; latent
-dynamics are measured; accuracy is measured across depths for every task format. Everything is
-written shard by shard into a run (resumable), then the figures are drawn and a summary printed.
+For each problem, at the last prompt position, every unrolled layer is decoded with every lens the
+model's family supports (Logit; Coda where a coda exists; optionally a Tuned Lens); the ranks of the
+model's own answer token, the correct answer, the intermediate result, a control token and every
+digit are recorded; answers are generated; latent dynamics (and, for exit-gated families, exit-gate
+readings) are measured; accuracy is measured across depths for every task format. Everything is
+written shard by shard into a run whose manifest carries the model's unrolled layout (resumable),
+then the figures are drawn from the run and its manifest and a summary printed.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from rich.table import Table
 from tqdm import tqdm
 
 import lens
-from lens.model import RecurrentDepthLM
+from lens.model import LoopedLM
 from lens.runtime import configure_threads
 from probes.api import probe_prompts
-from probes.lenses import TunedLens
+from probes.lenses import TunedLens, applicable_lenses
 from probes.lenses.tuned_training import collect_states, fit_tuned_lens
 from probes.store import Run
 from studies.evaluation import accuracy_table, evaluate_answers
@@ -73,7 +75,7 @@ def control_token(tokenizer: Any) -> tuple[int, str]:
     raise ValueError("the tokenizer has no single-token control word")
 
 
-def _model_description(name: str, model: RecurrentDepthLM, device: str, dtype: torch.dtype | None) -> dict:
+def _model_description(name: str, model: LoopedLM, device: str, dtype: torch.dtype | None) -> dict:
     return {
         "name": str(name),
         "config_name": model.config.name,
@@ -81,7 +83,8 @@ def _model_description(name: str, model: RecurrentDepthLM, device: str, dtype: t
         "parameters": model.num_parameters(),
         "dtype": str(dtype or model.dtype).replace("torch.", ""),
         "device": device,
-        "layout": {"prelude": model.layout.prelude, "core": model.layout.core, "coda": model.layout.coda},
+        "family": model.layout.family,
+        "layout": model.layout.to_dict(),
     }
 
 
@@ -130,7 +133,7 @@ def run_arithmetic_study(
         "depths": list(depths),
         "depth_n": depth_n,
         "control": control_word,
-        "lenses": ["logit", "coda"] + (["tuned"] if tuned_lens else []),
+        "lenses": applicable_lenses(net) + (["tuned"] if tuned_lens else []),
     }
     run_name = name or f"arithmetic-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
     manifest = {
@@ -140,9 +143,12 @@ def run_arithmetic_study(
         "settings": settings,
     }
     run = Run.create(out, run_name, manifest, resume=not overwrite, overwrite=overwrite)
-    console.print(f"[bold]arithmetic study[/] → {run.path}  ({len(problems)} problems, T={steps})")
+    console.print(
+        f"[bold]arithmetic study[/] → {run.path}  ({len(problems)} problems, T={steps}; "
+        f"{net.layout.family}: {net.layout.describe()}; lenses {', '.join(settings['lenses'])})"
+    )
 
-    lenses: list[Any] = ["logit", "coda"]
+    lenses: list[Any] = applicable_lenses(net)
     if tuned_lens:
         lenses.append(_tuned_lens(net, run, prompt_template, steps, seed))
 
@@ -196,10 +202,12 @@ def run_arithmetic_study(
         run.write_shard("topk", b, result.topk.assign(run=run.name), replace=True)
         run.write_shard("dynamics", b, result.dynamics.assign(run=run.name), replace=True)
         run.write_shard("verdicts", b, result.verdicts.assign(run=run.name), replace=True)
+        if len(result.exit_gate):
+            run.write_shard("exit_gate", b, result.exit_gate.assign(run=run.name), replace=True)
         run.write_shard("answers", b, answers.assign(run=run.name), replace=True)
 
     _depth_scaling(net, run, prompt_template, depths, depth_n, seed)
-    figures = _render(run, net, steps)
+    figures = _render(run, steps)
     run.mark_complete()
     _summary(run, figures, time.monotonic() - t0, console)
     return run
@@ -221,9 +229,7 @@ def _drop_missing(ranks: pd.DataFrame, missing: dict[str, list[bool]], start: in
     return ranks[~drop].reset_index(drop=True)
 
 
-def _tuned_lens(
-    net: RecurrentDepthLM, run: Run, template: PromptTemplate, steps: int, seed: int
-) -> TunedLens:
+def _tuned_lens(net: LoopedLM, run: Run, template: PromptTemplate, steps: int, seed: int) -> TunedLens:
     """Train (once per run; reloaded on resume) a shared Tuned Lens on training-split prompts."""
     where = run.path / "tuned_lens"
     if (where / "tuned_lens.json").is_file():
@@ -239,7 +245,7 @@ def _tuned_lens(
 
 
 def _depth_scaling(
-    net: RecurrentDepthLM, run: Run, template: PromptTemplate, depths: Sequence[int], depth_n: int, seed: int
+    net: LoopedLM, run: Run, template: PromptTemplate, depths: Sequence[int], depth_n: int, seed: int
 ) -> None:
     """Accuracy per task format and number of iterations (shards keyed by depth)."""
     from studies.evaluation import evaluate_tasks
@@ -254,7 +260,7 @@ def _depth_scaling(
         run.write_shard("answers", shard, frame.assign(run=run.name))
 
 
-def _render(run: Run, net: RecurrentDepthLM, steps: int) -> dict[str, dict]:
+def _render(run: Run, steps: int) -> dict[str, dict]:
     from studies.figures import Layout, render_all
 
     answers = run.table("answers")
@@ -264,11 +270,12 @@ def _render(run: Run, net: RecurrentDepthLM, steps: int) -> dict[str, dict]:
         "answers": answers[answers["num_steps"] == steps] if len(answers) else answers,
         "dynamics": run.table("dynamics"),
         "verdicts": run.table("verdicts"),
+        "exit_gate": run.table("exit_gate"),
         "depth": accuracy_table(answers[answers["prompt_id"] >= 1_000_000])
         if len(answers)
         else pd.DataFrame(),
     }
-    layout = Layout(prelude=net.layout.prelude, core=net.layout.core, coda=net.layout.coda, steps=steps)
+    layout = Layout.from_manifest(run.manifest, steps)
     title = f"{run.manifest['model']['name']} · T={steps}"
     return render_all(tables, layout, run.figures_dir, title)
 
@@ -280,6 +287,7 @@ SUMMARY_KEYS = {
     "depth_scaling": ("arithmetic_1dc_accuracy_T", "arithmetic_1dc_best_steps"),
     "latent_dynamics": ("step_norm_median_last", "verdict_"),
     "reference_overlay": ("_median_rank_last",),
+    "exit_gate": ("expected_exit_step", "threshold_exit_share_before_T"),
 }
 
 

@@ -176,7 +176,11 @@ def run_evaluation(
         out,
         f"eval-{Path(str(model_name)).name}-n{n}-s{seed}",
         {
-            "model": {"name": str(model_name), "weights": lens.loading.weights_fingerprint(model_name)},
+            "model": {
+                "name": str(model_name),
+                "weights": lens.loading.weights_fingerprint(model_name),
+                "layout": model.layout.to_dict(),
+            },
             "settings": settings,
             "prompt_template": template.to_dict(),
         },
@@ -188,12 +192,7 @@ def run_evaluation(
             )
             run.write_shard("answers", depth, frame.assign(run=run.name))
     acc = accuracy_table(run.table("answers"))
-    layout = Layout(
-        prelude=model.layout.prelude,
-        core=model.layout.core,
-        coda=model.layout.coda,
-        steps=model.config.mean_recurrence,
-    )
+    layout = Layout(model.layout, steps=model.config.mean_recurrence)
     render_figure(
         FIGURES["depth_scaling"],
         {"depth": acc},

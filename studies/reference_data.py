@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lens.config import RecurrentDepthConfig
+from lens.families.huginn import huginn_layout
 from studies.figures.layout import Layout
 
 __all__ = [
@@ -48,7 +50,13 @@ __all__ = [
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "huginn-latent-cot"
 REFERENCE_NAME = "Huginn-3.5B (reference study)"
-HUGINN_LAYOUT = Layout(prelude=2, core=4, coda=2, steps=16)
+#: Huginn-3.5B (the packaged config, prelude 2 · core 4 · coda 2) at the study's 16 iterations.
+HUGINN_LAYOUT = Layout(
+    huginn_layout(
+        RecurrentDepthConfig.from_json(Path(__file__).resolve().parents[1] / "lens/configs/huginn-0125")
+    ),
+    steps=16,
+)
 FILTERED_ID_OFFSET = 100
 N_FEWSHOT = 4
 

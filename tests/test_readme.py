@@ -1,6 +1,6 @@
 """Every code block of the README runs, as written, so the documentation cannot drift from the code.
 
-Python blocks run in one namespace per block, in a scratch directory. Bash blocks run with the
+Python blocks run in one namespace per block, from the checkout's root. Bash blocks run with the
 virtual environment's ``bin`` first on ``PATH``, in a scratch directory, with the checkout's path in
 place of ``.`` in ``pip install -e .`` (the same install, wherever the test runs). The README's test
 command is the one block not run here: ``.ci/run`` runs it verbatim (asserted below), and running the
@@ -39,8 +39,8 @@ def test_the_readme_test_command_is_what_ci_runs():
 @pytest.mark.parametrize(
     ("index", "code"), _blocks("python"), ids=lambda v: str(v) if isinstance(v, int) else ""
 )
-def test_python_block_runs(index, code, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_python_block_runs(index, code, monkeypatch):
+    monkeypatch.chdir(REPO)  # examples may name files of the checkout (tests/data/...)
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
 
 

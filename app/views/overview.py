@@ -6,6 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, data, ui
+from lens.errors import LooplensError
+from lens.layout import UnrolledLayout
 
 
 def _runs_table(runs) -> pd.DataFrame:
@@ -67,14 +69,14 @@ def _manifest_panel(manifest: dict) -> None:
 def _headline_metrics(head: dict, manifest: dict) -> None:
     model = manifest.get("model", {}) or {}
     settings = manifest.get("settings", {}) or {}
-    layout = model.get("layout") or {}
     facts = [f"model **{model.get('name', '—')}**"]
     if settings.get("steps") is not None:
         facts.append(f"{settings['steps']} iterations")
-    if layout:
-        facts.append(
-            f"prelude {layout.get('prelude')} · core {layout.get('core')} · coda {layout.get('coda')}"
-        )
+    try:
+        layout = UnrolledLayout.from_manifest(manifest)
+        facts.append(f"{layout.family}: {layout.describe()}")
+    except LooplensError:
+        pass
     if settings.get("study"):
         facts.append(f"study `{settings['study']}`")
     st.markdown(" · ".join(facts))
@@ -128,9 +130,19 @@ def render() -> None:
             chosen or default,
             height=460,
             title="Median rank over all prompts (band: interquartile range; line style: lens)",
+            layout=data.layout(path, mtime),
         ),
         key="overview_fig",
     )
+    gate = data.exit_gate_rows(path, mtime)
+    if len(gate):
+        st.subheader("Exit gate", divider="gray")
+        st.caption(
+            "The model's learned exit gate at each prompt's last position: λ_t, the chance to stop after "
+            "iteration t if not stopped before; the cumulative exit probability (dotted: the 0.5 threshold "
+            "of the threshold exit mode); the exit distribution p_t averaged over prompts."
+        )
+        ui.chart(charts.exit_gate_curves(gate), key="overview_gate")
 
     a, b, c = st.columns([5, 4, 4], gap="large")
     with a:

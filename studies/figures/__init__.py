@@ -11,13 +11,14 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 ``depth_scaling``           accuracy vs number of iterations per task format
 ``latent_dynamics``         step norms, cosine to the last state, verdicts, PCA trajectories
 ``reference_overlay``       figures 1–3 for Huginn-3.5B (reference study) next to ours
+``exit_gate``               exit-gate λ_t, exit distribution and threshold exits (Ouro runs only)
 ==========================  =====================================================================
 
 :func:`render_all` draws every figure whose input tables are present.
 
 Example:
     >>> sorted(FIGURES)[:3]
-    ['depth_scaling', 'intermediate_vs_final', 'latent_dynamics']
+    ['depth_scaling', 'exit_gate', 'intermediate_vs_final']
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pandas as pd
 
 from studies.figures import (
     depth_scaling,
+    exit_gate,
     intermediate_vs_final,
     latent_dynamics,
     numeric_prefix,
@@ -66,6 +68,7 @@ FIGURES: dict[str, FigureSpec] = {
         depth_scaling.FIGURE,
         latent_dynamics.FIGURE,
         reference_overlay.FIGURE,
+        exit_gate.FIGURE,
     )
 }
 

@@ -8,8 +8,9 @@ prelude / iteration / coda structure drawn in.
 
 Example:
     >>> import pandas as pd
+    >>> from lens.layout import UnrolledLayout
     >>> from studies.figures.layout import Layout
-    >>> layout = Layout(prelude=1, core=1, coda=1, steps=1)
+    >>> layout = Layout(UnrolledLayout(prelude=1, core=1, coda=1), steps=1)
     >>> ranks = pd.DataFrame({"prompt_id": [0, 0, 0], "site": ["prelude.0", "core.0", "coda.0"],
     ...     "iteration": [0, 1, 0], "block": [0, 0, 0], "unrolled_index": [0, 1, 2],
     ...     "lens": "logit", "target_kind": "predicted", "rank": [50, 3, 1]})

@@ -156,10 +156,10 @@ def marker_size(layout: Layout) -> float:
 
 
 def unrolled_xlabel(layout: Layout) -> str:
-    return (
-        f"unrolled layer — P prelude ({layout.prelude}), recurrent iteration t = 1…{layout.steps} "
-        f"({layout.core} core blocks each), C coda ({layout.coda})"
-    )
+    parts = [f"P prelude ({layout.prelude})"] if layout.prelude else []
+    parts.append(f"recurrent iteration t = 1…{layout.steps} ({layout.core} core blocks each)")
+    parts += [f"C coda ({layout.coda})"] if layout.coda else []
+    return "unrolled layer — " + ", ".join(parts)
 
 
 def decorate_unrolled(ax: Axes, layout: Layout, *, xlabel: bool = True, top_index: bool = False) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from app import charts, data, live
 from app.settings import parse_settings
+from lens.layout import UnrolledLayout
 from probes.store import CorruptRunError, Run
 from studies.synthetic import write_run
 
@@ -142,7 +143,11 @@ def test_rank_trajectory_figure():
     assert list(medians[0].y) == list(rows[rows.lens == "logit"].groupby("unrolled_index")["rank"].median())
     thin = fig.data[0]
     assert np.isnan(np.asarray(thin.x, dtype=float)).sum() == 2  # a gap between prompts
-    assert charts.StageLayout.from_rows(rows) == charts.StageLayout(1, 2, 1, 4)
+    assert not fig.layout.shapes  # without the model's layout, no stages are guessed from the rows
+    staged = charts.rank_trajectory(rows, hover, layout=UnrolledLayout(prelude=1, core=2, coda=1).at(4))
+    bands = [s for s in staged.layout.shapes if s.type == "rect"]
+    assert [(b.x0, b.x1) for b in bands] == [(-0.5, 0.5), (8.5, 9.5)]  # prelude and coda shaded
+    assert [a.text for a in staged.layout.annotations] == ["prelude", "core × 4", "coda"]
     single = charts.rank_trajectory(rows[rows.prompt_id == 0], hover)
     assert any("␣7" in h for t in single.data for h in (t.hovertemplate or []) if isinstance(h, str))
 
@@ -157,6 +162,22 @@ def test_heatmap_layout():
     assert z.shape == (5, 4)
     assert np.isnan(z[0, 2:]).all() and np.isfinite(z[1:4]).all()  # prelude has 2 blocks, core 4
     assert fig.data[0].colorbar.ticktext[0] == "1"
+    # with the model's layout every iteration is a row, recorded or not
+    layout = UnrolledLayout(prelude=2, core=4, coda=2).at(4)
+    assert charts.heatmap_grid(rows[rows.lens == "coda"], layout)[1] == [
+        "prelude",
+        "t=1",
+        "t=2",
+        "t=3",
+        "t=4",
+        "coda",
+    ]
+    looped = UnrolledLayout(family="ouro", core=2, adapter=False, feedback="latent", norm_after_coda=False)
+    assert charts.heatmap_grid(rows[rows.site.str.startswith("core")], looped.at(3))[1] == [
+        "t=1",
+        "t=2",
+        "t=3",
+    ]
 
 
 def test_lens_grid_and_token_text():
@@ -211,6 +232,8 @@ def test_other_figures_and_empty_inputs():
         charts.lens_grid(None, []),
         charts.accuracy_by_depth(pd.DataFrame()),
         charts.verdict_bar(None),
+        charts.exit_gate_curves(None),
+        charts.exit_gate_heatmap(pd.DataFrame(), []),
     ):
         assert fig.layout.annotations  # a note instead of an error
 
@@ -257,3 +280,28 @@ def test_adaptive_generation(model):
 def test_load_model_errors_are_plain_messages(tmp_path):
     with pytest.raises(FileNotFoundError, match="unknown model"):
         live.load_model(str(tmp_path / "nothing-here"))
+
+
+def test_exit_gate_charts():
+    lam = np.array([[0.6, 0.5, 0.2], [0.1, 0.2, 0.9]])  # two tokens × three iterations
+    import torch
+
+    from lens.exit_gate import exit_distribution
+
+    pdf, cdf = (x.numpy() for x in exit_distribution(torch.tensor(lam)))
+    rows = pd.DataFrame(
+        {
+            "prompt_id": 0,
+            "position": np.repeat([0, 1], 3),
+            "iteration": np.tile([1, 2, 3], 2),
+            "gate_lambda": lam.ravel(),
+            "exit_prob": pdf.ravel(),
+            "exit_cdf": cdf.ravel(),
+        }
+    )
+    heat = charts.exit_gate_heatmap(rows, ["a", "b"])
+    outlined = [(s.x0 + 0.5, s.y0 + 0.5) for s in heat.layout.shapes]
+    assert outlined == [(0, 0), (1, 2)]  # token a exits at t=1 (0.6 >= 0.5); token b only at the last step
+    curves = charts.exit_gate_curves(rows.assign(prompt_id=rows["position"]))
+    bars = [t for t in curves.data if t.type == "bar"]
+    assert np.allclose(bars[0].y, pdf.mean(0))

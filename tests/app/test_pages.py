@@ -295,3 +295,52 @@ def test_answers_only_run(monkeypatch, tmp_path, model_dir):
         goto(at, page)
         assert_clean(at)
         assert "no rank records" in " ".join(i.value for i in at.info) or page == "dynamics"
+
+
+# ------------------------------------------------------------------------------------------ other families
+
+
+def test_every_page_on_an_ouro_run_and_model(monkeypatch, ouro_runs_dir, ouro_model_dir):
+    """The explorer reads an Ouro run (layout from its manifest, no Coda Lens, an exit gate) and probes an
+    Ouro model live: every page clean, the exit gate drawn."""
+    at = start(monkeypatch, ouro_runs_dir, ouro_model_dir)
+    assert_clean(at)
+    assert "ouro: looped stack of 2 × T · exit gate" in texts(at)
+    assert "Exit gate" in [s.value for s in at.subheader]
+    labels = {m.label for m in at.metric}
+    assert any(label.startswith("logit lens") for label in labels)
+    assert not any(label.startswith("coda lens") for label in labels)
+    for page in ["trajectories", "dynamics", "compare"]:
+        goto(at, page)
+        assert_clean(at)
+        assert charts(at) >= 2, page
+    goto(at, "trajectories")
+    assert at.pills(key="traj_lenses").options == ["logit"]
+    goto(at, "live_probe")
+    assert at.multiselect(key="live_lenses").options == ["logit"]
+    probe(at)
+    assert_clean(at)
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("P(exited)" in s for s in specs)  # the exit-gate map of the live prompt
+    assert "gate" in at.selectbox(key="live_gen_crit").options
+    at.selectbox(key="live_gen_crit").set_value("gate")
+    next(b for b in at.button if b.label == "Generate").click().run()
+    assert_clean(at)
+    goto(at, "lens_grid")
+    probe(at)
+    assert_clean(at)
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["yaxis"]["ticktext"] == ["core.0 · t=4", "core.1 · t=4", "latent · t=4", "final"]
+
+
+def test_live_probe_on_a_retrofit_model(monkeypatch, runs_dir, tmp_path):
+    from tests.conftest import save_arith_model
+
+    model = save_arith_model(tmp_path / "tiny-retrofit", family="retrofit", block_size=256)
+    at = goto(start(monkeypatch, runs_dir, model), "live_probe")
+    assert "retrofit" in texts(at)
+    assert at.multiselect(key="live_lenses").options == ["logit", "coda"]
+    probe(at)
+    assert_clean(at)
+    assert charts(at) >= 7
+    assert "gate" not in at.selectbox(key="live_gen_crit").options

@@ -1,0 +1,69 @@
+"""Exit-gate readings as a recorded statistic: λ_t, p_t and the cumulative exit probability per
+(prompt, position, iteration), for families with a learned exit gate (Ouro).
+
+The model puts each iteration's ``λ_t`` on the stream beside its ``latent``
+(:attr:`lens.State.exit_lambda`), so the recorder sees exactly what the model used (a hook that
+patches the gate is seen too). The exit distribution is built with the model's own arithmetic
+(:func:`lens.exit_gate.exit_distribution`): the last iteration run holds the remaining mass.
+
+Example:
+    >>> rec = ExitGateRecorder(model, positions="last")            # doctest: +SKIP
+    >>> out = model(ids, num_steps=4, consumers=[rec])             # doctest: +SKIP
+    >>> rec.finalize().groupby("iteration")["exit_prob"].mean()    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lens.exit_gate import exit_distribution
+from lens.model import LoopedLM
+from lens.stream import Positions, State
+from probes.lenses.base import LensNotApplicableError
+
+COLUMNS = ["prompt_index", "position", "iteration", "num_steps", "gate_lambda", "exit_prob", "exit_cdf"]
+
+
+class ExitGateRecorder:
+    """Stream consumer of the gate's readings at ``latent``; ``finalize()`` gives tidy ``exit_gate`` rows."""
+
+    def __init__(self, model: LoopedLM, positions: Positions = "last") -> None:
+        if not model.layout.exit_gate:
+            raise LensNotApplicableError(f"{model.layout.family} models have no exit gate to record")
+        self.sites = ["latent"]
+        self.positions = positions
+        self._lambdas: list[torch.Tensor] = []
+        self._iterations: list[int] = []
+        self._positions: torch.Tensor | None = None
+        self._num_steps = 0
+
+    def __call__(self, state: State) -> None:
+        if state.exit_lambda is None:
+            return
+        self._lambdas.append(state.exit_lambda.detach().float().cpu())
+        self._iterations.append(state.iteration)
+        self._num_steps = state.num_steps
+        if state.positions is not None:
+            self._positions = state.positions
+
+    def finalize(self) -> pd.DataFrame:
+        """One row per prompt × position × iteration (``prompt_index`` is the row in the batch)."""
+        if not self._lambdas:
+            return pd.DataFrame(columns=COLUMNS)
+        lam = torch.stack(self._lambdas, -1)  # [B, P, T]
+        pdf, cdf = exit_distribution(lam)
+        B, P, T = lam.shape
+        positions = self._positions.tolist() if self._positions is not None else list(range(P))
+        return pd.DataFrame(
+            {
+                "prompt_index": np.repeat(np.arange(B), P * T),
+                "position": np.tile(np.repeat(positions, T), B).astype(np.int32),
+                "iteration": np.tile(self._iterations, B * P).astype(np.int32),
+                "num_steps": np.full(B * P * T, self._num_steps, dtype=np.int32),
+                "gate_lambda": lam.reshape(-1).numpy(),
+                "exit_prob": pdf.reshape(-1).numpy(),
+                "exit_cdf": cdf.reshape(-1).numpy(),
+            }
+        )

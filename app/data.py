@@ -24,10 +24,11 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from probes.palette import lens_order, target_order
 from probes.store import MANIFEST, Run, RunInfo, list_runs
+from probes.trajectory import summarize_ranks
 
 __all__ = [
-    "TARGET_ORDER",
     "choices",
     "depth_accuracy",
     "dynamics_rows",
@@ -43,9 +44,6 @@ __all__ = [
     "run_ref",
     "verdict_counts",
 ]
-
-#: Target kinds in the order a researcher looks at them; others follow alphabetically.
-TARGET_ORDER = ("predicted", "final", "intermediate", "control")
 
 # A token as hover text: HTML-escaped, spaces and newlines made visible.
 _TOKEN_SQL = (
@@ -109,13 +107,10 @@ def q_manifest(path: str, mtime: int) -> dict[str, Any]:
 def q_choices(path: str, mtime: int) -> dict[str, list]:
     """Lenses, target kinds and the unrolled layers a run recorded (for the pickers)."""
     pairs = _query(path, mtime, "SELECT DISTINCT lens, target_kind FROM ranks")
-    lenses = sorted(pairs["lens"].unique(), key=lambda x: ({"logit": 0, "coda": 1, "tuned": 2}.get(x, 3), x))
-    kinds = sorted(
-        pairs["target_kind"].unique(),
-        key=lambda x: (TARGET_ORDER.index(x) if x in TARGET_ORDER else len(TARGET_ORDER), x),
-    )
+    lenses = lens_order(pairs["lens"])
+    kinds = target_order(pairs["target_kind"])
     if not lenses:
-        lenses = sorted(_query(path, mtime, "SELECT DISTINCT lens FROM topk")["lens"])
+        lenses = lens_order(_query(path, mtime, "SELECT DISTINCT lens FROM topk")["lens"])
     return {"lenses": list(lenses), "target_kinds": list(kinds)}
 
 
@@ -127,7 +122,7 @@ def q_prompt_table(path: str, mtime: int) -> pd.DataFrame:
     a AS (SELECT prompt_id, any_value(prompt) AS prompt, any_value(expected) AS expected,
                  any_value(generated) AS generated, bool_and(correct) AS correct,
                  any_value(intermediate) AS intermediate
-          FROM answers WHERE prompt_id IN (SELECT prompt_id FROM ids) GROUP BY prompt_id),
+          FROM answers WHERE purpose = 'probe' GROUP BY prompt_id),
     v AS (SELECT prompt_id, any_value(verdict) AS verdict FROM verdicts WHERE {_POSITION_SQL.format(table="verdicts")}
           GROUP BY prompt_id)
     SELECT ids.prompt_id, coalesce(p.prompt_text, a.prompt) AS prompt_text, p.context, p.task,
@@ -202,16 +197,22 @@ def q_hover_aggregate(
 
 
 def q_median_trajectories(path: str, mtime: int) -> pd.DataFrame:
-    """Median and quartiles of rank over all prompts, per lens × target × unrolled layer."""
-    sql = f"""
-    SELECT lens, target_kind, unrolled_index, any_value(site) AS site, any_value(iteration) AS iteration,
-           any_value(block) AS block, median(rank) AS median, quantile_cont(rank, 0.25) AS q25,
-           quantile_cont(rank, 0.75) AS q75, count(*) AS n
-    FROM ranks WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
-    GROUP BY lens, target_kind, unrolled_index
-    ORDER BY lens, target_kind, unrolled_index
+    """Median rank over all prompts with its 95 % bootstrap interval, per lens × target × unrolled layer.
+
+    The summary is ``probes.trajectory.summarize_ranks``, the one the study figures use, so the
+    overview and ``figures/rank_trajectory.png`` show the same numbers.
     """
-    return _query(path, mtime, sql)
+    sql = f"""
+    SELECT lens, target_kind, unrolled_index, site, iteration, block, rank
+    FROM ranks WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
+    """
+    rows = _query(path, mtime, sql)
+    keys = ["lens", "target_kind", "unrolled_index"]
+    summary = summarize_ranks(rows, keys)
+    labels = rows.drop_duplicates(keys)[[*keys, "site", "iteration", "block"]]
+    return summary.merge(labels, on=keys, how="left")[
+        [*keys, "site", "iteration", "block", "median", "ci_low", "ci_high", "n"]
+    ]
 
 
 def q_dynamics_rows(path: str, mtime: int, prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
@@ -227,15 +228,11 @@ def q_dynamics_rows(path: str, mtime: int, prompt_ids: Sequence[int] | None = No
 
 
 def q_depth_accuracy(path: str, mtime: int) -> pd.DataFrame:
-    """Accuracy per task and number of iterations: the depth-scaling answers (those of prompts that were
-    not probed), or every answer when the run probed nothing (an evaluation run)."""
+    """Accuracy per task and number of iterations: the answers generated to measure it (purpose
+    ``depth`` in a study, ``eval`` in an evaluation run), not those of the probed prompts."""
     sql = """
-    WITH probed AS (SELECT DISTINCT prompt_id FROM ranks),
-    kept AS (SELECT * FROM answers
-             WHERE prompt_id NOT IN (SELECT prompt_id FROM probed)
-                OR (SELECT count(*) FROM answers WHERE prompt_id NOT IN (SELECT prompt_id FROM probed)) = 0)
     SELECT task, num_steps, count(*) AS n, avg(CAST(correct AS DOUBLE)) AS accuracy
-    FROM kept GROUP BY task, num_steps ORDER BY task, num_steps
+    FROM answers WHERE purpose IN ('depth', 'eval') GROUP BY task, num_steps ORDER BY task, num_steps
     """
     return _query(path, mtime, sql)
 
@@ -252,8 +249,7 @@ def q_headline(path: str, mtime: int) -> dict[str, Any]:
         path,
         mtime,
         """
-        SELECT count(*) AS n, avg(CAST(correct AS DOUBLE)) AS accuracy FROM answers
-        WHERE prompt_id IN (SELECT prompt_id FROM ranks UNION SELECT prompt_id FROM prompts)""",
+        SELECT count(*) AS n, avg(CAST(correct AS DOUBLE)) AS accuracy FROM answers WHERE purpose = 'probe'""",
     )
     n_prompts = _query(path, mtime, "SELECT count(DISTINCT prompt_id) AS n FROM ranks")["n"].item()
     medians = q_median_trajectories(path, mtime)
@@ -290,13 +286,32 @@ def q_headline(path: str, mtime: int) -> dict[str, Any]:
 
 
 def figure_files(path: str | os.PathLike[str]) -> dict[str, list[Path]]:
-    """The study's saved figures by kind (``png``, ``html``, ``parquet``), sorted by name."""
+    """The study's saved figures by kind (``png``, ``html``, ``parquet``), sorted by name.
+
+    A ``.png`` that is not a readable PNG image (truncated, or another file under that name) is
+    listed under ``damaged`` instead, so the page shows the other figures and names that one.
+    """
     folder = Path(path) / "figures"
-    out: dict[str, list[Path]] = {"png": [], "html": [], "parquet": []}
+    out: dict[str, list[Path]] = {"png": [], "html": [], "parquet": [], "damaged": []}
     if folder.is_dir():
-        for kind in out:
-            out[kind] = sorted(folder.glob(f"*.{kind}"))
+        for kind in ("png", "html", "parquet"):
+            out[kind] = sorted(p for p in folder.glob(f"*.{kind}") if p.is_file())
+        out["damaged"] = [p for p in out["png"] if not _is_png(p)]
+        out["png"] = [p for p in out["png"] if p not in out["damaged"]]
     return out
+
+
+def _is_png(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return False
+            image.verify()
+        return True
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return False
 
 
 # The cached versions the pages call.

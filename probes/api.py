@@ -20,6 +20,7 @@ from lens.stream import Positions
 from probes.dynamics import DynamicsRecorder
 from probes.lenses import Lens, make_lens
 from probes.recorder import LensRecorder
+from probes.records import records
 
 
 @dataclass
@@ -123,16 +124,18 @@ def probe_prompts(
                 frame.insert(0, "prompt_id", [batch_ids[i] for i in frame.pop("prompt_index")])
             dyn.append(d)
             verdicts.append(v)
-    result = ProbeResult(
-        pd.concat(ranks, ignore_index=True),
-        pd.concat(tops, ignore_index=True),
-        pd.concat(dyn, ignore_index=True) if dyn else pd.DataFrame(),
-        pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
-        predictions,
+    frames = {
+        "ranks": pd.concat(ranks, ignore_index=True),
+        "topk": pd.concat(tops, ignore_index=True),
+        "dynamics": pd.concat(dyn, ignore_index=True) if dyn else pd.DataFrame(),
+        "verdicts": pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
+    }
+    for frame in (frames["ranks"], frames["topk"]):
+        if "token_id" in frame:  # decoded text; empty for a model without a tokenizer
+            decode = model.tokenizer.decode if model.tokenizer is not None else lambda ids: ""
+            vocab = {int(i): decode([int(i)]) for i in frame["token_id"].unique()}
+            frame["token"] = frame["token_id"].map(vocab)
+    # records are checked against their schema here, where they are made, not first when a run stores them
+    return ProbeResult(
+        **{name: records(name, frame) for name, frame in frames.items()}, predictions=predictions
     )
-    if model.tokenizer is not None:
-        for frame in (result.ranks, result.topk):
-            if "token_id" in frame:
-                vocab = {int(i): model.tokenizer.decode([int(i)]) for i in frame["token_id"].unique()}
-                frame["token"] = frame["token_id"].map(vocab)
-    return result

@@ -585,15 +585,14 @@ class Run:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def _files(self, table: str, *, verify: bool = True) -> list[Path]:
+    def _files(self, table: str) -> list[Path]:
         """Recorded shard files of ``table``, each checked against its manifest checksum."""
         if table not in SCHEMAS:
             raise ValueError(f"unknown table {table!r}; tables are {sorted(SCHEMAS)}")
         shards = self._manifest["shards"].get(table, {})
         paths = [self._shard_path(table, s) for s in sorted(shards)]
-        if verify:
-            for path, shard_id in zip(paths, sorted(shards), strict=True):
-                self._check_file(path, shards[shard_id]["sha256"])
+        for path, shard_id in zip(paths, sorted(shards), strict=True):
+            self._check_file(path, shards[shard_id]["sha256"])
         return paths
 
     def _check_file(self, path: Path, sha256: str, *, force: bool = False) -> None:
@@ -626,23 +625,23 @@ class Run:
     def query(self, sql: str) -> pd.DataFrame:
         """Run DuckDB ``sql`` with every table registered as a view over its recorded shards.
 
-        Each view has exactly the columns of ``SCHEMAS[table]`` (a column a run from an older version
-        lacks reads as NULL). The views are made with DuckDB's relation API: ``sql`` is the only
-        statement this runs.
+        Only the tables ``sql`` names are registered (their shards verified against the manifest). Each
+        view has exactly the columns of ``SCHEMAS[table]`` (a column a run from an older version lacks
+        reads as NULL). The views are made with DuckDB's relation API: ``sql`` is the only statement
+        this runs.
         """
         with duckdb.connect() as con:
             for table in sorted(SCHEMAS):
-                used = re.search(rf"\b{re.escape(table)}\b", sql, flags=re.IGNORECASE) is not None
-                paths = self._files(table, verify=used)
-                if paths:
-                    try:
-                        _relation(con, table, paths).create_view(table)
-                    except duckdb.Error as exc:
-                        raise CorruptRunError(
-                            f"cannot read table {table!r} of run {self.path}: {exc}"
-                        ) from exc
-                else:
+                if re.search(rf"\b{re.escape(table)}\b", sql, flags=re.IGNORECASE) is None:
+                    continue  # a table the query does not name is neither read nor verified
+                paths = self._files(table)
+                if not paths:
                     con.register(table, SCHEMAS[table].empty_table())
+                    continue
+                try:
+                    _relation(con, table, paths).create_view(table)
+                except duckdb.Error as exc:
+                    raise CorruptRunError(f"cannot read table {table!r} of run {self.path}: {exc}") from exc
             return con.execute(sql).df()
 
     def verify(self) -> dict[str, int]:

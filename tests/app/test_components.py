@@ -64,7 +64,7 @@ def test_headline_and_summaries(small):
     assert set(depth["num_steps"]) == {1, 2, 4, 8} and set(depth["n"]) == {10}  # not the probed answers
     assert data.q_verdict_counts(*small)["n"].sum() == 6
     med = data.q_median_trajectories(*small)
-    assert (med["q25"] <= med["median"]).all() and (med["median"] <= med["q75"]).all()
+    assert (med["ci_low"] <= med["median"]).all() and (med["median"] <= med["ci_high"]).all()
     dyn = data.q_dynamics_rows(*small, (0, 1))
     assert set(dyn["prompt_id"]) == {0, 1} and dyn["verdict"].notna().all()
     files = data.figure_files(small[0])

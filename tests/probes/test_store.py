@@ -330,6 +330,7 @@ def test_list_runs_and_status(tmp_path):
                 {
                     "prompt_id": 0,
                     "task": "add",
+                    "purpose": "eval",
                     "num_steps": 8,
                     "prompt": "1+1=",
                     "expected": "2",
@@ -550,3 +551,65 @@ def test_atomic_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         atomic_write(target, b"new and longer")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["table.bin"]
+
+
+# --------------------------------------------------------------------------------------------- rank summary
+
+
+def _naive_median_interval(values, n_boot, level, seed):
+    """The definition spelled out: resample positions of the sorted finite values, median per resample."""
+    x = np.sort(np.asarray(values, dtype=float)[np.isfinite(values)])
+    med = float(np.median(x))
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    boots = np.median(x[idx], axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return med, min(lo, med), max(hi, med)
+
+
+def test_median_interval_is_the_naive_bootstrap_and_contains_the_median():
+    from probes.trajectory import median_interval
+
+    rng = np.random.default_rng(1)
+    samples = [np.exp(rng.normal(3, 2, size=n)).round() + 1 for n in (2, 3, 10, 67, 10, 101)]
+    samples.append(np.array([4.0, np.nan, 9.0, np.inf, 1.0]))  # missing cells are ignored
+    med, lo, hi = median_interval(samples, n_boot=400, level=0.9, seed=3)
+    for i, x in enumerate(samples):
+        expected = _naive_median_interval(x, 400, 0.9, 3)
+        np.testing.assert_allclose([med[i], lo[i], hi[i]], expected, rtol=0, atol=1e-12)
+        finite = x[np.isfinite(x)]
+        assert finite.min() <= lo[i] <= med[i] <= hi[i] <= finite.max()
+    med, lo, hi = median_interval([np.array([7.0]), np.array([np.nan])])
+    assert med[0] == lo[0] == hi[0] == 7.0 and np.isnan([med[1], lo[1], hi[1]]).all()
+
+
+def test_summarize_ranks_groups_do_not_depend_on_each_other():
+    """The explorer summarises a selection, the study everything: a group's numbers are the same."""
+    from probes.trajectory import summarize_ranks
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "lens": np.repeat(["logit", "coda"], 60),
+            "unrolled_index": np.tile(np.repeat([0, 1, 2], 20), 2),
+            "rank": rng.integers(1, 500, size=120),
+        }
+    )
+    everything = summarize_ranks(frame, ["lens", "unrolled_index"])
+    assert everything.columns.tolist() == [
+        "lens",
+        "unrolled_index",
+        "median",
+        "ci_low",
+        "ci_high",
+        "geo_mean",
+        "top1",
+        "n",
+    ]
+    assert everything["lens"].tolist() == ["coda"] * 3 + ["logit"] * 3 and (everything["n"] == 20).all()
+    alone = summarize_ranks(frame[frame["lens"] == "logit"], ["lens", "unrolled_index"])
+    pd.testing.assert_frame_equal(everything.iloc[3:].reset_index(drop=True), alone)
+    group = frame[(frame["lens"] == "coda") & (frame["unrolled_index"] == 1)]["rank"]
+    row = everything.iloc[1]
+    assert row["median"] == np.median(group) and row["top1"] == np.mean(group == 1)
+    np.testing.assert_allclose(row["geo_mean"], np.exp(np.log(group).mean()))
+    assert summarize_ranks(frame.iloc[:0], ["lens"]).columns.tolist()[0] == "lens"

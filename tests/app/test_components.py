@@ -71,6 +71,19 @@ def test_headline_and_summaries(small):
     assert [p.name for p in files["png"]] == ["rank_trajectory.png"]
 
 
+def test_overview_medians_are_the_study_figures_numbers(small):
+    """The explorer's median-with-interval is the study's (one implementation), equal to the last digit."""
+    from studies.figures import rank_trajectory
+    from studies.figures.layout import Layout
+
+    med = data.q_median_trajectories(*small)
+    figure = rank_trajectory.table({"ranks": Run.open(small[0]).table("ranks")}, Layout(1, 2, 1, 4))
+    ours = med[med["target_kind"] == "predicted"].merge(figure, on=["lens", "unrolled_index"])
+    assert len(ours) == len(figure) == 2 * 10
+    for column in ("median", "ci_low", "ci_high"):
+        np.testing.assert_array_equal(ours[f"{column}_x"], ours[f"{column}_y"])
+
+
 def test_cached_queries_follow_the_manifest(tmp_path):
     """A run still being written: the cache key changes as soon as a new shard is recorded."""
     path = write_run(tmp_path, "growing", n_prompts=6, status="running", figures=False)
@@ -145,6 +158,28 @@ def test_rank_trajectory_figure():
     assert charts.StageLayout.from_rows(rows) == charts.StageLayout(1, 2, 1, 4)
     single = charts.rank_trajectory(rows[rows.prompt_id == 0], hover)
     assert any("␣7" in h for t in single.data for h in (t.hovertemplate or []) if isinstance(h, str))
+
+
+def test_explorer_and_study_figures_share_lens_and_target_colours_and_order(small):
+    """One set of lens/target colours and one target order (probes.palette), not one per package."""
+    from matplotlib.colors import to_hex
+
+    from probes import palette
+    from studies.figures import rank_trajectory as study_rank_trajectory
+    from studies.figures import style
+    from studies.figures.layout import Layout
+
+    fig = charts.rank_trajectory(_rows(), None)
+    colours = {t.name.split()[0]: t.line.color for t in fig.data if t.mode == "lines+markers"}
+    assert colours == {"logit": palette.LENS_COLORS["logit"], "coda": palette.LENS_COLORS["coda"]}
+    rows = _rows().assign(target_kind="predicted", position=-1)
+    layout = Layout(prelude=1, core=2, coda=1, steps=4)
+    mpl, _ = study_rank_trajectory.draw(study_rank_trajectory.table({"ranks": rows}, layout), layout, "t")
+    drawn = {to_hex(line.get_color()).lower() for ax in mpl.axes for line in ax.get_lines()}
+    assert {palette.LENS_COLORS["logit"].lower(), palette.LENS_COLORS["coda"].lower()} <= drawn
+    assert style.TARGET_ORDER is palette.TARGET_ORDER and style.LENS_COLORS is palette.LENS_COLORS
+    kinds = data.q_choices(*small)["target_kinds"]
+    assert kinds[:4] == ["predicted", "final", "intermediate", "control"]
 
 
 def test_heatmap_layout():

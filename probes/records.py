@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import pandas as pd
 import pyarrow as pa
@@ -150,7 +150,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("purpose", lambda a: pc.is_in(a, value_set=pa.array(PURPOSES)), f"purpose must be one of {PURPOSES}"),
 ]
 
-Data = pa.Table | pd.DataFrame | Sequence[Mapping[str, Any]]
+Data: TypeAlias = pa.Table | pd.DataFrame | Sequence[Mapping[str, Any]]
 
 
 def _compatible(src: pa.DataType, dst: pa.DataType) -> bool:

@@ -430,7 +430,7 @@ class Run:
             )
             raise RunMismatchError(
                 f"run {path} was made with a different {' / '.join(sorted({k.split('.')[0] for k in keys}))}"
-                f" ({details}); choose another name, or pass overwrite=True to start over",
+                f" ({details}); choose another run name (--name), or start over with overwrite=True (--overwrite)",
                 keys,
             )
         run = cls(path, stored, read_only=False)

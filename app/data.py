@@ -26,7 +26,7 @@ import streamlit as st
 
 from probes.palette import lens_order, target_order
 from probes.store import MANIFEST, Run, RunInfo, list_runs
-from probes.trajectory import summarize_ranks
+from probes.trajectory import summarize_samples
 
 __all__ = [
     "choices",
@@ -199,20 +199,21 @@ def q_hover_aggregate(
 def q_median_trajectories(path: str, mtime: int) -> pd.DataFrame:
     """Median rank over all prompts with its 95 % bootstrap interval, per lens × target × unrolled layer.
 
-    The summary is ``probes.trajectory.summarize_ranks``, the one the study figures use, so the
-    overview and ``figures/rank_trajectory.png`` show the same numbers.
+    DuckDB only collects each layer's ranks; the summary is ``probes.trajectory.summarize_samples``,
+    the one the study figures use, so the overview and ``figures/rank_trajectory.png`` agree exactly.
     """
     sql = f"""
-    SELECT lens, target_kind, unrolled_index, site, iteration, block, rank
+    SELECT lens, target_kind, unrolled_index, any_value(site) AS site, any_value(iteration) AS iteration,
+           any_value(block) AS block, list(rank) AS ranks
     FROM ranks WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
+    GROUP BY lens, target_kind, unrolled_index
+    ORDER BY lens, target_kind, unrolled_index
     """
-    rows = _query(path, mtime, sql)
-    keys = ["lens", "target_kind", "unrolled_index"]
-    summary = summarize_ranks(rows, keys)
-    labels = rows.drop_duplicates(keys)[[*keys, "site", "iteration", "block"]]
-    return summary.merge(labels, on=keys, how="left")[
-        [*keys, "site", "iteration", "block", "median", "ci_low", "ci_high", "n"]
-    ]
+    groups = _query(path, mtime, sql)
+    summary = summarize_samples(list(groups.pop("ranks")))
+    for name in ("median", "ci_low", "ci_high", "n"):
+        groups[name] = summary[name]
+    return groups
 
 
 def q_dynamics_rows(path: str, mtime: int, prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:

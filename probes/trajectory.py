@@ -37,7 +37,15 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
-__all__ = ["LEVEL", "N_BOOT", "RankTrajectory", "median_interval", "summarize_ranks"]
+__all__ = [
+    "LEVEL",
+    "N_BOOT",
+    "SUMMARY_COLUMNS",
+    "RankTrajectory",
+    "median_interval",
+    "summarize_ranks",
+    "summarize_samples",
+]
 
 #: Bootstrap resamples and interval level of every rank summary.
 N_BOOT = 1000
@@ -70,6 +78,44 @@ def _check_bootstrap(n_boot: int, level: float) -> None:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
 
 
+def _grouped_summary(
+    values: np.ndarray, codes: np.ndarray, groups: int, n_boot: int, level: float, seed: int
+) -> dict[str, np.ndarray]:
+    """The rank summary of each group: ``values[i]`` belongs to group ``codes[i]`` (0 .. groups - 1).
+
+    The one implementation behind ``median_interval``, ``summarize_ranks`` and ``summarize_samples``.
+    Vectorised: values are sorted once by (group, value); groups of equal size share one resampling
+    matrix (the same seed for every group), so the cost does not grow with a Python loop per group.
+    """
+    _check_bootstrap(n_boot, level)
+    values = np.asarray(values, dtype=np.float64).ravel()
+    codes = np.asarray(codes, dtype=np.int64).ravel()
+    keep = np.isfinite(values)
+    values, codes = values[keep], codes[keep]
+    order = np.lexsort((values, codes))
+    values, codes = values[order], codes[order]
+    sizes = np.bincount(codes, minlength=groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out = {name: np.full(groups, np.nan) for name in ("median", "ci_low", "ci_high", "geo_mean", "top1")}
+    out["n"] = sizes
+    alpha = (1.0 - level) / 2.0
+    for n in np.unique(sizes[sizes > 0]).tolist():
+        members = np.flatnonzero(sizes == n)
+        grid = values[starts[members][:, None] + np.arange(n)]  # [G, n], each row ascending
+        med = (grid[:, (n - 1) // 2] + grid[:, n // 2]) / 2.0
+        if n == 1:
+            lo = hi = med
+        else:
+            low_k, high_k = _resample_middles(n, int(n_boot), int(seed))
+            boots = (grid[:, low_k] + grid[:, high_k]) / 2.0  # [G, n_boot]: each resample's median
+            lo, hi = np.quantile(boots, [alpha, 1.0 - alpha], axis=1)
+            lo, hi = np.minimum(lo, med), np.maximum(hi, med)
+        out["median"][members], out["ci_low"][members], out["ci_high"][members] = med, lo, hi
+        out["geo_mean"][members] = np.exp(np.log(np.maximum(grid, 1.0)).mean(axis=1))
+        out["top1"][members] = (grid <= 1.0).mean(axis=1)
+    return out
+
+
 def median_interval(
     samples: Sequence[np.ndarray], n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,31 +125,19 @@ def median_interval(
     The interval is widened, if ever needed, to contain the median (a percentile interval of a
     discrete statistic can miss it by a hair in ties).
     """
-    _check_bootstrap(n_boot, level)
-    count = len(samples)
-    median, low, high = (np.full(count, np.nan) for _ in range(3))
-    sorted_samples = []
-    for values in samples:
-        x = np.asarray(values, dtype=np.float64).ravel()
-        sorted_samples.append(np.sort(x[np.isfinite(x)]))
-    by_size: dict[int, list[int]] = {}
-    for i, x in enumerate(sorted_samples):
-        by_size.setdefault(x.size, []).append(i)
-    alpha = (1.0 - level) / 2.0
-    for n, members in by_size.items():
-        if n == 0:
-            continue
-        grid = np.stack([sorted_samples[i] for i in members])  # [G, n], each row ascending
-        med = (grid[:, (n - 1) // 2] + grid[:, n // 2]) / 2.0
-        if n == 1:
-            lo = hi = med
-        else:
-            low_k, high_k = _resample_middles(n, int(n_boot), int(seed))
-            boots = (grid[:, low_k] + grid[:, high_k]) / 2.0  # [G, n_boot]
-            lo, hi = np.quantile(boots, [alpha, 1.0 - alpha], axis=1)
-            lo, hi = np.minimum(lo, med), np.maximum(hi, med)
-        median[members], low[members], high[members] = med, lo, hi
-    return median, low, high
+    summary = summarize_samples(samples, n_boot=n_boot, level=level, seed=seed)
+    return summary["median"], summary["ci_low"], summary["ci_high"]
+
+
+def summarize_samples(
+    samples: Sequence[np.ndarray], *, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """The rank summary (``SUMMARY_COLUMNS``, each an array over the samples) of each sample."""
+    arrays = [np.asarray(x, dtype=np.float64).ravel() for x in samples]
+    sizes = np.array([x.size for x in arrays], dtype=np.int64)
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    codes = np.repeat(np.arange(len(arrays)), sizes)
+    return _grouped_summary(values, codes, len(arrays), n_boot, level, seed)
 
 
 def summarize_ranks(
@@ -124,19 +158,12 @@ def summarize_ranks(
     grouped = frame.groupby(keys, sort=True, dropna=False)[value]
     index = grouped.size().index
     codes = grouped.ngroup().to_numpy()
-    values = frame[value].to_numpy(dtype=np.float64)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(index) + 1))
-    samples = [values[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    median, low, high = median_interval(samples, n_boot=n_boot, level=level, seed=seed)
-    finite = [x[np.isfinite(x)] for x in samples]
-    with np.errstate(divide="ignore"):
-        geo = [float(np.exp(np.mean(np.log(np.maximum(x, 1.0))))) if x.size else np.nan for x in finite]
+    summary = _grouped_summary(
+        frame[value].to_numpy(dtype=np.float64), codes, len(index), n_boot, level, seed
+    )
     out = index.to_frame(index=False) if isinstance(index, pd.MultiIndex) else pd.DataFrame({keys[0]: index})
-    out["median"], out["ci_low"], out["ci_high"] = median, low, high
-    out["geo_mean"] = geo
-    out["top1"] = [float(np.mean(x <= 1.0)) if x.size else np.nan for x in finite]
-    out["n"] = [int(x.size) for x in finite]
+    for name in SUMMARY_COLUMNS:
+        out[name] = summary[name]
     return out[columns]
 
 

@@ -59,19 +59,19 @@ def _cached(fn: Any) -> Any:
     return st.cache_data(show_spinner=False, max_entries=256)(fn)
 
 
-def _sql_str(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
+class _Params(list):
+    """Values bound to a query's ``?`` placeholders: picked lenses, targets and prompt ids come from the
+    run's data, so they are passed to DuckDB as parameters, never pasted into the SQL text."""
 
-
-def _in(column: str, values: Iterable[Any] | None, kind: type = str) -> str:
-    """``AND column IN (…)`` (ints or quoted strings), or nothing when ``values`` is None."""
-    if values is None:
-        return ""
-    vals = list(values)
-    if not vals:
-        return " AND FALSE"
-    items = [str(int(v)) for v in vals] if kind is int else [_sql_str(v) for v in vals]
-    return f" AND {column} IN ({', '.join(items)})"
+    def isin(self, column: str, values: Iterable[Any] | None, kind: type = str) -> str:
+        """``AND column IN (?, …)`` with the values bound, or nothing when ``values`` is None."""
+        if values is None:
+            return ""
+        vals = [kind(v) for v in values]
+        if not vals:
+            return " AND FALSE"
+        self.extend(vals)
+        return f" AND {column} IN ({', '.join('?' * len(vals))})"
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -95,8 +95,8 @@ def open_run(path: str, mtime: int) -> Run:
     return Run.open(path)
 
 
-def _query(path: str, mtime: int, sql: str) -> pd.DataFrame:
-    return open_run(path, mtime).query(sql)
+def _query(path: str, mtime: int, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+    return open_run(path, mtime).query(sql, params)
 
 
 def q_manifest(path: str, mtime: int) -> dict[str, Any]:
@@ -153,47 +153,51 @@ def q_rank_rows(
     prompt_ids: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Rank of each target at every unrolled block output (one row per prompt × layer × lens × target)."""
+    params = _Params()
     sql = f"""
     SELECT prompt_id, lens, target_kind, unrolled_index, site, iteration, block, rank, logprob
     FROM ranks
     WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
-      {_in("lens", lenses)}{_in("target_kind", target_kinds)}{_in("prompt_id", prompt_ids, int)}
+      {params.isin("lens", lenses)}{params.isin("target_kind", target_kinds)}
+      {params.isin("prompt_id", prompt_ids, int)}
     ORDER BY lens, target_kind, prompt_id, unrolled_index
     """
-    return _query(path, mtime, sql)
+    return _query(path, mtime, sql, params)
 
 
 def q_hover_per_prompt(
     path: str, mtime: int, lenses: Sequence[str], prompt_ids: Sequence[int] | None = None
 ) -> pd.DataFrame:
     """``lens, prompt_id, unrolled_index, top``: the decoded top-k tokens (with probabilities) as hover text."""
+    params = _Params()
     sql = f"""
     SELECT lens, prompt_id, unrolled_index,
            string_agg(printf('%d. %s  %.3f', k, {_TOKEN_SQL}, exp(logprob)), '<br>' ORDER BY k) AS top
     FROM topk
     WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
-      {_in("lens", lenses)}{_in("prompt_id", prompt_ids, int)}
+      {params.isin("lens", lenses)}{params.isin("prompt_id", prompt_ids, int)}
     GROUP BY ALL
     """
-    return _query(path, mtime, sql)
+    return _query(path, mtime, sql, params)
 
 
 def q_hover_aggregate(
     path: str, mtime: int, lenses: Sequence[str], prompt_ids: Sequence[int] | None = None
 ) -> pd.DataFrame:
     """``lens, unrolled_index, top``: the most frequent top-1 tokens over the prompts, with their counts."""
+    params = _Params()
     sql = f"""
     WITH t AS (SELECT lens, unrolled_index, {_TOKEN_SQL} AS tok, count(*) AS n, avg(exp(logprob)) AS p
                FROM topk
                WHERE k = 1 AND unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
-                 {_in("lens", lenses)}{_in("prompt_id", prompt_ids, int)}
+                 {params.isin("lens", lenses)}{params.isin("prompt_id", prompt_ids, int)}
                GROUP BY ALL),
     r AS (SELECT *, row_number() OVER (PARTITION BY lens, unrolled_index ORDER BY n DESC, p DESC) AS i FROM t)
     SELECT lens, unrolled_index,
            string_agg(printf('%s ×%d (p̄ %.2f)', tok, n, p), '<br>' ORDER BY i) AS top
     FROM r WHERE i <= 5 GROUP BY ALL
     """
-    return _query(path, mtime, sql)
+    return _query(path, mtime, sql, params)
 
 
 def q_median_trajectories(path: str, mtime: int) -> pd.DataFrame:
@@ -218,14 +222,15 @@ def q_median_trajectories(path: str, mtime: int) -> pd.DataFrame:
 
 def q_dynamics_rows(path: str, mtime: int, prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
     """Per-iteration latent rows (step norm, cosine to last, norm, PCs) with the trajectory's verdict."""
+    params = _Params()
     sql = f"""
     SELECT d.prompt_id, d.position, d.site, d.iteration, d.step_norm, d.cos_to_last, d.norm,
            d.pc1, d.pc2, d.pc3, v.verdict
     FROM dynamics d LEFT JOIN verdicts v USING (prompt_id, position, site)
-    WHERE TRUE {_in("d.prompt_id", prompt_ids, int)}
+    WHERE TRUE {params.isin("d.prompt_id", prompt_ids, int)}
     ORDER BY d.prompt_id, d.position, d.site, d.iteration
     """
-    return _query(path, mtime, sql)
+    return _query(path, mtime, sql, params)
 
 
 def q_depth_accuracy(path: str, mtime: int) -> pd.DataFrame:

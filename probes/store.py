@@ -48,7 +48,7 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -622,8 +622,9 @@ class Run:
             except duckdb.Error as exc:
                 raise CorruptRunError(f"cannot read table {name!r} of run {self.path}: {exc}") from exc
 
-    def query(self, sql: str) -> pd.DataFrame:
-        """Run DuckDB ``sql`` with every table registered as a view over its recorded shards.
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        """Run DuckDB ``sql`` (``?`` placeholders bound to ``params``) with every table it names
+        registered as a view over its recorded shards.
 
         Only the tables ``sql`` names are registered (their shards verified against the manifest). Each
         view has exactly the columns of ``SCHEMAS[table]`` (a column a run from an older version lacks
@@ -642,7 +643,7 @@ class Run:
                     _relation(con, table, paths).create_view(table)
                 except duckdb.Error as exc:
                     raise CorruptRunError(f"cannot read table {table!r} of run {self.path}: {exc}") from exc
-            return con.execute(sql).df()
+            return con.execute(sql, list(params)).df()
 
     def verify(self) -> dict[str, int]:
         """Re-hash and re-read every recorded shard; returns rows per table or raises ``CorruptRunError``.

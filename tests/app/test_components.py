@@ -47,6 +47,7 @@ def test_rank_rows_and_hover(small):
     some = data.q_rank_rows(*small, ("coda",), ("final", "control"), (1, 4))
     assert set(some["prompt_id"]) == {1, 4} and set(some["target_kind"]) == {"final", "control"}
     assert data.q_rank_rows(*small, ("coda",), ("final",), ()).empty
+    assert data.q_rank_rows(*small, ("coda') OR TRUE --",), ("final",)).empty  # values are bound, not pasted
     hover = data.q_hover_per_prompt(*small, ("coda",), (0,))
     assert len(hover) == 10 and hover["top"].str.count("<br>").eq(4).all()  # 5 tokens per layer
     agg = data.q_hover_aggregate(*small, ("coda",))

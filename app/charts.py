@@ -30,11 +30,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from lens.layout import Unrolled
+from probes.palette import LENS_ORDER, TARGET_ORDER, lens_color, rgba, target_color
 
 __all__ = [
     "DASHES",
-    "LENS_COLORS",
-    "TARGET_ORDER",
     "accuracy_by_depth",
     "compare_trajectories",
     "empty_figure",
@@ -53,19 +52,9 @@ __all__ = [
     "verdict_bar",
 ]
 
-#: One colour per lens (targets are told apart by dash style).
-LENS_COLORS = {"logit": "#1f77b4", "coda": "#ff7f0e", "tuned": "#2ca02c"}
-_EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
-#: Order in which target kinds are listed; with several targets on one figure each gets the next dash.
-TARGET_ORDER = ("predicted", "final", "intermediate", "intermediate_alt", "control")
+#: With several targets on one figure each gets the next dash (lenses and targets keep the colours and
+#: the order of ``probes.palette``, the same as in the study figures).
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
-_TARGET_COLORS = {
-    "predicted": "#1f77b4",
-    "final": "#d62728",
-    "intermediate": "#2ca02c",
-    "intermediate_alt": "#98df8a",
-    "control": "#7f7f7f",
-}
 _FONT = dict(family="Inter, -apple-system, Segoe UI, Helvetica, Arial, sans-serif", size=13)
 _MARGIN = dict(l=60, r=20, t=60, b=50)
 _HOVER = dict(
@@ -95,19 +84,9 @@ def series_label(lens: str, target_kind: str) -> str:
 
 
 def _series_order(lens: str, kind: str) -> tuple:
-    lens_rank = list(LENS_COLORS).index(lens) if lens in LENS_COLORS else len(LENS_COLORS)
+    lens_rank = LENS_ORDER.index(lens) if lens in LENS_ORDER else len(LENS_ORDER)
     kind_rank = TARGET_ORDER.index(kind) if kind in TARGET_ORDER else len(TARGET_ORDER)
     return lens_rank, lens, kind_rank, kind
-
-
-def _lens_color(lens: str, index: int = 0) -> str:
-    return LENS_COLORS.get(lens, _EXTRA_COLORS[index % len(_EXTRA_COLORS)])
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    h = hex_color.lstrip("#")
-    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
-    return f"rgba({r},{g},{b},{alpha})"
 
 
 def empty_figure(message: str, height: int = 260) -> go.Figure:
@@ -231,8 +210,8 @@ def _trajectory_traces(
         rows.groupby(["lens", "target_kind"], sort=False), key=lambda item: _series_order(*item[0])
     )
     kinds = sorted(rows["target_kind"].unique(), key=lambda k: _series_order("", k)[2:])
-    for i, ((lens, kind), group) in enumerate(groups):
-        color = _lens_color(lens, i) if color_by == "lens" else _TARGET_COLORS.get(kind, _EXTRA_COLORS[i % 6])
+    for (lens, kind), group in groups:
+        color = lens_color(lens) if color_by == "lens" else target_color(kind)
         dash = DASHES[kinds.index(kind) % len(DASHES)] if color_by == "lens" else "solid"  # one target: solid
         name = series_label(lens, kind)
         group = group.sort_values(["prompt_id", "unrolled_index"])
@@ -243,7 +222,7 @@ def _trajectory_traces(
                     x=x,
                     y=y,
                     mode="lines",
-                    line=dict(color=_rgba(color, 0.28), width=1),
+                    line=dict(color=rgba(color, 0.28), width=1),
                     name=f"{name} (prompts)",
                     legendgroup=name,
                     showlegend=False,
@@ -938,11 +917,6 @@ def hover_by_layer(frame: pd.DataFrame | None, lens: str) -> pd.DataFrame | None
     return frame[frame["lens"] == lens][["unrolled_index", "top"]]
 
 
-def median_frame_to_rows(medians: pd.DataFrame) -> pd.DataFrame:
-    """A median-trajectory table (one row per lens × target × layer) as rank rows of one pseudo-prompt."""
-    return medians.rename(columns={"median": "rank"}).assign(prompt_id=-1)
-
-
 def overview_figure(
     medians: pd.DataFrame,
     target_kinds: Sequence[str],
@@ -951,8 +925,8 @@ def overview_figure(
     title: str | None = None,
     layout: Unrolled | None = None,
 ) -> go.Figure:
-    """Median rank (with the interquartile band) of each target over all prompts, one colour per target,
-    one dash per lens: the run at a glance."""
+    """Median rank (with its 95 % bootstrap interval as a band) of each target over all prompts, one
+    colour per target, one dash per lens: the run at a glance."""
     data = medians[medians["target_kind"].isin(list(target_kinds))]
     if data.empty:
         return empty_figure("no rank records in this run yet")
@@ -962,16 +936,16 @@ def overview_figure(
     groups = sorted(
         data.groupby(["lens", "target_kind"], sort=False), key=lambda item: _series_order(*item[0])
     )
-    for i, ((lens, kind), g) in enumerate(groups):
+    for (lens, kind), g in groups:
         g = g.sort_values("unrolled_index")
-        color = _TARGET_COLORS.get(kind, _EXTRA_COLORS[i % len(_EXTRA_COLORS)])
+        color = target_color(kind)
         name = series_label(lens, kind)
         fig.add_trace(
             go.Scatter(
                 x=list(g["unrolled_index"]) + list(g["unrolled_index"][::-1]),
-                y=list(g["q75"]) + list(g["q25"][::-1]),
+                y=list(g["ci_high"]) + list(g["ci_low"][::-1]),
                 fill="toself",
-                fillcolor=_rgba(color, 0.10),
+                fillcolor=rgba(color, 0.10),
                 line=dict(width=0),
                 hoverinfo="skip",
                 showlegend=False,
@@ -1004,7 +978,7 @@ def overview_figure(
         hovermode="closest",
         legend=_LEGEND_BELOW,
         xaxis=dict(title="unrolled layer", gridcolor="rgba(0,0,0,0.05)", zeroline=False),
-        yaxis=_rank_axis((max(float(data["q25"].min()), 1), float(data["q75"].max()))),
+        yaxis=_rank_axis((max(float(data["ci_low"].min()), 1), float(data["ci_high"].max()))),
     )
     return fig
 
@@ -1030,7 +1004,7 @@ def exit_gate_curves(rows: pd.DataFrame, *, threshold: float = 0.5, height: int 
                 x=g["iteration"],
                 y=g["gate_lambda"],
                 mode="lines",
-                line=dict(color=_rgba(_GATE_COLORS["lambda"], 0.18), width=1),
+                line=dict(color=rgba(_GATE_COLORS["lambda"], 0.18), width=1),
                 hovertemplate=f"prompt #{pid} · t=%{{x}} · λ %{{y:.3f}}<extra></extra>",
                 showlegend=False,
             ),
@@ -1050,7 +1024,7 @@ def exit_gate_curves(rows: pd.DataFrame, *, threshold: float = 0.5, height: int 
             x=t + t[::-1],
             y=per_t["q75"].tolist() + per_t["q25"].tolist()[::-1],
             fill="toself",
-            fillcolor=_rgba(_GATE_COLORS["cdf"], 0.15),
+            fillcolor=rgba(_GATE_COLORS["cdf"], 0.15),
             line=dict(width=0),
             hoverinfo="skip",
             showlegend=False,
@@ -1148,9 +1122,3 @@ def exit_gate_heatmap(
         yaxis=dict(autorange="reversed", title=None),
     )
     return fig
-
-
-def figure_summary(fig: go.Figure) -> Mapping[str, int]:
-    """Trace count and points (for tests and the benchmark)."""
-    points = sum(len(t.x) if getattr(t, "x", None) is not None else 0 for t in fig.data)
-    return {"traces": len(fig.data), "points": points}

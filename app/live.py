@@ -141,10 +141,9 @@ class LiveProbe:
         return out.rename(columns={"line": "top"}).assign(prompt_id=0)
 
     def target_kinds(self) -> list[str]:
-        from app.data import TARGET_ORDER
+        from probes.palette import target_order
 
-        kinds = list(dict.fromkeys(self.ranks["target_kind"]))
-        return sorted(kinds, key=lambda k: (TARGET_ORDER.index(k) if k in TARGET_ORDER else 9, k))
+        return target_order(self.ranks["target_kind"])
 
 
 def _prob(logprob: float) -> float:

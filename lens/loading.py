@@ -55,6 +55,19 @@ def _weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        for name in weight_map.values():
+            # a shard is a file beside the index: a path elsewhere ("../../x", "/etc/x") is refused
+            if (
+                not isinstance(name, str)
+                or name in ("", ".", "..")
+                or Path(name).name != name
+                or "\\" in name
+            ):
+                raise CheckpointError(
+                    f"{index}: shard {name!r} is not a file name in the checkpoint directory {path}"
+                )
         files = sorted({path / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

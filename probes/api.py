@@ -21,6 +21,7 @@ from probes.dynamics import DynamicsRecorder
 from probes.exit_gate import ExitGateRecorder
 from probes.lenses import Lens, applicable_lenses, make_lens
 from probes.recorder import LensRecorder
+from probes.records import records
 
 
 @dataclass
@@ -137,17 +138,19 @@ def probe_prompts(
             g = gate_rec.finalize()
             g.insert(0, "prompt_id", [batch_ids[i] for i in g.pop("prompt_index")])
             gates.append(g)
-    result = ProbeResult(
-        pd.concat(ranks, ignore_index=True),
-        pd.concat(tops, ignore_index=True),
-        pd.concat(dyn, ignore_index=True) if dyn else pd.DataFrame(),
-        pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
-        predictions,
-        pd.concat(gates, ignore_index=True) if gates else pd.DataFrame(),
+    frames = {
+        "ranks": pd.concat(ranks, ignore_index=True),
+        "topk": pd.concat(tops, ignore_index=True),
+        "dynamics": pd.concat(dyn, ignore_index=True) if dyn else pd.DataFrame(),
+        "verdicts": pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
+        "exit_gate": pd.concat(gates, ignore_index=True) if gates else pd.DataFrame(),
+    }
+    for frame in (frames["ranks"], frames["topk"]):
+        if "token_id" in frame:  # decoded text; empty for a model without a tokenizer
+            decode = model.tokenizer.decode if model.tokenizer is not None else lambda ids: ""
+            vocab = {int(i): decode([int(i)]) for i in frame["token_id"].unique()}
+            frame["token"] = frame["token_id"].map(vocab)
+    # records are checked against their schema here, where they are made, not first when a run stores them
+    return ProbeResult(
+        **{name: records(name, frame) for name, frame in frames.items()}, predictions=predictions
     )
-    if model.tokenizer is not None:
-        for frame in (result.ranks, result.topk):
-            if "token_id" in frame:
-                vocab = {int(i): model.tokenizer.decode([int(i)]) for i in frame["token_id"].unique()}
-                frame["token"] = frame["token_id"].map(vocab)
-    return result

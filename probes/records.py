@@ -8,23 +8,31 @@ Tables (one row is …):
 
 - ``ranks``: one prompt × position × site × iteration × lens × target token.
 - ``topk``: one of the ``k`` best tokens of a lens at one prompt × position × site × iteration.
-- ``answers``: one prompt's generated answer and whether it is correct.
+- ``answers``: one prompt's generated answer and whether it is correct; ``purpose`` says why it was
+  generated (``probe``: a probed prompt at the probed depth, ``depth``: the depth-scaling sample,
+  ``eval``: an evaluation run), so no reader decodes it from prompt ids.
 - ``dynamics``: one latent state's movement (step norm, cosine to the last iteration, PCA).
 - ``prompts``: one prompt as it was built from a task.
 - ``exit_gate``: one exit-gate reading (λ_t, p_t, cumulative) at one prompt × position × iteration
   (exit-gated families: Ouro).
+
+Records are checked where they are made (``records``: the probes, the answer evaluation and the
+studies return frames that passed it) and again when a run stores them (``to_table``).
 
 Example:
     >>> table = to_table("prompts", [{"run": "r", "prompt_id": 0, "task": "add", "context": "2+3",
     ...                               "completion": "5", "prompt_text": "Q: 2+3\\nA:"}])
     >>> table.num_rows, table.schema.field("intermediate").nullable
     (1, True)
+    >>> records("prompts", [{"prompt_id": 0, "task": "add", "context": "2+3", "completion": "5",
+    ...                      "prompt_text": "Q: 2+3\\nA:"}]).dtypes["prompt_id"]
+    dtype('int64')
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import pandas as pd
 import pyarrow as pa
@@ -32,7 +40,10 @@ import pyarrow.compute as pc
 
 from lens.layout import SITE_PATTERN
 
-__all__ = ["SCHEMAS", "SITE_PATTERN", "TABLE_DOCS", "to_table"]
+__all__ = ["PURPOSES", "SCHEMAS", "SITE_PATTERN", "TABLE_DOCS", "records", "to_table"]
+
+#: Why an answer was generated (the ``purpose`` column of ``answers``).
+PURPOSES = ("probe", "depth", "eval")
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -90,6 +101,7 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _RUN,
         _PROMPT,
         _TASK,
+        _f("purpose", pa.string(), "probe (a probed prompt), depth (depth-scaling sample) or eval"),
         _f("num_steps", pa.int32(), "recurrent iterations used for generation"),
         _f("prompt", pa.string(), "the prompt text fed to the model"),
         _f("expected", pa.string(), "the correct answer"),
@@ -155,9 +167,10 @@ _CHECKS: list[tuple[str, Any, str]] = [
         lambda a: pc.and_(pc.greater_equal(a, 0), pc.less_equal(a, 1)),
         "gate_lambda must be a probability in [0, 1]",
     ),
+    ("purpose", lambda a: pc.is_in(a, value_set=pa.array(PURPOSES)), f"purpose must be one of {PURPOSES}"),
 ]
 
-Data = pa.Table | pd.DataFrame | Sequence[Mapping[str, Any]]
+Data: TypeAlias = pa.Table | pd.DataFrame | Sequence[Mapping[str, Any]]
 
 
 def _compatible(src: pa.DataType, dst: pa.DataType) -> bool:
@@ -263,3 +276,18 @@ def to_table(name: str, data: Data, *, run: str | None = None) -> pa.Table:
                 bad = pc.filter(table.column(col), pc.invert(ok))[0].as_py()
                 raise ValueError(f"table {name!r}, column {col!r}: {message} (found {bad!r})")
     return table
+
+
+def records(name: str, data: Data) -> pd.DataFrame:
+    """``data`` checked as rows of table ``name`` where they are made, before a run is known.
+
+    The same checks as ``to_table`` (columns, types, nulls, invariants; ``ValueError`` naming the
+    table and column); returns a DataFrame with the schema's columns in order and its types, without
+    the ``run`` column unless ``data`` has one (the store fills it when the rows are written).
+    """
+    has_run = isinstance(data, pa.Table | pd.DataFrame) and "run" in data.columns
+    if not isinstance(data, pa.Table | pd.DataFrame) and isinstance(data, Sequence):
+        has_run = any(isinstance(row, Mapping) and "run" in row for row in data)
+    table = to_table(name, data, run=None if has_run else "")
+    frame = table.to_pandas()
+    return frame if has_run else frame.drop(columns="run")

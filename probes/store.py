@@ -15,6 +15,15 @@ it, together with its row count and SHA-256. Readers go through the manifest, ne
 listing, so a half-written or stray file is never read. Everything is JSON and Parquet, never
 pickle. One writer per run at a time.
 
+What a run was made with is what it is: every entry the study passes to ``Run.create`` (model and
+weights, config, prompt template, settings, ...) is compared when the run is resumed, and any
+difference is one ``RunMismatchError`` naming the keys, so a run never mixes results of two setups.
+
+A run folder is untrusted input (it may come from anyone): a manifest is validated when it is read
+(table names against ``probes.records.SCHEMAS``, shard ids against the shard grammar, record fields by
+type), so a crafted manifest is a ``CorruptRunError``, never a path outside the run or a piece of SQL.
+Tables are registered with DuckDB through its relation API, so no SQL is ever built from file contents.
+
 Example:
     >>> import tempfile
     >>> root = tempfile.mkdtemp()
@@ -39,7 +48,7 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +69,7 @@ __all__ = [
     "RunInfo",
     "RunMismatchError",
     "ShardExistsError",
+    "atomic_write",
     "list_runs",
 ]
 
@@ -68,6 +78,9 @@ FORMAT = "looplens-run/1"
 _RESERVED = {"format", "name", "created", "status", "finished", "error", "versions", "history", "shards"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")  # ".<final name>.<pid>.tmp"
+_SHARD_RE = re.compile(r"^shard-[A-Za-z0-9_.=+-]+$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_STATUSES = ("running", "complete", "failed")
 
 
 class RunMismatchError(LooplensError, ValueError):
@@ -88,7 +101,11 @@ class ShardExistsError(LooplensError, FileExistsError):
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What ``list_runs`` knows about a run from its manifest alone (no Parquet is read)."""
+    """What ``list_runs`` knows about a run from its manifest alone (no Parquet is read).
+
+    ``name`` is the run's folder name, unique under its root (a copied folder keeps the manifest's
+    name of the original: that one is ``manifest_name``).
+    """
 
     name: str
     path: Path
@@ -96,6 +113,7 @@ class RunInfo:
     created: str
     rows: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    manifest_name: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -159,7 +177,7 @@ def _diff(stored: Any, new: Any, where: str) -> list[str]:
     if isinstance(stored, dict) and isinstance(new, dict):
         keys: list[str] = []
         for key in sorted(set(stored) | set(new)):
-            sub = f"{where}.{key}"
+            sub = f"{where}.{key}" if where else key
             if key not in stored or key not in new:
                 keys.append(sub)
             else:
@@ -189,8 +207,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    A failed write (a full disk, an interrupt) removes its temp file and leaves ``path`` as it was.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -237,12 +259,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
 def _load_manifest(path: Path) -> dict[str, Any]:
-    """Read ``path/manifest.json``; a missing one is FileNotFoundError, a broken one CorruptRunError."""
+    """Read and validate ``path/manifest.json``; a missing one is FileNotFoundError, a broken or
+    crafted one CorruptRunError naming what is wrong."""
     file = path / MANIFEST
     if not path.is_dir():
         raise FileNotFoundError(f"run directory not found: {path}")
@@ -252,13 +271,66 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptRunError(f"{file}: {MANIFEST} is not valid JSON ({exc})") from exc
-    if (
-        not isinstance(manifest, dict)
-        or not isinstance(manifest.get("shards"), dict)
-        or "name" not in manifest
-    ):
-        raise CorruptRunError(f"{file}: {MANIFEST} lacks the 'name' and 'shards' entries of a looplens run")
+    except OSError as exc:
+        raise CorruptRunError(f"{file}: {MANIFEST} cannot be read ({exc})") from exc
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise CorruptRunError(f"{file}: {problem}")
     return manifest
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _manifest_problem(doc: Any) -> str | None:
+    """What makes ``doc`` not a manifest this store wrote, or None.
+
+    Every name that later becomes a path or a DuckDB view is checked here: tables must be in
+    ``SCHEMAS``, shard ids must follow the shard grammar (one path component, no ``..``), and the
+    fields read by ``list_runs`` and the explorer must have their types.
+    """
+    if not isinstance(doc, dict):
+        return f"{MANIFEST} holds a {type(doc).__name__}, not the object of a looplens run"
+    if "name" not in doc or not isinstance(doc.get("shards"), dict):
+        return f"{MANIFEST} lacks the 'name' and 'shards' entries of a looplens run"
+    if not isinstance(doc["name"], str) or not _NAME_RE.match(doc["name"]):
+        return f"run name {_short(doc['name'])} is not a run name (letters, digits and _.=+-)"
+    if "status" in doc and doc["status"] not in _STATUSES:
+        return f"status {_short(doc['status'])} is none of {list(_STATUSES)}"
+    for key in ("created", "finished", "format"):
+        if key in doc and not isinstance(doc[key], str):
+            return f"{key!r} must be a string, not {_short(doc[key])}"
+    if doc.get("error") is not None and not isinstance(doc["error"], str):
+        return f"'error' must be a string, not {_short(doc['error'])}"
+    for key in ("model", "config", "settings", "versions"):
+        if key in doc and not isinstance(doc[key], dict):
+            return f"{key!r} must be an object, not a {type(doc[key]).__name__}"
+    if "prompt_template" in doc and not isinstance(doc["prompt_template"], dict | str | type(None)):
+        return f"'prompt_template' must be an object, not a {type(doc['prompt_template']).__name__}"
+    if "history" in doc and not isinstance(doc["history"], list):
+        return f"'history' must be a list, not a {type(doc['history']).__name__}"
+    for table, shards in doc["shards"].items():
+        if table not in SCHEMAS:
+            return f"unknown table {_short(table)} in 'shards' (tables are {sorted(SCHEMAS)})"
+        if not isinstance(shards, dict):
+            return f"shards of {table!r} must be an object, not a {type(shards).__name__}"
+        for shard_id, record in shards.items():
+            if not _SHARD_RE.match(shard_id) or shard_id.endswith(".tmp"):
+                return f"shard id {_short(shard_id)} of {table!r} is not a shard id (shard-<letters, digits, _.=+->)"
+            if not isinstance(record, dict):
+                return f"record of {table}/{shard_id} must be an object, not a {type(record).__name__}"
+            rows = record.get("rows")
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+                return f"rows of {table}/{shard_id} must be a count, not {_short(rows)}"
+            sha = record.get("sha256")
+            if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+                return f"sha256 of {table}/{shard_id} must be 64 hex digits, not {_short(sha)}"
+            size = record.get("bytes", 0)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                return f"bytes of {table}/{shard_id} must be a count, not {_short(size)}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -269,9 +341,6 @@ class Run:
 
     Make one with ``Run.create`` (writable) or ``Run.open`` (read-only); the constructor is internal.
     """
-
-    #: Manifest entries that must be equal for ``Run.create(..., resume=True)`` to reopen a run.
-    RESUME_KEYS: tuple[str, ...] = ("model", "settings")
 
     def __init__(self, path: Path, manifest: dict[str, Any], *, read_only: bool) -> None:
         self.path = Path(path)
@@ -294,9 +363,11 @@ class Run:
         """Start run ``root/name``, or reopen it to resume an interrupted study.
 
         ``manifest`` holds ``model``, ``settings``, ``prompt_template``, ``config`` and any other
-        JSON-able description. An existing run is reopened when ``resume`` is true and its
-        ``RESUME_KEYS`` entries are equal (else ``RunMismatchError`` names the keys that differ);
-        with ``resume=False`` an existing non-empty run raises ``FileExistsError``. ``overwrite=True``
+        JSON-able description of what the results depend on. An existing run is reopened when
+        ``resume`` is true and **every** one of these entries equals the stored one (else
+        ``RunMismatchError`` names each key that differs, nothing on disk changes); so a study records
+        every setting that changes its numbers here, once, and resuming checks them all. With
+        ``resume=False`` an existing non-empty run raises ``FileExistsError``. ``overwrite=True``
         discards an existing run and starts afresh. A folder that is not a run is never deleted.
         """
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -350,12 +421,16 @@ class Run:
 
     @classmethod
     def _reopen(cls, path: Path, stored: dict[str, Any], user: dict[str, Any]) -> Run:
-        keys = [k for key in cls.RESUME_KEYS for k in _diff(stored.get(key, {}), user[key], key)]
+        recorded = {k: v for k, v in stored.items() if k not in _RESERVED}
+        keys = _diff(recorded, user, "")
         if keys:
-            details = "; ".join(f"{k}: stored {_lookup(stored, k)!r}, new {_lookup(user, k)!r}" for k in keys)
+            details = "; ".join(
+                f"{k}: stored {_short(_lookup(stored, k), 80)}, new {_short(_lookup(user, k), 80)}"
+                for k in keys
+            )
             raise RunMismatchError(
                 f"run {path} was made with a different {' / '.join(sorted({k.split('.')[0] for k in keys}))}"
-                f" ({details}); choose another name, or pass overwrite=True to start over",
+                f" ({details}); choose another run name (--name), or start over with overwrite=True (--overwrite)",
                 keys,
             )
         run = cls(path, stored, read_only=False)
@@ -430,7 +505,7 @@ class Run:
 
     def _save(self) -> None:
         data = json.dumps(self._manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-        _atomic_write(self.path / MANIFEST, data.encode("utf-8"))
+        atomic_write(self.path / MANIFEST, data.encode("utf-8"))
 
     def _shard_path(self, table: str, shard_id: str) -> Path:
         return self.path / table / f"{shard_id}.parquet"
@@ -467,7 +542,7 @@ class Run:
             self._save()
         path = self._shard_path(table, shard_id)
         path.parent.mkdir(exist_ok=True)
-        _atomic_write(path, payload)
+        atomic_write(path, payload)
         stat = path.stat()
         record = {
             "rows": arrow.num_rows,
@@ -510,15 +585,14 @@ class Run:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def _files(self, table: str, *, verify: bool = True) -> list[Path]:
+    def _files(self, table: str) -> list[Path]:
         """Recorded shard files of ``table``, each checked against its manifest checksum."""
-        if table not in SCHEMAS and table not in self._manifest["shards"]:
+        if table not in SCHEMAS:
             raise ValueError(f"unknown table {table!r}; tables are {sorted(SCHEMAS)}")
         shards = self._manifest["shards"].get(table, {})
         paths = [self._shard_path(table, s) for s in sorted(shards)]
-        if verify:
-            for path, shard_id in zip(paths, sorted(shards), strict=True):
-                self._check_file(path, shards[shard_id]["sha256"])
+        for path, shard_id in zip(paths, sorted(shards), strict=True):
+            self._check_file(path, shards[shard_id]["sha256"])
         return paths
 
     def _check_file(self, path: Path, sha256: str, *, force: bool = False) -> None:
@@ -541,24 +615,35 @@ class Run:
         """All recorded shards of table ``name`` as one DataFrame (an empty one if none)."""
         paths = self._files(name)
         if not paths:
-            return SCHEMAS[name].empty_table().to_pandas() if name in SCHEMAS else pd.DataFrame()
+            return SCHEMAS[name].empty_table().to_pandas()
         with duckdb.connect() as con:
             try:
-                return con.execute(f"SELECT * FROM read_parquet({_sql_list(paths)})").df()
+                return _relation(con, name, paths).df()
             except duckdb.Error as exc:
                 raise CorruptRunError(f"cannot read table {name!r} of run {self.path}: {exc}") from exc
 
-    def query(self, sql: str) -> pd.DataFrame:
-        """Run DuckDB ``sql`` with every table registered as a view over its recorded shards."""
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        """Run DuckDB ``sql`` (``?`` placeholders bound to ``params``) with every table it names
+        registered as a view over its recorded shards.
+
+        Only the tables ``sql`` names are registered (their shards verified against the manifest). Each
+        view has exactly the columns of ``SCHEMAS[table]`` (a column a run from an older version lacks
+        reads as NULL). The views are made with DuckDB's relation API: ``sql`` is the only statement
+        this runs.
+        """
         with duckdb.connect() as con:
-            for table in sorted(set(SCHEMAS) | set(self._manifest["shards"])):
-                used = re.search(rf"\b{re.escape(table)}\b", sql, flags=re.IGNORECASE) is not None
-                paths = self._files(table, verify=used)
-                if paths:
-                    con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet({_sql_list(paths)})')
-                elif table in SCHEMAS:
+            for table in sorted(SCHEMAS):
+                if re.search(rf"\b{re.escape(table)}\b", sql, flags=re.IGNORECASE) is None:
+                    continue  # a table the query does not name is neither read nor verified
+                paths = self._files(table)
+                if not paths:
                     con.register(table, SCHEMAS[table].empty_table())
-            return con.execute(sql).df()
+                    continue
+                try:
+                    _relation(con, table, paths).create_view(table)
+                except duckdb.Error as exc:
+                    raise CorruptRunError(f"cannot read table {table!r} of run {self.path}: {exc}") from exc
+            return con.execute(sql, list(params)).df()
 
     def verify(self) -> dict[str, int]:
         """Re-hash and re-read every recorded shard; returns rows per table or raises ``CorruptRunError``.
@@ -591,6 +676,34 @@ class Run:
         return self.rows()
 
 
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int8(): "TINYINT",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+}
+
+
+def _relation(con: duckdb.DuckDBPyConnection, table: str, paths: list[Path]) -> duckdb.DuckDBPyRelation:
+    """The shards of ``table`` as one relation with exactly the columns of ``SCHEMAS[table]``.
+
+    Built with DuckDB's relation and expression API from file paths and schema names only (no SQL
+    text); a column that older shards lack reads as NULL of its type.
+    """
+    rel = con.read_parquet([str(p) for p in paths], union_by_name=len(paths) > 1)
+    present = set(rel.columns)
+    columns = [
+        duckdb.ColumnExpression(f.name)
+        if f.name in present
+        else duckdb.ConstantExpression(None).cast(duckdb.sqltype(_DUCKDB_TYPES[f.type])).alias(f.name)
+        for f in SCHEMAS[table]
+    ]
+    return rel.select(*columns)
+
+
 def _is_temp(name: str) -> bool:
     return _TMP_RE.match(name) is not None
 
@@ -618,10 +731,11 @@ def _clean_temp_files(path: Path) -> None:
 
 
 def list_runs(root: str | os.PathLike[str]) -> list[RunInfo]:
-    """Runs under ``root`` sorted by name, from their manifests; folders without one are skipped.
+    """Runs under ``root`` sorted by folder name, from their manifests; folders without one are skipped.
 
-    A run whose manifest is corrupt is listed with status ``"corrupt"`` and the error, so that an
-    explorer can show it rather than fail.
+    A run whose manifest is unreadable, damaged or crafted is listed with status ``"corrupt"`` and the
+    reason, so that an explorer can show it as damaged and keep every other run usable. Each run is
+    named by its folder (unique under ``root``), even when a copied manifest names another run.
     """
     root = Path(root)
     if not root.is_dir():
@@ -632,20 +746,19 @@ def list_runs(root: str | os.PathLike[str]) -> list[RunInfo]:
             continue
         try:
             manifest = _load_manifest(path)
-        except CorruptRunError as exc:
+        except (CorruptRunError, OSError) as exc:
             infos.append(RunInfo(name=path.name, path=path, status="corrupt", created="", error=str(exc)))
             continue
-        rows = {
-            t: sum(int(s.get("rows", 0)) for s in shards.values()) for t, shards in manifest["shards"].items()
-        }
+        rows = {t: sum(s["rows"] for s in shards.values()) for t, shards in manifest["shards"].items()}
         infos.append(
             RunInfo(
-                name=manifest["name"],
+                name=path.name,
                 path=path,
                 status=manifest.get("status", "running"),
                 created=manifest.get("created", ""),
                 rows=rows,
                 error=manifest.get("error"),
+                manifest_name=manifest["name"],
             )
         )
     return infos

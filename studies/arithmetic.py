@@ -23,18 +23,25 @@ from rich.table import Table
 from tqdm import tqdm
 
 import lens
+from lens.errors import InputError
 from lens.model import LoopedLM
 from lens.runtime import configure_threads
 from probes.api import probe_prompts
 from probes.lenses import TunedLens, applicable_lenses
 from probes.lenses.tuned_training import collect_states, fit_tuned_lens
+from probes.records import records
 from probes.store import Run
-from studies.evaluation import accuracy_table, evaluate_answers
+from studies.evaluation import accuracy_table, card_accuracy, evaluate_answers
 from studies.tasks import arithmetic
 from studies.tasks.prompts import PromptTemplate, resolve_template
 
 TASK = "arithmetic_1dc"
-CONTROL_WORD = " the"
+#: The reference study's control target: ``convert_tokens_to_ids("the")``, the vocabulary entry "the"
+#: without a leading space; a vocabulary without it gets the text " the" (or another word) instead.
+REFERENCE_CONTROL = "the"
+FALLBACK_CONTROLS = (" the", " What", " is", " plus", "Question")
+#: The Tuned Lens the study trains (part of the run's identity: changing it changes the tuned ranks).
+TUNED_LENS_TRAINING = {"kind": "shared", "split": "train", "prompts": 192, "epochs": 8, "lr": 3e-3}
 
 
 def single_token(tokenizer: Any, text: str) -> int | None:
@@ -63,16 +70,33 @@ def problem_targets(
     return out
 
 
-def control_token(tokenizer: Any) -> tuple[int, str]:
-    """ " the" as the reference study used; models whose vocabulary lacks it get their first word token."""
-    tid = single_token(tokenizer, CONTROL_WORD)
-    if tid >= 0:
-        return tid, CONTROL_WORD
-    for word in (" What", " is", " plus", "Question"):
+def control_token(tokenizer: Any) -> dict[str, Any]:
+    """The control target, as the reference study took it where the vocabulary allows.
+
+    The reference used ``convert_tokens_to_ids("the")``: the vocabulary entry "the" with no leading
+    space (Huginn-3.5B: id 633, not " the" = 264). A vocabulary without that entry (tiny-arith's is
+    word-level with " the") gets the first of ``FALLBACK_CONTROLS`` that is one token. Returns
+    ``{"id", "text", "source"}``, recorded in the run's settings.
+    """
+    tid = tokenizer.token_to_id(REFERENCE_CONTROL)
+    if tid is not None:
+        return {
+            "id": int(tid),
+            "text": tokenizer.decode([tid]),
+            "source": f"vocabulary entry {REFERENCE_CONTROL!r} (the reference study's control)",
+        }
+    for word in FALLBACK_CONTROLS:
         tid = single_token(tokenizer, word)
-        if tid >= 0:
-            return tid, word
-    raise ValueError("the tokenizer has no single-token control word")
+        if tid is not None:
+            return {
+                "id": int(tid),
+                "text": word,
+                "source": f"the vocabulary has no entry {REFERENCE_CONTROL!r}; {word!r} is one token",
+            }
+    raise InputError(
+        f"the tokenizer has no control token: no vocabulary entry {REFERENCE_CONTROL!r} and none of "
+        f"{list(FALLBACK_CONTROLS)} is a single token"
+    )
 
 
 def _model_description(name: str, model: LoopedLM, device: str, dtype: torch.dtype | None) -> dict:
@@ -82,7 +106,7 @@ def _model_description(name: str, model: LoopedLM, device: str, dtype: torch.dty
         "weights": lens.loading.weights_fingerprint(name),
         "parameters": model.num_parameters(),
         "dtype": str(dtype or model.dtype).replace("torch.", ""),
-        "device": device,
+        "device": torch.device(device).type,  # the class (cpu, cuda): cuda:0 and cuda:1 compute alike
         "family": model.layout.family,
         "layout": model.layout.to_dict(),
     }
@@ -121,7 +145,9 @@ def run_arithmetic_study(
         raise ValueError(f"model {model!r} has no tokenizer.json; the study needs one to build prompts")
     prompt_template = resolve_template(template, tok)
     problems = study_problems(n, seed)
-    control_id, control_word = control_token(tok)
+    control = control_token(tok)
+    lens_names = applicable_lenses(net) + (["tuned"] if tuned_lens else [])
+    # Everything the numbers depend on; a resume compares all of it (probes.store.Run.create).
     settings = {
         "study": "arithmetic",
         "task": TASK,
@@ -129,11 +155,14 @@ def run_arithmetic_study(
         "steps": steps,
         "batch_size": batch_size,
         "seed": seed,
-        "tuned_lens": tuned_lens,
+        "positions": "last",
+        "topk": 5,
+        "lenses": lens_names,
+        "targets": ["predicted", *problem_targets(tok, prompt_template, problems[0]), "control"],
+        "control": control,
+        "tuned_lens": dict(TUNED_LENS_TRAINING) if tuned_lens else None,
         "depths": list(depths),
         "depth_n": depth_n,
-        "control": control_word,
-        "lenses": applicable_lenses(net) + (["tuned"] if tuned_lens else []),
     }
     run_name = name or f"arithmetic-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
     manifest = {
@@ -147,24 +176,45 @@ def run_arithmetic_study(
         f"[bold]arithmetic study[/] → {run.path}  ({len(problems)} problems, T={steps}; "
         f"{net.layout.family}: {net.layout.describe()}; lenses {', '.join(settings['lenses'])})"
     )
+    with run:  # any error from here on marks the run failed, with the reason, before it propagates
+        figures = _probe_and_render(run, net, problems, prompt_template, control["id"], settings, seed)
+        run.mark_complete()
+    _summary(run, model, figures, time.monotonic() - t0, console)
+    return run
 
-    lenses: list[Any] = applicable_lenses(net)
-    if tuned_lens:
+
+def _probe_and_render(
+    run: Run,
+    net: LoopedLM,
+    problems: Sequence[arithmetic.Problem],
+    prompt_template: PromptTemplate,
+    control_id: int,
+    settings: dict[str, Any],
+    seed: int,
+) -> dict[str, dict]:
+    """Every shard the run lacks, then the figures (a figure that fails fails the study)."""
+    tok = net.tokenizer
+    steps, batch_size = settings["steps"], settings["batch_size"]
+    lenses: list[Any] = list(applicable_lenses(net))
+    if settings["tuned_lens"]:
         lenses.append(_tuned_lens(net, run, prompt_template, steps, seed))
 
     texts = [prompt_template.render(p.context, tok) for p in problems]
-    prompts_table = pd.DataFrame(
-        {
-            "prompt_id": range(len(problems)),
-            "task": TASK,
-            "context": [p.context for p in problems],
-            "completion": [p.completion for p in problems],
-            "intermediate": [p.intermediate for p in problems],
-            "prompt_text": texts,
-        }
+    prompts_table = records(
+        "prompts",
+        pd.DataFrame(
+            {
+                "prompt_id": range(len(problems)),
+                "task": TASK,
+                "context": [p.context for p in problems],
+                "completion": [p.completion for p in problems],
+                "intermediate": [p.intermediate for p in problems],
+                "prompt_text": texts,
+            }
+        ),
     )
     if not run.has_shard("prompts", 0):
-        run.write_shard("prompts", 0, prompts_table.assign(run=run.name))
+        run.write_shard("prompts", 0, prompts_table)
     batches = list(range(0, len(problems), batch_size))
     for b, start in enumerate(tqdm(batches, desc="probe batches", unit="batch")):
         if run.has_shard("ranks", b) and run.has_shard("answers", b):
@@ -182,8 +232,8 @@ def run_arithmetic_study(
             target_map,
             steps,
             lenses,
-            positions="last",
-            topk=5,
+            positions=settings["positions"],
+            topk=settings["topk"],
             batch_size=len(batch),
             seed=seed * 100_003 + b,
             prompt_ids=list(range(start, start + len(batch))),
@@ -197,6 +247,7 @@ def run_arithmetic_study(
             seed=seed * 100_003 + b,
             prompt_ids=range(start, start + len(batch)),
             texts=texts[start : start + len(batch)],
+            purpose="probe",
         )
         run.write_shard("ranks", b, ranks.assign(run=run.name), replace=True)
         run.write_shard("topk", b, result.topk.assign(run=run.name), replace=True)
@@ -206,11 +257,8 @@ def run_arithmetic_study(
             run.write_shard("exit_gate", b, result.exit_gate.assign(run=run.name), replace=True)
         run.write_shard("answers", b, answers.assign(run=run.name), replace=True)
 
-    _depth_scaling(net, run, prompt_template, depths, depth_n, seed)
-    figures = _render(run, steps)
-    run.mark_complete()
-    _summary(run, figures, time.monotonic() - t0, console)
-    return run
+    _depth_scaling(net, run, prompt_template, settings["depths"], settings["depth_n"], seed)
+    return _render(run, steps)
 
 
 def study_problems(n: int, seed: int) -> list[arithmetic.Problem]:
@@ -234,12 +282,15 @@ def _tuned_lens(net: LoopedLM, run: Run, template: PromptTemplate, steps: int, s
     where = run.path / "tuned_lens"
     if (where / "tuned_lens.json").is_file():
         return TunedLens.load(where, net)
-    problems = arithmetic.sample(TASK, 192, split="train", seed=seed + 1)
+    training = TUNED_LENS_TRAINING
+    problems = arithmetic.sample(TASK, training["prompts"], split=training["split"], seed=seed + 1)
     prompts = [
         net.tokenizer.encode(template.render(p.context, net.tokenizer) + p.completion) for p in problems
     ]
     data = collect_states(net, prompts, steps, net.layout.block_sites(), seed=seed)
-    tuned = fit_tuned_lens(net, data, "shared", steps, epochs=8, lr=3e-3, seed=seed)
+    tuned = fit_tuned_lens(
+        net, data, training["kind"], steps, epochs=training["epochs"], lr=training["lr"], seed=seed
+    )
     tuned.save(where)
     return tuned
 
@@ -254,37 +305,43 @@ def _depth_scaling(
         shard = f"depth-{depth:04d}"
         if run.has_shard("answers", shard):
             continue
-        frame = evaluate_tasks(
-            net, arithmetic.TASKS, depth, depth_n, seed=seed, template=template, id_offset=1_000_000 * depth
+        frame = evaluate_tasks(  # prompt ids unique within the run; the purpose column says what they are
+            net,
+            arithmetic.TASKS,
+            depth,
+            depth_n,
+            seed=seed,
+            template=template,
+            id_offset=1_000_000 * depth,
+            purpose="depth",
         )
         run.write_shard("answers", shard, frame.assign(run=run.name))
 
 
 def _render(run: Run, steps: int) -> dict[str, dict]:
+    """Every figure into ``figures/``; any figure that fails to draw or to be written raises."""
     from studies.figures import Layout, render_all
 
     answers = run.table("answers")
     tables = {
         "ranks": run.table("ranks"),
         "topk": run.table("topk"),
-        "answers": answers[answers["num_steps"] == steps] if len(answers) else answers,
+        "answers": answers[(answers["purpose"] == "probe") & (answers["num_steps"] == steps)],
         "dynamics": run.table("dynamics"),
         "verdicts": run.table("verdicts"),
         "exit_gate": run.table("exit_gate"),
-        "depth": accuracy_table(answers[answers["prompt_id"] >= 1_000_000])
-        if len(answers)
-        else pd.DataFrame(),
+        "depth": accuracy_table(answers[answers["purpose"] == "depth"]),
     }
     layout = Layout.from_manifest(run.manifest, steps)
     title = f"{run.manifest['model']['name']} · T={steps}"
-    return render_all(tables, layout, run.figures_dir, title)
+    return render_all(tables, layout, run.figures_dir, title, strict=True)
 
 
 SUMMARY_KEYS = {
     "rank_trajectory": ("_median_rank_last_core", "_top1_share_last"),
     "numeric_prefix": ("_share_core_mean",),
     "intermediate_vs_final": ("n_correct", "_iters_intermediate_above_final"),
-    "depth_scaling": ("arithmetic_1dc_accuracy_T", "arithmetic_1dc_best_steps"),
+    "depth_scaling": ("arithmetic_1dc_best_steps",),
     "latent_dynamics": ("step_norm_median_last", "verdict_"),
     "reference_overlay": ("_median_rank_last",),
     "exit_gate": ("expected_exit_step", "threshold_exit_share_before_T"),
@@ -301,28 +358,58 @@ def headline_items(name: str, headline: dict[str, Any]) -> list[str]:
     ]
 
 
-def _summary(run: Run, figures: dict[str, dict], seconds: float, console: Console) -> None:
+def accuracy_rows(run: Run, model: str) -> list[tuple[str, str, str]]:
+    """The study's accuracies at its depth T, each named: ``(what, accuracy, on what)``.
+
+    Three different numbers measure one thing on three samples: the probed problems (those the lenses
+    decode), the depth-scaling sample (other held-out problems, ``depth_n`` of them), and the embedded
+    model card (every held-out problem, ``looplens eval``).
+    """
+    settings = run.manifest["settings"]
+    steps = settings["steps"]
+    answers = run.table("answers")
+    answers = answers[(answers["task"] == TASK) & (answers["num_steps"] == steps)]
+    rows = []
+    for purpose, what, sample in (
+        ("probe", "probed problems", "the problems the lenses decode"),
+        ("depth", "depth-scaling sample", "other held-out problems"),
+    ):
+        part = answers[answers["purpose"] == purpose]
+        if len(part):
+            correct = int(part["correct"].sum())
+            rows.append((what, f"{correct / len(part):.1%}", f"{correct}/{len(part)} {sample}"))
+    card = card_accuracy(model, TASK, steps)
+    if card is not None:
+        accuracy, n = card
+        rows.append(("model card", f"{accuracy:.1%}", f"all {n:,} held-out problems (looplens eval)"))
+    return rows
+
+
+def _summary(run: Run, model: str, figures: dict[str, dict], seconds: float, console: Console) -> None:
     table = Table(title=f"arithmetic study: {run.name}", show_lines=True)
     table.add_column("figure", no_wrap=True)
     table.add_column("headline numbers")
     for name, info in figures.items():
         table.add_row(f"{name}.png", "\n".join(headline_items(name, info.get("headline") or {})))
     console.print(table)
-    answers = run.table("answers")
+
     steps = run.manifest["settings"]["steps"]
-    probed = answers[
-        (answers["task"] == TASK) & (answers["prompt_id"] < 1_000_000) & (answers["num_steps"] == steps)
-    ]
-    if len(probed):
-        console.print(
-            f"accuracy on the probed problems at T={steps}: {probed['correct'].mean():.1%} "
-            f"({int(probed['correct'].sum())}/{len(probed)})"
-        )
-    console.print(f"figures (PNG + interactive HTML): {run.figures_dir}")
-    console.print(
-        f"tables: {', '.join(run.tables())}  ·  explore: looplens explore {run.path.parent}  ·  "
-        f"time: {seconds:.0f} s"
-    )
+    accuracy = Table(title=f"accuracy at T={steps} ({TASK}, exact match)", title_justify="left", box=None)
+    accuracy.add_column("measured on", no_wrap=True)
+    accuracy.add_column("accuracy", justify="right", no_wrap=True)
+    accuracy.add_column("sample", overflow="fold")
+    for row in accuracy_rows(run, model):
+        accuracy.add_row(*row)
+    console.print(accuracy)
+
+    footer = Table.grid(padding=(0, 2))
+    footer.add_column(style="bold", no_wrap=True)
+    footer.add_column(overflow="fold")
+    footer.add_row("figures", f"{run.figures_dir}  (PNG + interactive HTML)")
+    footer.add_row("tables", ", ".join(run.tables()))
+    footer.add_row("explore", f"looplens explore {run.path.parent}")
+    footer.add_row("time", f"{seconds:.0f} s")
+    console.print(footer)
 
 
 def _fmt(v: Any) -> str:

@@ -20,6 +20,7 @@ import lens
 from lens.generation import generate
 from lens.model import RecurrentDepthLM
 from lens.runtime import configure_threads
+from probes.records import records
 from studies.tasks import arithmetic
 from studies.tasks.prompts import PromptTemplate, resolve_template
 
@@ -44,8 +45,10 @@ def evaluate_answers(
     prompt_ids: Iterable[int] | None = None,
     texts: Sequence[str] | None = None,
     task: str | None = None,
+    purpose: str = "eval",
 ) -> pd.DataFrame:
-    """Greedy answers for already-tokenised prompts; one ``answers`` row per problem."""
+    """Greedy answers for already-tokenised prompts; one ``answers`` row per problem (checked against
+    the schema here). ``purpose`` (``probe``, ``depth`` or ``eval``) says why they were generated."""
     tok = model.tokenizer
     budget = max(len(tok.encode(p.completion)) for p in problems) + 2
     gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -60,6 +63,7 @@ def evaluate_answers(
             {
                 "prompt_id": ids[i],
                 "task": task or p.task,
+                "purpose": purpose,
                 "num_steps": num_steps,
                 "prompt": texts[i] if texts is not None else tok.decode(list(prompt_ids_tokens[i])),
                 "expected": p.completion,
@@ -69,7 +73,7 @@ def evaluate_answers(
                 "intermediate": p.intermediate,
             }
         )
-    return pd.DataFrame(rows)
+    return records("answers", rows)
 
 
 def evaluate_tasks(
@@ -83,6 +87,7 @@ def evaluate_tasks(
     split: str = "test",
     id_offset: int = 0,
     all_composite: bool = False,
+    purpose: str = "eval",
 ) -> pd.DataFrame:
     """Answers for ``n`` held-out problems of each task at one depth (``all_composite``: every
     one-digit composite problem of the split instead of ``n``)."""
@@ -109,6 +114,7 @@ def evaluate_tasks(
                     ),
                     texts=texts[start : start + batch_size],
                     task=task,
+                    purpose=purpose,
                 )
             )
     return pd.concat(frames, ignore_index=True)
@@ -142,6 +148,36 @@ def write_card_table(card: Path, table_md: str) -> None:
     before, rest = text.split(CARD_BEGIN, 1)
     _, after = rest.split(CARD_END, 1)
     card.write_text(f"{before}{CARD_BEGIN}\n{table_md}\n{CARD_END}{after}")
+
+
+def card_accuracy(model_name: str | Path, task: str, num_steps: int) -> tuple[float, int] | None:
+    """``(accuracy, n)`` of ``task`` at ``num_steps`` from a model card's accuracy table (the one
+    ``write_card_table`` writes), or None when the model has no card, no table or no such cell."""
+    try:
+        card = lens.loading.resolve_model_path(model_name) / "README.md"
+        text = card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if CARD_BEGIN not in text or CARD_END not in text:
+        return None
+    lines = [
+        line.strip().strip("|").split("|")
+        for line in text.split(CARD_BEGIN, 1)[1].split(CARD_END, 1)[0].strip().splitlines()
+    ]
+    if len(lines) < 3:
+        return None
+    head = [cell.strip() for cell in lines[0]]
+    column = f"T={num_steps}"
+    if column not in head or "task" not in head or "n" not in head:
+        return None
+    for row in lines[2:]:
+        cells = [cell.strip() for cell in row]
+        if len(cells) == len(head) and cells[head.index("task")] == task:
+            try:
+                return float(cells[head.index(column)]) / 100, int(cells[head.index("n")])
+            except ValueError:
+                return None
+    return None
 
 
 def default_depths(mean_recurrence: int) -> list[int]:

@@ -12,7 +12,7 @@ Two prompt sets, two id ranges:
   first answer token) was ranked (logit lens: 68 layers = prelude, 16 × 4 core, coda; coda lens:
   66 = prelude + core) and top-5 decoded (logit 68 layers, coda lens 64 core layers only);
 - ids ``100..166``: the 67 filtered, correctly answered problems whose ``final``,
-  ``intermediate`` (already the min over "d" and " d") and ``control`` (" the") targets were
+  ``intermediate`` (already the min over "d" and " d") and ``control`` ("the", no space) targets were
   ranked (logit lens 68 layers, coda lens 64 core layers). Their answers are in
   :func:`load_reference_answers` (all correct). The reference recorded no digit baseline.
 

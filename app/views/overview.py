@@ -38,7 +38,9 @@ def _manifest_panel(manifest: dict) -> None:
     facts = {  # the model, layout, iterations and study are in the line above the metrics
         "parameters": f"{model['parameters']:,}" if isinstance(model.get("parameters"), int) else "—",
         "dtype / device": f"{model.get('dtype', '—')} / {model.get('device', '—')}",
-        "lenses": ", ".join(settings.get("lenses", [])) or "—",
+        "lenses": ", ".join(map(str, settings["lenses"]))
+        if isinstance(settings.get("lenses"), list)
+        else str(settings.get("lenses") or "—"),
         "prompts (n)": settings.get("n", "—"),
         "seed": settings.get("seed", "—"),
         "created": str(manifest.get("created", ""))[:19].replace("T", " "),
@@ -129,7 +131,7 @@ def render() -> None:
             medians,
             chosen or default,
             height=460,
-            title="Median rank over all prompts (band: interquartile range; line style: lens)",
+            title="Median rank over all prompts (band: 95 % bootstrap interval; line style: lens)",
             layout=data.layout(path, mtime),
         ),
         key="overview_fig",
@@ -182,6 +184,11 @@ def render() -> None:
             for start in range(0, len(pngs), 2):
                 for col, png in zip(st.columns(2), pngs[start : start + 2], strict=False):
                     col.image(str(png), caption=png.name, width="stretch")
+            if files["damaged"]:
+                st.caption(
+                    "Not readable as PNG images (damaged or not images), left out: "
+                    + ", ".join(f"`figures/{p.name}`" for p in files["damaged"])
+                )
             if files["html"]:
                 st.caption("Interactive HTML: " + ", ".join(f"`figures/{p.name}`" for p in files["html"]))
 

@@ -27,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
+from probes.trajectory import summarize_ranks
 from studies.figures.base import (
     RANK_COLUMNS,
     FigureSpec,
@@ -37,7 +38,6 @@ from studies.figures.base import (
     to_builtin,
 )
 from studies.figures.layout import Layout
-from studies.figures.stats import summarize_ranks
 from studies.figures.style import (
     decorate_unrolled,
     decorate_unrolled_plotly,

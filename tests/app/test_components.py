@@ -48,6 +48,7 @@ def test_rank_rows_and_hover(small):
     some = data.q_rank_rows(*small, ("coda",), ("final", "control"), (1, 4))
     assert set(some["prompt_id"]) == {1, 4} and set(some["target_kind"]) == {"final", "control"}
     assert data.q_rank_rows(*small, ("coda",), ("final",), ()).empty
+    assert data.q_rank_rows(*small, ("coda') OR TRUE --",), ("final",)).empty  # values are bound, not pasted
     hover = data.q_hover_per_prompt(*small, ("coda",), (0,))
     assert len(hover) == 10 and hover["top"].str.count("<br>").eq(4).all()  # 5 tokens per layer
     agg = data.q_hover_aggregate(*small, ("coda",))
@@ -65,11 +66,26 @@ def test_headline_and_summaries(small):
     assert set(depth["num_steps"]) == {1, 2, 4, 8} and set(depth["n"]) == {10}  # not the probed answers
     assert data.q_verdict_counts(*small)["n"].sum() == 6
     med = data.q_median_trajectories(*small)
-    assert (med["q25"] <= med["median"]).all() and (med["median"] <= med["q75"]).all()
+    assert (med["ci_low"] <= med["median"]).all() and (med["median"] <= med["ci_high"]).all()
     dyn = data.q_dynamics_rows(*small, (0, 1))
     assert set(dyn["prompt_id"]) == {0, 1} and dyn["verdict"].notna().all()
     files = data.figure_files(small[0])
     assert [p.name for p in files["png"]] == ["rank_trajectory.png"]
+
+
+def test_overview_medians_are_the_study_figures_numbers(small):
+    """The explorer's median-with-interval is the study's (one implementation), equal to the last digit."""
+    from studies.figures import rank_trajectory
+    from studies.figures.layout import Layout
+
+    med = data.q_median_trajectories(*small)
+    figure = rank_trajectory.table(
+        {"ranks": Run.open(small[0]).table("ranks")}, Layout(UnrolledLayout(prelude=1, core=2, coda=1), 4)
+    )
+    ours = med[med["target_kind"] == "predicted"].merge(figure, on=["lens", "unrolled_index"])
+    assert len(ours) == len(figure) == 2 * 10
+    for column in ("median", "ci_low", "ci_high"):
+        np.testing.assert_array_equal(ours[f"{column}_x"], ours[f"{column}_y"])
 
 
 def test_cached_queries_follow_the_manifest(tmp_path):
@@ -150,6 +166,28 @@ def test_rank_trajectory_figure():
     assert [a.text for a in staged.layout.annotations] == ["prelude", "core × 4", "coda"]
     single = charts.rank_trajectory(rows[rows.prompt_id == 0], hover)
     assert any("␣7" in h for t in single.data for h in (t.hovertemplate or []) if isinstance(h, str))
+
+
+def test_explorer_and_study_figures_share_lens_and_target_colours_and_order(small):
+    """One set of lens/target colours and one target order (probes.palette), not one per package."""
+    from matplotlib.colors import to_hex
+
+    from probes import palette
+    from studies.figures import rank_trajectory as study_rank_trajectory
+    from studies.figures import style
+    from studies.figures.layout import Layout
+
+    fig = charts.rank_trajectory(_rows(), None)
+    colours = {t.name.split()[0]: t.line.color for t in fig.data if t.mode == "lines+markers"}
+    assert colours == {"logit": palette.LENS_COLORS["logit"], "coda": palette.LENS_COLORS["coda"]}
+    rows = _rows().assign(target_kind="predicted", position=-1)
+    layout = Layout(UnrolledLayout(prelude=1, core=2, coda=1), steps=4)
+    mpl, _ = study_rank_trajectory.draw(study_rank_trajectory.table({"ranks": rows}, layout), layout, "t")
+    drawn = {to_hex(line.get_color()).lower() for ax in mpl.axes for line in ax.get_lines()}
+    assert {palette.LENS_COLORS["logit"].lower(), palette.LENS_COLORS["coda"].lower()} <= drawn
+    assert style.TARGET_ORDER is palette.TARGET_ORDER and style.LENS_COLORS is palette.LENS_COLORS
+    kinds = data.q_choices(*small)["target_kinds"]
+    assert kinds[:4] == ["predicted", "final", "intermediate", "control"]
 
 
 def test_heatmap_layout():

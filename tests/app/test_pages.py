@@ -344,3 +344,65 @@ def test_live_probe_on_a_retrofit_model(monkeypatch, runs_dir, tmp_path):
     assert_clean(at)
     assert charts(at) >= 7
     assert "gate" not in at.selectbox(key="live_gen_crit").options
+
+
+# ------------------------------------------------------------------------------------------ damaged runs
+
+
+def _damage(path: Path, change) -> None:
+    doc = json.loads((path / "manifest.json").read_text())
+    change(doc)
+    (path / "manifest.json").write_text(json.dumps(doc))
+
+
+def test_damaged_runs_are_shown_as_damaged_and_the_rest_stay_usable(monkeypatch, tmp_path, model_dir):
+    from studies.synthetic import write_run
+
+    good = write_run(tmp_path, "arith-good", n_prompts=4)
+    (good / "figures" / "notes.png").write_text("not an image")  # a non-image PNG beside a real one
+    pwned = tmp_path / "pwned.csv"
+    damages = {
+        "bad-rows": lambda d: d["shards"]["ranks"]["shard-00000"].update(rows="abc"),
+        "bad-model": lambda d: d.update(model=["tiny-arith"]),
+        "bad-shards": lambda d: d["shards"].update(ranks=[1, 2]),
+        "bad-sql": lambda d: d["shards"].update(
+            {f"ranks\" AS SELECT 1; COPY (SELECT 42) TO '{pwned}'; CREATE VIEW \"z": d["shards"]["ranks"]}
+        ),
+        "bad-path": lambda d: d["shards"].update(ranks={"../../x": d["shards"]["ranks"]["shard-00000"]}),
+    }
+    for name, change in damages.items():
+        _damage(write_run(tmp_path, name, n_prompts=2, figures=False), change)
+
+    at = start(monkeypatch, tmp_path, model_dir)
+    picker = at.sidebar.selectbox(key="run")
+    assert picker.value == "arith-good" and set(picker.options) >= {f"✗ {n}" for n in damages}
+    for page in ["overview", "trajectories", "dynamics", "compare"]:
+        goto(at, page)
+        assert_clean(at)
+        assert charts(at) >= 1, page
+    goto(at, "overview")
+    assert at.image and "figures/notes.png" in texts(at)  # named, the real figure still shown
+    for name in damages:
+        at.sidebar.selectbox(key="run").set_value(name).run()
+        for page in ["overview", "trajectories"]:
+            goto(at, page)
+            assert not at.exception, (name, page)
+            assert "damaged" in at.error[0].value and "manifest.json" in at.error[0].value, (name, page)
+    assert not pwned.exists()
+
+
+def test_runs_with_the_same_manifest_name_open_their_own_folder(monkeypatch, tmp_path, model_dir):
+    """A copied run folder keeps its original's manifest name; each folder still opens itself."""
+    from studies.synthetic import write_run
+
+    write_run(tmp_path, "arith-a", n_prompts=6)
+    b = write_run(tmp_path, "arith-b", n_prompts=4)
+    _damage(b, lambda d: d.update(name="arith-a"))  # as after `cp -r runs/arith-a runs/arith-b` and a rerun
+    at = start(monkeypatch, tmp_path, model_dir)
+    prompts = {}
+    for folder in ("arith-a", "arith-b"):
+        at.sidebar.selectbox(key="run").set_value(folder).run()
+        assert_clean(at)
+        assert folder in [s.value for s in at.subheader]
+        prompts[folder] = {m.label: m.value for m in at.metric}["prompts probed"]
+    assert prompts == {"arith-a": "6", "arith-b": "4"}

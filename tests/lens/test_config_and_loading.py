@@ -187,3 +187,22 @@ def test_non_utf8_config_names_the_file(tmp_path):
     (tmp_path / "config.json").write_bytes(b'{"n_embd": "\xff"}')
     with pytest.raises(lens.ConfigError, match="config.json"):
         lens.RecurrentDepthConfig.from_json(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["../../x.safetensors", "/etc/passwd", "sub/../../x", "..", "", 7])
+def test_index_shards_outside_the_checkpoint_are_refused(tmp_path, shard):
+    """A weight_map entry is a file name beside the index, never a path that leaves the checkpoint."""
+    _, path = _saved_model(tmp_path)
+    outside = tmp_path / "x.safetensors"
+    shutil.copy(path / "model.safetensors", outside)  # a readable file is waiting outside
+    state = load_file(str(path / "model.safetensors"))
+    sharded = tmp_path / "ckpt" / "inner"
+    sharded.mkdir()
+    shutil.copy(path / "config.json", sharded / "config.json")
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: shard for k in state}})
+    )
+    with pytest.raises(CheckpointError, match="not a file name in the checkpoint directory"):
+        lens.load_model(sharded)
+    with pytest.raises(CheckpointError, match="not a file name"):
+        lens.loading.weights_fingerprint(sharded)

@@ -17,7 +17,7 @@ from studies.figures import latent_dynamics as dyn
 from studies.figures import numeric_prefix as npx
 from studies.figures import rank_trajectory as rt
 from studies.figures import reference_overlay as ro
-from studies.figures.stats import bootstrap_median, last_position
+from studies.figures.stats import last_position
 from studies.reference_data import (
     FILTERED_ID_OFFSET,
     HUGINN_LAYOUT,
@@ -223,16 +223,6 @@ def test_layout_comes_from_the_manifest(tables):
     assert ref["unrolled_index"].max() == HUGINN_LAYOUT.n_unrolled - 1
     with pytest.raises(ValueError, match="no model layout"):
         Layout.from_manifest({"model": {}, "settings": {"steps": 4}})
-
-
-def test_bootstrap_interval_contains_median():
-    rng = np.random.default_rng(1)
-    for n in (1, 2, 3, 10, 67):
-        x = np.exp(rng.normal(3, 2, size=n)).round() + 1
-        med, lo, hi = bootstrap_median(x, seed=2)
-        assert lo <= med <= hi
-        assert x.min() <= lo and hi <= x.max()
-        assert med == np.median(x)
 
 
 def test_last_position_keeps_the_last_token():

@@ -44,26 +44,6 @@ def _main(
     """looplens: probe latent reasoning in recurrent-depth language models."""
 
 
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
-
-
-def _dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise typer.BadParameter(f"unknown dtype {name!r}; choose from {sorted(set(DTYPES.values()))}")
-    return getattr(torch, DTYPES[name])
-
-
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
     raise typer.Exit(code=2)
@@ -119,6 +99,8 @@ def study(
     if name not in STUDIES:
         _fail(ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}"))
     with _user_errors():
+        from lens.loading import resolve_dtype
+
         _check_device(device)
         depth_list = [int(x) for x in depths.split(",") if x.strip()]
         STUDIES[name](
@@ -130,7 +112,7 @@ def study(
             out=out,
             name=run_name,
             device=device,
-            dtype=_dtype(dtype),
+            dtype=resolve_dtype(dtype),
             template=template,
             tuned_lens=tuned_lens,
             depths=depth_list,

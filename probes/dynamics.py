@@ -16,6 +16,7 @@ from sklearn.decomposition import PCA
 
 from lens.model import RecurrentDepthLM
 from lens.stream import Positions, State
+from probes.batching import PositionSelection, select_positions
 
 
 def classify_trajectory(
@@ -49,6 +50,7 @@ class DynamicsRecorder:
         sites: Sequence[str] | None = None,
         positions: Positions = "last",
         n_components: int = 3,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
         last_core = f"core.{model.layout.core - 1}"
         self.sites = list(sites) if sites is not None else [last_core]
@@ -56,15 +58,25 @@ class DynamicsRecorder:
             kind, _ = model.layout.parse(site)
             if kind not in ("core", "adapter"):
                 raise ValueError(f"dynamics follow recurrent sites (core.j, adapter), not {site!r}")
-        self.positions = positions
+        self.wanted_positions = positions
+        # "last" is the same padded index for every row: let the stream cut it; else select per prompt
+        self.positions: Positions = "last" if positions == "last" else "all"
+        self.attention_mask = attention_mask
         self.n_components = n_components
         self._states: dict[str, list[torch.Tensor]] = {}
-        self._positions: torch.Tensor | None = None
+        self._selection: PositionSelection | None = None
 
     def __call__(self, state: State) -> None:
-        self._states.setdefault(state.site, []).append(state.tensor.detach().float().cpu())
-        if state.positions is not None:
-            self._positions = state.positions
+        tensor = state.tensor.detach()
+        if self.positions == "all":
+            if self._selection is None:
+                self._selection = select_positions(
+                    self.wanted_positions, self.attention_mask, tensor.shape[0], tensor.shape[1]
+                )
+            tensor = self._selection.gather(tensor)
+        elif self._selection is None:
+            self._selection = select_positions("last", None, tensor.shape[0], 1)
+        self._states.setdefault(state.site, []).append(tensor.float().cpu())
 
     def trajectories(self, site: str) -> torch.Tensor:
         """``[T, B, P, d]`` for one site."""
@@ -80,9 +92,12 @@ class DynamicsRecorder:
             step = torch.full_like(norms, float("nan"))
             step[1:] = (traj[1:] - traj[:-1]).norm(dim=-1) / norms[1:].clamp_min(1e-12)
             cos = torch.nn.functional.cosine_similarity(traj, traj[-1:].expand_as(traj), dim=-1)
-            positions = self._positions.tolist() if self._positions is not None else list(range(P))
+            assert self._selection is not None
+            own, valid = self._selection.own.tolist(), self._selection.valid.tolist()
             for b in range(B):
                 for p in range(P):
+                    if not valid[b][p]:
+                        continue
                     path = traj[:, b, p].numpy()
                     k = min(self.n_components, T, path.shape[1])
                     pcs = np.full((T, 3), np.nan, dtype=np.float32)
@@ -92,7 +107,7 @@ class DynamicsRecorder:
                         rows.append(
                             {
                                 "prompt_index": b,
-                                "position": positions[p],
+                                "position": own[b][p],
                                 "site": site,
                                 "iteration": t + 1,
                                 "step_norm": float(step[t, b, p]),
@@ -106,7 +121,7 @@ class DynamicsRecorder:
                     verdicts.append(
                         {
                             "prompt_index": b,
-                            "position": positions[p],
+                            "position": own[b][p],
                             "site": site,
                             "verdict": classify_trajectory(path),
                         }

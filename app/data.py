@@ -52,8 +52,12 @@ _TOKEN_SQL = (
     "replace(replace(replace(replace(replace(replace(token, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'), "
     "' ', '␣'), chr(10), '↵'), chr(9), '⇥')"
 )
-# Rows of the ranks/topk tables at the position a run recorded (-1 = last token, else the largest).
-_POSITION_SQL = "position = (SELECT CASE WHEN min(position) = -1 THEN -1 ELSE max(position) END FROM {table})"
+# Rows of the ranks/topk tables at each prompt's last recorded position (-1 = last token, else its largest):
+# prompts of different lengths probed at every position end at different positions.
+_POSITION_SQL = (
+    "(prompt_id, position) IN (SELECT prompt_id, CASE WHEN min(position) = -1 THEN -1 ELSE max(position) END "
+    "FROM {table} GROUP BY prompt_id)"
+)
 
 
 def _cached(fn: Any) -> Any:

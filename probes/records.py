@@ -11,6 +11,8 @@ Tables (one row is …):
 - ``answers``: one prompt's generated answer and whether it is correct.
 - ``dynamics``: one latent state's movement (step norm, cosine to the last iteration, PCA).
 - ``prompts``: one prompt as it was built from a task.
+- ``prompt_meta``: one input prompt of ``looplens probe``: its token count, depth, targets and
+  metadata as given, or why it could not be probed.
 
 Example:
     >>> table = to_table("prompts", [{"run": "r", "prompt_id": 0, "task": "add", "context": "2+3",
@@ -64,6 +66,7 @@ TABLE_DOCS: dict[str, str] = {
     "dynamics": "one latent state's movement across iterations",
     "prompts": "one prompt as built from its task",
     "verdicts": "one latent trajectory's classification (fixed point, cycle, drift)",
+    "prompt_meta": "one input prompt's token count, depth, targets and metadata, or why it was not probed",
 }
 
 _FIELDS: dict[str, list[pa.Field]] = {
@@ -120,6 +123,15 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("completion", pa.string(), "the expected completion"),
         _INTERMEDIATE,
         _f("prompt_text", pa.string(), "the full prompt after templating"),
+    ],
+    "prompt_meta": [
+        _RUN,
+        _PROMPT,
+        _f("n_tokens", pa.int32(), "tokens of the prompt as fed to the model"),
+        _f("steps_used", pa.int32(), "recurrent iterations run (below the cap with adaptive depth)", True),
+        _f("error", pa.string(), "why the prompt was not probed (null when it was)", nullable=True),
+        _f("targets", pa.string(), "the given targets as JSON, kind -> text or token id", nullable=True),
+        _f("metadata", pa.string(), "the input row's other columns as JSON", nullable=True),
     ],
 }
 

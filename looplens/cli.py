@@ -46,8 +46,9 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def study(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="the study to run: arithmetic")] = "arithmetic",
     model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
     n: Annotated[int, typer.Option(help="number of one-digit composite problems")] = 100,
@@ -62,13 +63,22 @@ def study(
     tuned_lens: Annotated[bool, typer.Option(help="train and add a Tuned Lens")] = True,
     depths: Annotated[str, typer.Option(help="iterations for the depth-scaling figure")] = "1,2,4,8,16,32,64",
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="run shards on Ray: a local cluster, or the address given after --ray"),
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU)")
+    ] = None,
 ) -> None:
     """Run a batch study and write its run (tables + figures)."""
+    from lens.errors import LooplensError
     from studies import STUDIES
 
     if name not in STUDIES:
         _fail(ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}"))
     try:
+        address, _ = _ray_address(ray, list(ctx.args))
         depth_list = [int(x) for x in depths.split(",") if x.strip()]
         STUDIES[name](
             model=model,
@@ -85,8 +95,10 @@ def study(
             depths=depth_list,
             overwrite=overwrite,
             console=console,
+            ray=address,
+            num_workers=workers,
         )
-    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError, KeyError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError, KeyError, LooplensError) as err:
         _fail(err)
 
 

@@ -128,16 +128,16 @@ def probe_prompts(
         frames = [r, t]
         if rest:
             frames += list(rest[0].finalize())
-        for frame in frames:
-            if len(frame):
-                if (
-                    exit_criterion is not None and "iteration" in frame
-                ):  # past its own exit a prompt's core states are not its own
-                    index = frame["prompt_index"].to_numpy()
-                    own_steps = pd.Series(used).to_numpy()[index]
-                    looped = frame["site"].str.match(r"^(adapter|core\.)")
-                    frame.drop(frame.index[looped & (frame["iteration"] > own_steps)], inplace=True)
-                frame.insert(0, "prompt_id", [batch_ids[i] for i in frame.pop("prompt_index")])
+        for n, frame in enumerate(frames):
+            if not len(frame):
+                continue
+            if exit_criterion is not None and "iteration" in frame:
+                # past its own exit a prompt's looped states are not its own (the batch ran on)
+                own_steps = pd.Series(used).to_numpy()[frame["prompt_index"].to_numpy()]
+                looped = frame["site"].str.match(r"^(adapter|core\.)")
+                frame = frame[~(looped & (frame["iteration"] > own_steps))].reset_index(drop=True)
+            frame.insert(0, "prompt_id", [batch_ids[k] for k in frame.pop("prompt_index")])
+            frames[n] = frame
         ranks.append(frames[0])
         tops.append(frames[1])
         if rest:

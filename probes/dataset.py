@@ -250,7 +250,10 @@ def _check_settings(model: RecurrentDepthLM, settings: ProbeSettings) -> None:
     build_lenses(model, s.lenses)
     for site in s.sites or ():
         if site not in ("prelude", "core", "coda"):
-            model.layout.parse(site)
+            try:
+                model.layout.parse(site)
+            except ValueError as exc:
+                raise InputError(str(exc)) from exc
     for name, value, low in (("num_steps", s.num_steps, 1), ("batch_size", s.batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -7,7 +7,7 @@ Each row needs a ``prompt`` (text; another column name can be chosen). Optional 
   kind (``{"correct": " Paris", "distractor": " Rome"}``).
 
 A target is text (its first token is tracked) or an integer token id. CSV cells are always text, so
-a ``targets`` cell in a CSV holds a JSON list or object. Every other column is carried through as
+a ``targets`` cell in a CSV holds a JSON list or object, and an empty cell means no target. Every other column is carried through as
 metadata (stored as JSON with the prompt). Reading checks everything that can be checked without a
 model and raises one :class:`~lens.errors.InputError` naming the file, row and column at fault.
 
@@ -221,7 +221,7 @@ def _target_value(value: Any, where: str) -> TargetValue | None:
 
 def _targets_of(row: Mapping[str, Any], where: str, from_csv: bool) -> dict[str, TargetValue]:
     out: dict[str, TargetValue] = {}
-    if "target" in row:
+    if "target" in row and not (from_csv and row["target"] == ""):  # an empty CSV cell: no target
         value = _target_value(row["target"], f"{where}, column 'target'")
         if value is not None:
             out["target"] = value

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,15 @@ import pandas as pd
 import torch
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 
 import lens
 from lens.model import RecurrentDepthLM
 from lens.runtime import configure_threads
 from probes.api import probe_prompts
+from probes.dataset import model_description
 from probes.lenses import TunedLens
 from probes.lenses.tuned_training import collect_states, fit_tuned_lens
+from probes.scale import ShardTask, run_shards
 from probes.store import Run
 from studies.evaluation import accuracy_table, evaluate_answers
 from studies.tasks import arithmetic
@@ -73,18 +75,6 @@ def control_token(tokenizer: Any) -> tuple[int, str]:
     raise ValueError("the tokenizer has no single-token control word")
 
 
-def _model_description(name: str, model: RecurrentDepthLM, device: str, dtype: torch.dtype | None) -> dict:
-    return {
-        "name": str(name),
-        "config_name": model.config.name,
-        "weights": lens.loading.weights_fingerprint(name),
-        "parameters": model.num_parameters(),
-        "dtype": str(dtype or model.dtype).replace("torch.", ""),
-        "device": device,
-        "layout": {"prelude": model.layout.prelude, "core": model.layout.core, "coda": model.layout.coda},
-    }
-
-
 def run_arithmetic_study(
     model: str = "tiny-arith",
     n: int = 100,
@@ -101,8 +91,14 @@ def run_arithmetic_study(
     depth_n: int = 40,
     overwrite: bool = False,
     console: Console | None = None,
+    ray: str | None = None,
+    num_workers: int | None = None,
 ) -> Run:
-    """Run (or resume) the study; returns the completed run."""
+    """Run (or resume) the study; returns the completed run.
+
+    ``ray`` (``"local"`` or a cluster address) computes the probe batches and depth-scaling shards on
+    Ray workers, one model each (see ``probes.scale``); the tables are the same as in one process.
+    """
     console = console or Console()
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
@@ -134,7 +130,7 @@ def run_arithmetic_study(
     }
     run_name = name or f"arithmetic-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
     manifest = {
-        "model": _model_description(model, net, device, dtype),
+        "model": model_description(model, net, device, dtype),
         "config": net.config.to_dict(),
         "prompt_template": prompt_template.to_dict(),
         "settings": settings,
@@ -143,9 +139,6 @@ def run_arithmetic_study(
     console.print(f"[bold]arithmetic study[/] → {run.path}  ({len(problems)} problems, T={steps})")
 
     lenses: list[Any] = ["logit", "coda"]
-    if tuned_lens:
-        lenses.append(_tuned_lens(net, run, prompt_template, steps, seed))
-
     texts = [prompt_template.render(p.context, tok) for p in problems]
     prompts_table = pd.DataFrame(
         {
@@ -159,50 +152,159 @@ def run_arithmetic_study(
     )
     if not run.has_shard("prompts", 0):
         run.write_shard("prompts", 0, prompts_table.assign(run=run.name))
-    batches = list(range(0, len(problems), batch_size))
-    for b, start in enumerate(tqdm(batches, desc="probe batches", unit="batch")):
-        if run.has_shard("ranks", b) and run.has_shard("answers", b):
-            continue
-        batch = problems[start : start + batch_size]
-        ids = [tok.encode(t) for t in texts[start : start + batch_size]]
-        per_problem = [problem_targets(tok, prompt_template, p) for p in batch]
-        kinds = list(per_problem[0])
-        target_map = {k: [t[k] if t[k] is not None else 0 for t in per_problem] for k in kinds}
-        target_map["control"] = [control_id] * len(batch)
-        missing = {k: [t[k] is None for t in per_problem] for k in kinds}
-        result = probe_prompts(
-            net,
-            ids,
-            target_map,
-            steps,
-            lenses,
-            positions="last",
-            topk=5,
-            batch_size=len(batch),
-            seed=seed * 100_003 + b,
-            prompt_ids=list(range(start, start + len(batch))),
+    if tuned_lens:
+        lenses.append(_tuned_lens(net, run, prompt_template, steps, seed))
+    spec = StudySpec(steps, seed, control_id, prompt_template, tuned_lens)
+    tasks = [
+        ShardTask(
+            f"shard-{b:05d}",
+            BATCH_TABLES,
+            len(problems[start : start + batch_size]),
+            ("batch", start, batch_size, b),
         )
-        ranks = _drop_missing(result.ranks, missing, start)
-        answers = evaluate_answers(
-            net,
-            batch,
-            ids,
-            steps,
-            seed=seed * 100_003 + b,
-            prompt_ids=range(start, start + len(batch)),
-            texts=texts[start : start + len(batch)],
-        )
-        run.write_shard("ranks", b, ranks.assign(run=run.name), replace=True)
-        run.write_shard("topk", b, result.topk.assign(run=run.name), replace=True)
-        run.write_shard("dynamics", b, result.dynamics.assign(run=run.name), replace=True)
-        run.write_shard("verdicts", b, result.verdicts.assign(run=run.name), replace=True)
-        run.write_shard("answers", b, answers.assign(run=run.name), replace=True)
+        for b, start in enumerate(range(0, len(problems), batch_size))
+    ]
+    tasks += [
+        ShardTask(f"depth-{d:04d}", ("answers",), depth_n * len(arithmetic.TASKS), ("depth", d, depth_n))
+        for d in depths
+    ]
+    run_shards(
+        run,
+        tasks,
+        ArithmeticWorkerFactory(
+            str(model),
+            str(dtype).replace("torch.", "") if dtype else None,
+            spec,
+            n,
+            str(run.path / "tuned_lens") if tuned_lens else None,
+        ),
+        device=device,
+        ray=ray,
+        num_workers=num_workers,
+        local_worker=None if ray is not None else ArithmeticWorker(net, spec, n, lenses),
+        desc="arithmetic study",
+        unit="problem",
+    )
 
-    _depth_scaling(net, run, prompt_template, depths, depth_n, seed)
     figures = _render(run, net, steps)
     run.mark_complete()
     _summary(run, figures, time.monotonic() - t0, console)
     return run
+
+
+BATCH_TABLES = ("ranks", "topk", "dynamics", "verdicts", "answers")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a worker needs besides the model to compute any shard of the study (picklable)."""
+
+    steps: int
+    seed: int
+    control_id: int
+    template: PromptTemplate
+    tuned_lens: bool
+
+
+class ArithmeticWorker:
+    """Computes the study's shards: a probed batch of problems, or the answers at one depth."""
+
+    def __init__(self, net: RecurrentDepthLM, spec: StudySpec, n: int, lenses: list[Any]) -> None:
+        self.net, self.spec, self.n, self.lenses = net, spec, n, lenses
+        self.problems = study_problems(n, spec.seed)
+        self.texts = [spec.template.render(p.context, net.tokenizer) for p in self.problems]
+
+    def compute(self, task: ShardTask) -> dict[str, pd.DataFrame]:
+        if task.payload[0] == "depth":
+            return {"answers": _depth_answers(self.net, self.spec, *task.payload[1:])}
+        _, start, batch_size, b = task.payload
+        return _probe_batch(self.net, self.spec, self.lenses, self.problems, self.texts, start, batch_size, b)
+
+
+@dataclass(frozen=True)
+class ArithmeticWorkerFactory:
+    """Loads the model (and the run's trained Tuned Lens) in a Ray worker."""
+
+    model: str
+    dtype: str | None
+    spec: StudySpec
+    n: int
+    tuned_dir: str | None = None
+
+    def __call__(self, device: str) -> ArithmeticWorker:
+        net = lens.load_model(
+            self.model, dtype=getattr(torch, self.dtype) if self.dtype else None, device=device
+        )
+        configure_threads(net.num_parameters(), device)
+        lenses: list[Any] = ["logit", "coda"]
+        if self.spec.tuned_lens:
+            assert self.tuned_dir is not None
+            lenses.append(TunedLens.load(self.tuned_dir, net))
+        return ArithmeticWorker(net, self.spec, self.n, lenses)
+
+
+def _probe_batch(
+    net: RecurrentDepthLM,
+    spec: StudySpec,
+    lenses: list[Any],
+    problems: list[arithmetic.Problem],
+    texts: list[str],
+    start: int,
+    batch_size: int,
+    b: int,
+) -> dict[str, pd.DataFrame]:
+    """Ranks, top-k, dynamics and answers of one batch of problems (shard ``b``)."""
+    tok = net.tokenizer
+    batch = problems[start : start + batch_size]
+    ids = [tok.encode(t) for t in texts[start : start + batch_size]]
+    per_problem = [problem_targets(tok, spec.template, p) for p in batch]
+    kinds = list(per_problem[0])
+    target_map = {k: [t[k] if t[k] is not None else 0 for t in per_problem] for k in kinds}
+    target_map["control"] = [spec.control_id] * len(batch)
+    missing = {k: [t[k] is None for t in per_problem] for k in kinds}
+    result = probe_prompts(
+        net,
+        ids,
+        target_map,
+        spec.steps,
+        lenses,
+        positions="last",
+        topk=5,
+        batch_size=len(batch),
+        seed=spec.seed * 100_003 + b,
+        prompt_ids=list(range(start, start + len(batch))),
+    )
+    answers = evaluate_answers(
+        net,
+        batch,
+        ids,
+        spec.steps,
+        seed=spec.seed * 100_003 + b,
+        prompt_ids=range(start, start + len(batch)),
+        texts=texts[start : start + len(batch)],
+    )
+    return {
+        "ranks": _drop_missing(result.ranks, missing, start),
+        "topk": result.topk,
+        "dynamics": result.dynamics,
+        "verdicts": result.verdicts,
+        "answers": answers,
+    }
+
+
+def _depth_answers(net: RecurrentDepthLM, spec: StudySpec, depth: int, depth_n: int) -> pd.DataFrame:
+    """Accuracy rows per task format at one number of iterations (the depth-scaling figure)."""
+    from studies.evaluation import evaluate_tasks
+
+    return evaluate_tasks(
+        net,
+        arithmetic.TASKS,
+        depth,
+        depth_n,
+        seed=spec.seed,
+        template=spec.template,
+        id_offset=1_000_000 * depth,
+    )
 
 
 def study_problems(n: int, seed: int) -> list[arithmetic.Problem]:
@@ -236,22 +338,6 @@ def _tuned_lens(
     tuned = fit_tuned_lens(net, data, "shared", steps, epochs=8, lr=3e-3, seed=seed)
     tuned.save(where)
     return tuned
-
-
-def _depth_scaling(
-    net: RecurrentDepthLM, run: Run, template: PromptTemplate, depths: Sequence[int], depth_n: int, seed: int
-) -> None:
-    """Accuracy per task format and number of iterations (shards keyed by depth)."""
-    from studies.evaluation import evaluate_tasks
-
-    for depth in tqdm(depths, desc="depth scaling", unit="depth"):
-        shard = f"depth-{depth:04d}"
-        if run.has_shard("answers", shard):
-            continue
-        frame = evaluate_tasks(
-            net, arithmetic.TASKS, depth, depth_n, seed=seed, template=template, id_offset=1_000_000 * depth
-        )
-        run.write_shard("answers", shard, frame.assign(run=run.name))
 
 
 def _render(run: Run, net: RecurrentDepthLM, steps: int) -> dict[str, dict]:

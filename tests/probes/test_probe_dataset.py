@@ -158,7 +158,8 @@ def test_killed_probe_resumes_without_duplicates(model_dir, tmp_path):
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     resumed_count = int(re.search(r"(\d+) resumed", result.output).group(1))
-    assert resumed_count == len(killed.shards("ranks")) >= 2
+    complete = set.intersection(*(set(killed.shards(t)) for t in KEY))  # a shard has all its tables
+    assert resumed_count == len(complete) >= 1
     resumed = Run.open(path)
     assert (
         resumed.status == "complete" and (path / "ranks" / "shard-00000.parquet").stat().st_mtime_ns == first

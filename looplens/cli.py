@@ -42,7 +42,9 @@ def _dtype(name: str | None):
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(str(err))}")  # messages may hold brackets: looplens[scale]
     raise typer.Exit(code=2)
 
 

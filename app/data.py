@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from probes.dataset import last_position_sql
 from probes.store import MANIFEST, Run, RunInfo, list_runs
 
 __all__ = [
@@ -51,12 +52,6 @@ TARGET_ORDER = ("predicted", "final", "intermediate", "control")
 _TOKEN_SQL = (
     "replace(replace(replace(replace(replace(replace(token, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'), "
     "' ', '␣'), chr(10), '↵'), chr(9), '⇥')"
-)
-# Rows of the ranks/topk tables at each prompt's last recorded position (-1 = last token, else its largest):
-# prompts of different lengths probed at every position end at different positions.
-_POSITION_SQL = (
-    "(prompt_id, position) IN (SELECT prompt_id, CASE WHEN min(position) = -1 THEN -1 ELSE max(position) END "
-    "FROM {table} GROUP BY prompt_id)"
 )
 
 
@@ -124,7 +119,8 @@ def q_choices(path: str, mtime: int) -> dict[str, list]:
 
 
 def q_prompt_table(path: str, mtime: int) -> pd.DataFrame:
-    """One row per probed prompt: text, expected answer, intermediate, generated, correct, verdict."""
+    """One row per prompt: text, expected answer, intermediate, generated, correct, verdict, and the
+    reason a ``looplens probe`` prompt was not probed (``error``)."""
     sql = f"""
     WITH ids AS (SELECT prompt_id FROM ranks UNION SELECT prompt_id FROM dynamics UNION SELECT prompt_id FROM topk
                  UNION SELECT prompt_id FROM prompts),
@@ -132,12 +128,13 @@ def q_prompt_table(path: str, mtime: int) -> pd.DataFrame:
                  any_value(generated) AS generated, bool_and(correct) AS correct,
                  any_value(intermediate) AS intermediate
           FROM answers WHERE prompt_id IN (SELECT prompt_id FROM ids) GROUP BY prompt_id),
-    v AS (SELECT prompt_id, any_value(verdict) AS verdict FROM verdicts WHERE {_POSITION_SQL.format(table="verdicts")}
+    v AS (SELECT prompt_id, any_value(verdict) AS verdict FROM verdicts WHERE {last_position_sql("verdicts")}
           GROUP BY prompt_id)
     SELECT ids.prompt_id, coalesce(p.prompt_text, a.prompt) AS prompt_text, p.context, p.task,
            coalesce(p.completion, a.expected) AS expected, coalesce(p.intermediate, a.intermediate) AS intermediate,
-           a.generated, a.correct, v.verdict
+           a.generated, a.correct, v.verdict, m.error
     FROM ids LEFT JOIN prompts p USING (prompt_id) LEFT JOIN a USING (prompt_id) LEFT JOIN v USING (prompt_id)
+         LEFT JOIN prompt_meta m USING (prompt_id)
     ORDER BY ids.prompt_id
     """
     frame = _query(path, mtime, sql)
@@ -165,7 +162,7 @@ def q_rank_rows(
     sql = f"""
     SELECT prompt_id, lens, target_kind, unrolled_index, site, iteration, block, rank, logprob
     FROM ranks
-    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
+    WHERE unrolled_index >= 0 AND {last_position_sql("ranks")}
       {_in("lens", lenses)}{_in("target_kind", target_kinds)}{_in("prompt_id", prompt_ids, int)}
     ORDER BY lens, target_kind, prompt_id, unrolled_index
     """
@@ -180,7 +177,7 @@ def q_hover_per_prompt(
     SELECT lens, prompt_id, unrolled_index,
            string_agg(printf('%d. %s  %.3f', k, {_TOKEN_SQL}, exp(logprob)), '<br>' ORDER BY k) AS top
     FROM topk
-    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
+    WHERE unrolled_index >= 0 AND {last_position_sql("topk")}
       {_in("lens", lenses)}{_in("prompt_id", prompt_ids, int)}
     GROUP BY ALL
     """
@@ -194,7 +191,7 @@ def q_hover_aggregate(
     sql = f"""
     WITH t AS (SELECT lens, unrolled_index, {_TOKEN_SQL} AS tok, count(*) AS n, avg(exp(logprob)) AS p
                FROM topk
-               WHERE k = 1 AND unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
+               WHERE k = 1 AND unrolled_index >= 0 AND {last_position_sql("topk")}
                  {_in("lens", lenses)}{_in("prompt_id", prompt_ids, int)}
                GROUP BY ALL),
     r AS (SELECT *, row_number() OVER (PARTITION BY lens, unrolled_index ORDER BY n DESC, p DESC) AS i FROM t)
@@ -211,7 +208,7 @@ def q_median_trajectories(path: str, mtime: int) -> pd.DataFrame:
     SELECT lens, target_kind, unrolled_index, any_value(site) AS site, any_value(iteration) AS iteration,
            any_value(block) AS block, median(rank) AS median, quantile_cont(rank, 0.25) AS q25,
            quantile_cont(rank, 0.75) AS q75, count(*) AS n
-    FROM ranks WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
+    FROM ranks WHERE unrolled_index >= 0 AND {last_position_sql("ranks")}
     GROUP BY lens, target_kind, unrolled_index
     ORDER BY lens, target_kind, unrolled_index
     """

@@ -41,10 +41,10 @@ from probes.api import probe_prompts
 from probes.batching import select_positions
 from probes.inputs import PromptSet, read_prompts
 from probes.lenses import LENSES, Lens, TunedLens
-from probes.scale import ShardTask, init_ray, run_shards
+from probes.scale import ShardTask, init_ray, require_ray, run_shards
 from probes.store import Run
 
-__all__ = ["ProbeSettings", "model_description", "probe_dataset", "probe_summary"]
+__all__ = ["ProbeSettings", "last_position_sql", "model_description", "probe_dataset", "probe_summary"]
 
 TABLES = ("prompts", "prompt_meta", "ranks", "topk", "dynamics", "verdicts")
 PREDICTED = "predicted"
@@ -400,21 +400,16 @@ def probe_dataset(
         if not isinstance(getattr(torch, dtype_name, None), torch.dtype):
             raise InputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     torch_dtype = getattr(torch, dtype_name) if dtype_name else None
-    device_class = torch.device(device).type
     if ray is not None:
+        require_ray()  # a missing extra is an input error too: before the model is loaded
         if not isinstance(model, str | Path):
             raise InputError("on Ray, pass the model's name or checkpoint directory (each worker loads it)")
-        cluster = init_ray(ray)
-        device_class = "cuda" if cluster.cluster_resources().get("GPU", 0) else "cpu"
     if isinstance(model, str | Path):
         model_name = str(model)
         # the driver only tokenises and checks; on Ray the workers hold the weights
         net = lens.load_model(model_name, dtype=torch_dtype, device="meta" if ray is not None else device)
-        description = model_description(model_name, net, device_class, torch_dtype)
     else:
         net, model_name = model, model.config.name
-        description = model_description(model_name, net, device_class, torch_dtype)
-        description["weights"] = _fingerprint(net)
     settings = ProbeSettings(
         lenses=tuple(lenses) if not isinstance(lenses, str) else (lenses,),
         sites=tuple(sites) if sites is not None else None,
@@ -433,6 +428,14 @@ def probe_dataset(
     )
     _check_settings(net, settings)
     jobs = _prepare(net, data, settings)
+
+    device_class = torch.device(device).type
+    if ray is not None:  # every input is checked: now start (or join) the cluster
+        cluster = init_ray(ray)
+        device_class = "cuda" if cluster.cluster_resources().get("GPU", 0) else "cpu"
+    description = model_description(model_name, net, device_class, torch_dtype)
+    if not isinstance(model, str | Path):
+        description["weights"] = _fingerprint(net)
 
     run_name = name or _UNSAFE.sub(
         "-", f"probe-{data.source}-{Path(model_name).name}-T{settings.num_steps}-s{seed}"
@@ -509,8 +512,16 @@ def _standard_figures(run: Run) -> Mapping[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- summary
 
-_LAST = """(prompt_id, position) IN (SELECT prompt_id, CASE WHEN min(position) = -1 THEN -1 ELSE max(position) END
-                                   FROM {t} GROUP BY prompt_id)"""
+
+def last_position_sql(table: str) -> str:
+    """A SQL condition keeping each prompt's last recorded position of ``table`` (``-1`` = the last
+    token; else the prompt's largest position), as a semi-join: prompts differ in length."""
+    if table not in ("ranks", "topk", "dynamics", "verdicts"):
+        raise ValueError(f"no position column in table {table!r}")
+    return (
+        "EXISTS (SELECT 1 FROM (SELECT prompt_id AS _pid, CASE WHEN min(position) = -1 THEN -1 "
+        f"ELSE max(position) END AS _pos FROM {table} GROUP BY prompt_id) WHERE _pid = prompt_id AND _pos = position)"
+    )
 
 
 def probe_summary(run: Run) -> dict[str, Any]:
@@ -530,7 +541,7 @@ def probe_summary(run: Run) -> dict[str, Any]:
         f"""
         SELECT lens, target_kind, unrolled_index, median(rank) AS median, avg(CAST(rank = 1 AS DOUBLE)) AS top1,
                count(*) AS n
-        FROM ranks WHERE unrolled_index >= 0 AND {_LAST.format(t="ranks")}
+        FROM ranks WHERE unrolled_index >= 0 AND {last_position_sql("ranks")}
         GROUP BY ALL ORDER BY lens, target_kind, unrolled_index"""
     )
     per: list[dict[str, Any]] = []

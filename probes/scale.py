@@ -36,6 +36,7 @@ __all__ = [
     "ShardTask",
     "ShardWorker",
     "init_ray",
+    "require_ray",
     "run_shards",
 ]
 
@@ -145,6 +146,11 @@ def _frame(frames: Mapping[str, Any], table: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- Ray
+
+
+def require_ray() -> None:
+    """Raise :class:`RayUnavailableError` (naming the extra to install) unless Ray can be imported."""
+    _import_ray()
 
 
 def _import_ray() -> Any:

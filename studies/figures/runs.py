@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from probes.dataset import last_position_sql
 from probes.store import Run
 from studies.figures import Layout, render_all
 
@@ -16,9 +17,6 @@ __all__ = ["PROBE_FIGURES", "render_probe_figures"]
 
 #: Figures drawn for a probe run.
 PROBE_FIGURES = ("rank_trajectory", "latent_dynamics")
-
-_LAST = """(prompt_id, position) IN (SELECT prompt_id, CASE WHEN min(position) = -1 THEN -1 ELSE max(position) END
-                                   FROM {t} GROUP BY prompt_id)"""
 
 
 def render_probe_figures(run: Run) -> dict[str, dict[str, Any]]:
@@ -29,15 +27,15 @@ def render_probe_figures(run: Run) -> dict[str, dict[str, Any]]:
     layout = Layout(prelude=blocks["prelude"], core=blocks["core"], coda=blocks["coda"], steps=steps)
     ranks = run.query(
         f"""SELECT prompt_id, position, site, iteration, block, unrolled_index, lens, target_kind, rank
-            FROM ranks WHERE target_kind = 'predicted' AND unrolled_index >= 0 AND {_LAST.format(t="ranks")}"""
+            FROM ranks WHERE target_kind = 'predicted' AND unrolled_index >= 0 AND {last_position_sql("ranks")}"""
     )
     tables = {"ranks": ranks}
     if "dynamics" in run.tables():
         tables["dynamics"] = run.query(
-            f"SELECT * EXCLUDE (run) FROM dynamics WHERE {_LAST.format(t='dynamics')}"
+            f"SELECT * EXCLUDE (run) FROM dynamics WHERE {last_position_sql('dynamics')}"
         )
         tables["verdicts"] = run.query(
-            f"SELECT * EXCLUDE (run) FROM verdicts WHERE {_LAST.format(t='verdicts')}"
+            f"SELECT * EXCLUDE (run) FROM verdicts WHERE {last_position_sql('verdicts')}"
         )
     source = manifest["settings"].get("input", {}).get("source", "prompts")
     title = f"{manifest['model']['name']} · T={steps} · {source}"

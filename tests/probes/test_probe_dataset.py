@@ -98,6 +98,10 @@ def test_the_explorer_opens_a_probe_run(run, model_dir, monkeypatch):
     at = start(monkeypatch, run.path.parent, model_dir)
     assert_clean(at)
     assert {m.label: m.value for m in at.metric}["prompts probed"] == "5"
+    table = next(df.value for df in at.dataframe if "prompt_text" in df.value.columns)
+    assert (
+        len(table) == 6 and "longer than the model's context" in table.set_index("prompt_id").loc[4, "error"]
+    )
     for page in ("trajectories", "dynamics"):
         goto(at, page)
         assert_clean(at)

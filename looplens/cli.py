@@ -140,7 +140,7 @@ def _print_probe_summary(run, summary: dict) -> None:
             row["target_kind"],
             f"{row['median_rank_last_layer']:g}",
             f"{row['top1_share_last_layer']:.1%}",
-            "never" if first is None else f"{first} of {row['layers']}",
+            "never" if first is None else f"{first + 1} of {row['layers']}",
             str(row["prompts"]),
         )
     console.print(table)

@@ -370,3 +370,29 @@ def test_shards_hold_one_shards_records(model_dir, tmp_path, monkeypatch):
 def _manifest(root: Path) -> dict:
     path = root / "m" / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else {"shards": {}}
+
+
+def test_chat_template_wraps_each_prompt(tmp_path):
+    """A small random model with Huginn's tokenizer (which has a chat template)."""
+    import torch
+
+    import lens
+    from lens.tokenizer import Tokenizer
+    from tests.conftest import HUGINN_0125, small_config
+
+    tok = Tokenizer.from_dir(HUGINN_0125)
+    torch.manual_seed(0)
+    cfg = small_config(vocab_size=tok.vocab_size, block_size=256, n_embd=32, n_heads=2)
+    model_dir = lens.save_model(lens.RecurrentDepthLM(cfg, tokenizer=tok).eval(), tmp_path / "huginn-like")
+    rows = [{"prompt": "What is 2 plus 3?", "target": "5"}]
+    run = probes.probe_dataset(
+        rows, str(model_dir), out=tmp_path, chat=True, system="Answer briefly.", figures=False, **FAST
+    )
+    text = run.table("prompts")["prompt_text"].item()
+    assert text == tok.apply_chat_template(
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 plus 3?"}]
+    )
+    assert run.table("prompt_meta")["n_tokens"].item() == len(tok.encode(text))
+    assert run.manifest["settings"]["chat"] is True and run.manifest["prompt_template"]["name"] == "chat"
+    plain = probes.probe_dataset(rows, str(model_dir), out=tmp_path, name="plain", figures=False, **FAST)
+    assert plain.table("prompts")["prompt_text"].item() == "What is 2 plus 3?"

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 import lens
-from lens.errors import InputError
+from lens.errors import InputError, LooplensError
 from lens.exit_criteria import DEFAULT_THRESHOLDS, ExitCriterion
 from lens.model import RecurrentDepthLM
 from lens.runtime import configure_threads
@@ -459,9 +459,14 @@ def probe_dataset(
             },
         },
     }
-    run = Run.create(
-        out, run_name[:120].strip("-.") or "probe", manifest, resume=not overwrite, overwrite=overwrite
-    )
+    try:
+        run = Run.create(
+            out, run_name[:120].strip("-.") or "probe", manifest, resume=not overwrite, overwrite=overwrite
+        )
+    except (ValueError, FileExistsError, NotADirectoryError) as exc:  # a bad name, a folder that is no run
+        if isinstance(exc, LooplensError):
+            raise
+        raise InputError(str(exc)) from exc
     with run:
         tasks = [
             ShardTask(f"shard-{k:05d}", TABLES, len(chunk), chunk)

@@ -334,6 +334,7 @@ def test_bad_input_on_the_command_line(model_dir, tmp_path):
         ("good", ["--lens", "logit,x-ray"], "unknown lens"),
         ("good", ["--positions", "first"], "--positions"),
         ("good", ["stray"], "unexpected argument"),
+        ("good", ["--name", "../escape"], "run name"),
     ]:
         source = _bad_file(kind, tmp_path)
         result = runner.invoke(

@@ -106,7 +106,9 @@ def probe_prompts(
             )
         return built_consumers
 
-    ranks, tops, dyn, verdicts, predictions, steps_used = [], [], [], [], [], []
+    ranks, tops, dyn, verdicts = [], [], [], []
+    predictions: list[int] = []
+    steps_used: list[int] = []
     for batch, out, (recorder, *rest) in forward_batches(
         model,
         token_lists,
@@ -120,6 +122,7 @@ def probe_prompts(
         progress=progress,
         desc="probe",
     ):
+        assert out.logits is not None
         r, t = recorder.finalize(out.logits, predicted_target)
         predictions += out.logits[:, -1].argmax(-1).tolist()
         used = out.steps_used.tolist() if out.steps_used is not None else [out.num_steps] * len(batch.lengths)

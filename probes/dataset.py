@@ -40,7 +40,7 @@ from lens.runtime import configure_threads
 from probes.api import probe_prompts
 from probes.batching import select_positions
 from probes.inputs import PromptSet, read_prompts
-from probes.lenses import LENSES, Lens, TunedLens
+from probes.lenses import LENSES, Lens, TunedLens, make_lens
 from probes.scale import ShardTask, init_ray, require_ray, run_shards
 from probes.store import Run
 
@@ -101,7 +101,7 @@ def build_lenses(model: RecurrentDepthLM, specs: Sequence[str]) -> list[Lens]:
         if not isinstance(spec, str):
             raise InputError(f"a lens is given by name (logit, coda, tuned=DIR), not {spec!r}")
         if spec in LENSES:
-            built.append(LENSES[spec](model))
+            built.append(make_lens(model, spec))
             continue
         if spec.startswith("tuned="):
             where = Path(spec.split("=", 1)[1])
@@ -167,11 +167,11 @@ class ProbeWorker:
             targets,
             s.num_steps,
             self.lenses,
-            positions=list(s.positions) if isinstance(s.positions, tuple) else s.positions,
+            positions=list(s.positions) if isinstance(s.positions, tuple) else s.positions,  # type: ignore[arg-type]
             sites=list(s.sites) if s.sites is not None else None,
             topk=s.topk,
             batch_size=s.batch_size,
-            init_state=s.init_state,
+            init_state=s.init_state,  # type: ignore[arg-type]  # checked: None, "random" or "zeros"
             seed=s.seed * 1_000_003 + shard_index,
             dynamics=s.dynamics,
             prompt_ids=[j.prompt_id for j in ok],
@@ -284,7 +284,7 @@ def _prepare(model: RecurrentDepthLM, data: PromptSet, settings: ProbeSettings) 
     tok = model.tokenizer
     if tok is None:
         raise InputError("the model has no tokenizer.json; looplens probe needs one to read text prompts")
-    vocab = model.config.padded_vocab_size
+    vocab = int(model.config.padded_vocab_size or model.config.vocab_size)
     limit = model.config.block_size
     jobs = []
     text_ids: dict[str, int] = {}

@@ -84,16 +84,17 @@ class DynamicsRecorder:
     def finalize(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``(dynamics, verdicts)``: per-iteration rows and one classification per trajectory."""
         frames, verdicts = [], []
-        assert self._selection is not None or not self._states
+        selection = self._selection
         for site, states in self._states.items():
+            assert selection is not None  # set by the first state
             traj = torch.stack(states)  # [T, B, P, d]
             T, B, P, _ = traj.shape
             norms = traj.norm(dim=-1)
             step = torch.full_like(norms, float("nan"))
             step[1:] = (traj[1:] - traj[:-1]).norm(dim=-1) / norms[1:].clamp_min(1e-12)
             cos = torch.nn.functional.cosine_similarity(traj, traj[-1:].expand_as(traj), dim=-1)
-            keep = self._selection.valid.reshape(-1).numpy()  # trajectories ordered prompt-major
-            own = self._selection.own.reshape(-1).numpy()[keep]
+            keep = selection.valid.reshape(-1).numpy()  # trajectories ordered prompt-major
+            own = selection.own.reshape(-1).numpy()[keep]
             paths = traj.permute(1, 2, 0, 3).reshape(B * P, T, -1)[torch.from_numpy(keep)]  # [N, T, d]
             n = paths.shape[0]
             pcs = principal_components(paths, self.n_components)  # [N, T, 3]

@@ -96,7 +96,7 @@ def read_prompts(
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _read_path(path: Path, prompt_column: str, split: str | None) -> list[Mapping[str, Any]]:
+def _read_path(path: Path, prompt_column: str, split: str | None) -> Sequence[Mapping[str, Any]]:
     if not path.exists():
         raise InputError(f"prompt file not found: {path}")
     if path.is_dir():
@@ -131,7 +131,7 @@ def _read_path(path: Path, prompt_column: str, split: str | None) -> list[Mappin
         raise
 
 
-def _read_jsonl(path: Path) -> list[Mapping[str, Any]]:
+def _read_jsonl(path: Path) -> Sequence[Mapping[str, Any]]:
     rows = []
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
@@ -147,7 +147,7 @@ def _read_jsonl(path: Path) -> list[Mapping[str, Any]]:
     return rows
 
 
-def _read_dataset_dir(path: Path, split: str | None) -> list[Mapping[str, Any]]:
+def _read_dataset_dir(path: Path, split: str | None) -> Sequence[Mapping[str, Any]]:
     """A dataset saved with ``datasets``' ``save_to_disk`` (``Dataset`` or ``DatasetDict``)."""
     if not any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
         raise InputError(

@@ -389,8 +389,9 @@ def probe_dataset(
     user turn of the model's chat template (with ``system``). The model's own next token is always a
     target (kind ``"predicted"``), given targets are tracked beside it, and the ``topk`` best tokens
     of every lens are kept. ``ray``: ``"local"`` or a cluster address runs the shards on Ray workers
-    (``num_workers``, default one per GPU or per CPU). ``figures``: draw the standard figures that apply
-    (or a function drawing them); a ``summary.json`` is always written.
+    (``num_workers``, default one per GPU or per CPU); a local cluster started here stays up for later
+    calls in this process (``ray.shutdown()`` stops it). ``figures``: draw the standard figures that
+    apply (or a function drawing them); a ``summary.json`` is always written.
     """
     t0 = time.monotonic()
     data = read_prompts(prompts, prompt_column, split)

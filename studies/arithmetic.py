@@ -27,7 +27,7 @@ from probes.api import probe_prompts
 from probes.dataset import model_description
 from probes.lenses import TunedLens
 from probes.lenses.tuned_training import collect_states, fit_tuned_lens
-from probes.scale import ShardTask, run_shards
+from probes.scale import ShardTask, init_ray, require_ray, run_shards
 from probes.store import Run
 from studies.evaluation import accuracy_table, evaluate_answers
 from studies.tasks import arithmetic
@@ -106,6 +106,8 @@ def run_arithmetic_study(
         raise ValueError("--n and --batch-size must be >= 1")
     if any(d < 1 for d in depths):
         raise ValueError(f"depths must be >= 1, got {list(depths)}")
+    if ray is not None:
+        require_ray()
     t0 = time.monotonic()
     net = lens.load_model(model, dtype=dtype, device=device)
     configure_threads(net.num_parameters(), device)
@@ -129,8 +131,12 @@ def run_arithmetic_study(
         "lenses": ["logit", "coda"] + (["tuned"] if tuned_lens else []),
     }
     run_name = name or f"arithmetic-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
+    computed_on = device
+    if ray is not None:  # the workers compute: on their GPUs where the cluster has GPUs
+        cluster = init_ray(ray)
+        computed_on = "cuda" if cluster.cluster_resources().get("GPU", 0) else "cpu"
     manifest = {
-        "model": model_description(model, net, device, dtype),
+        "model": model_description(model, net, computed_on, dtype),
         "config": net.config.to_dict(),
         "prompt_template": prompt_template.to_dict(),
         "settings": settings,

@@ -501,9 +501,7 @@ class Run:
         if staged.table not in SCHEMAS:
             raise ValueError(f"unknown table {staged.table!r}; tables are {sorted(SCHEMAS)}")
         shard_id = _shard_id(staged.shard_id)
-        source = self.path / STAGING / staged.file
-        if staged.file != _staged_name(staged.table, shard_id, staged.token):
-            raise CorruptRunError(f"staged shard file name {staged.file!r} is not one stage_shard writes")
+        source = self._staged_path(staged)
         recorded = self._manifest["shards"].get(staged.table, {})
         if shard_id in recorded and not replace:
             raise ShardExistsError(
@@ -541,12 +539,23 @@ class Run:
         _atomic_write(path, data)
         return path
 
+    def _staged_path(self, staged: StagedShard) -> Path:
+        """Where ``stage_shard`` put it; anything else (a crafted name or token) is refused."""
+        name = _staged_name(staged.table, _shard_id(staged.shard_id), staged.token)
+        if (
+            staged.table not in SCHEMAS
+            or not re.fullmatch(r"[0-9a-f]{32}", staged.token)
+            or staged.file != name
+        ):
+            raise CorruptRunError(f"staged shard file name {staged.file!r} is not one stage_shard writes")
+        return self.path / STAGING / name
+
     def discard_staged(self, staged: StagedShard | None = None) -> int:
         """Delete one staged file, or every staged file when no worker is running; returns how many."""
         self._writable()
         folder = self.path / STAGING
         if staged is not None:
-            files = [folder / _staged_name(staged.table, _shard_id(staged.shard_id), staged.token)]
+            files = [self._staged_path(staged)]
         else:
             files = list(folder.iterdir()) if folder.is_dir() else []
         removed = 0

@@ -2,11 +2,14 @@
 
 >>> import probes
 >>> result = probes.probe_prompts(model, prompts, targets={"final": ids}, num_steps=16)  # doctest: +SKIP
+>>> run = probes.probe_dataset("prompts.jsonl", "tiny-arith", out="runs")  # doctest: +SKIP
 """
 
 from probes.api import ProbeResult, probe_prompts
+from probes.dataset import probe_dataset, probe_summary
 from probes.dynamics import DynamicsRecorder, classify_trajectory
 from probes.exit_gate import ExitGateRecorder
+from probes.inputs import PromptSet, read_prompts
 from probes.lenses import (
     CodaLens,
     Lens,
@@ -35,6 +38,7 @@ __all__ = [
     "LensRecorder",
     "LogitLens",
     "ProbeResult",
+    "PromptSet",
     "RankTrajectory",
     "Run",
     "RunInfo",
@@ -46,7 +50,10 @@ __all__ = [
     "linear_probe",
     "list_runs",
     "make_lens",
+    "probe_dataset",
     "probe_prompts",
+    "probe_summary",
+    "read_prompts",
     "to_table",
     "token_statistics",
 ]

@@ -24,7 +24,7 @@ from lens.errors import InputError
 from lens.exit_criteria import ExitCriterion
 from lens.exit_gate import GateExit, GateReadout, exit_distribution
 from lens.hooks import HookedModule, HookPoint
-from lens.layers import causal_mask
+from lens.layers import RMSNorm, causal_mask
 from lens.layout import UnrolledLayout
 from lens.stream import Dispatcher, StateConsumer, Trace, TraceCollector
 
@@ -120,9 +120,11 @@ class LoopedLM(HookedModule):
         return self.get_submodule(path) if path is not None else nn.ModuleList()
 
     @property
-    def final_norm_layer(self) -> nn.Module:
+    def final_norm_layer(self) -> RMSNorm:
         """The final norm (Huginn's ``transformer.ln_f``, Ouro's ``model.norm``): lenses decode with it."""
-        return self.get_submodule(self.layout.modules.norm)
+        norm = self.get_submodule(self.layout.modules.norm)
+        assert isinstance(norm, RMSNorm), f"{type(self).__name__}'s final norm is a {type(norm).__name__}"
+        return norm
 
     @property
     def device(self) -> torch.device:

@@ -282,6 +282,7 @@ class LoopedLM(HookedModule):
         x = self.initial_state(e, init_state, generator)
         injection = self.injection(e) if layout.adapter else None
         exited = torch.zeros(B, dtype=torch.bool, device=x.device)
+        any_exited = False  # exited.any(), kept in Python: it changes only where an exit criterion runs
         steps_used = torch.full((B,), T, dtype=torch.long, device=x.device)
         lambdas: list[Tensor] = []
         kept = slice(None) if logits == "all" else slice(-1, None)
@@ -299,7 +300,7 @@ class LoopedLM(HookedModule):
                 for j, block in enumerate(core):
                     x = block(x, rope, layout.cache_index("core", t, j), mask, cache)
                     yield from emit(f"core.{j}", t, x)
-                if exited.any():  # finished rows keep their exit state and keys, as if they had stopped
+                if any_exited:  # finished rows keep their exit state and keys, as if they had stopped
                     x = torch.where(exited[:, None, None], previous, x)
                     if cache is not None:
                         for s_exit in steps_used[exited].unique().tolist():
@@ -312,7 +313,7 @@ class LoopedLM(HookedModule):
                                 )
                 lam = None
                 if layout.latent_per_iteration:
-                    if not exited.any():
+                    if not any_exited:
                         x = self.hook_latent(self.final_norm(x))
                     else:  # exited rows' state is already their (normalised) exit latent
                         x = torch.where(exited[:, None, None], x, self.hook_latent(self.final_norm(x)))
@@ -334,7 +335,8 @@ class LoopedLM(HookedModule):
             newly = stop & ~exited
             steps_used[newly] = t
             exited |= newly
-            if bool(exited.all()):
+            any_exited = bool(exited.any())
+            if any_exited and bool(exited.all()):
                 break
         self.set_hook_iteration(0)
         state = x
@@ -422,7 +424,10 @@ class LoopedLM(HookedModule):
         past = cache.seq_len if cache is not None else 0
         past_mask = cache.key_mask if cache is not None else None
         if attention_mask is None and past_mask is None:
-            return self.rope(torch.arange(past, past + S, device=device)[None]), None
+            rope = self.rope(torch.arange(past, past + S, device=device)[None])
+            # with cached keys the queries are the last S of past + S keys: one mask for every block
+            # (none for a single query, which sees every key)
+            return rope, causal_mask(S, past + S, device)[None, None] if past and S > 1 else None
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.bool, device=device)
         if past_mask is None and past:

@@ -139,7 +139,11 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None,
     ) -> Float[Tensor, "B S d"]:
         q, k, v = self.project(x, freqs)
-        return self.proj(attend(q, k, v, cache_index, mask, cache))
+        return self.output(attend(q, k, v, cache_index, mask, cache))
+
+    def output(self, y: Float[Tensor, "B S HD"]) -> Float[Tensor, "B S d"]:
+        """The output projection of the attended values."""
+        return self.proj(y)
 
     def project(
         self, x: Float[Tensor, "B S d"], freqs: Tensor
@@ -254,8 +258,61 @@ class GatedMLP(nn.Module):
         return self.proj(kernels.swiglu(self.fc(x)))
 
 
-class SandwichBlock(nn.Module):
+class LoopBlock(nn.Module):
+    """What every family's block shares: ``block(x, rope, cache_index, mask, cache)``, its hook points, and
+    the two halves around the key/value cache that :mod:`lens.compiled` compiles.
+
+    ``forward`` is ``after_attention(x, hook_attn_out(attention(attention_norm(x), …)))``; the halves
+    :meth:`attention_inputs` (norm, projections, rotary) and :meth:`attention_finish` (output projection
+    and everything after) are the same modules' same calls with the cache update and the attention in
+    between, so a compiled block computes what the eager one does.
+    """
+
+    attention_name: str
+    attention_norm_name: str
+
+    def add_hook_points(self) -> None:
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self,
+        x: Float[Tensor, "B S d"],
+        rope: Tensor,
+        cache_index: int,
+        mask: Bool[Tensor, "B 1 S K"] | None = None,
+        cache: KVCache | None = None,
+    ) -> Float[Tensor, "B S d"]:
+        attention = getattr(self, self.attention_name)
+        normed = getattr(self, self.attention_norm_name)(x)
+        return self.after_attention(x, self.hook_attn_out(attention(normed, rope, cache_index, mask, cache)))
+
+    def after_attention(
+        self, x: Float[Tensor, "B S d"], attn_out: Float[Tensor, "B S d"]
+    ) -> Float[Tensor, "B S d"]:
+        """The residual update from the attention output on (the MLP half of the block)."""
+        raise NotImplementedError
+
+    def attention_inputs(self, x: Float[Tensor, "B S d"], rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of ``x`` ``[B, S, heads, D]`` (before the cache)."""
+        return getattr(self, self.attention_name).project(getattr(self, self.attention_norm_name)(x), rope)
+
+    def attention_finish(self, x: Float[Tensor, "B S d"], attended: Tensor) -> Float[Tensor, "B S d"]:
+        """The block's output from its input and the attended values ``[B, S, heads * D]``."""
+        return self.after_attention(
+            x, self.hook_attn_out(getattr(self, self.attention_name).output(attended))
+        )
+
+    def hook_points(self) -> tuple[HookPoint, ...]:
+        return (self.hook_attn_out, self.hook_resid_mid, self.hook_mlp_out, self.hook_resid_post)
+
+
+class SandwichBlock(LoopBlock):
     """``x = norm_2(attn(norm_1(x)) + x); x = norm_4(mlp(norm_3(x)) + x)``."""
+
+    attention_name, attention_norm_name = "attn", "norm_1"
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -265,28 +322,21 @@ class SandwichBlock(nn.Module):
         self.mlp = GatedMLP(config)
         self.norm_3 = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.norm_4 = RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        self.add_hook_points()
 
-    def forward(
-        self,
-        x: Float[Tensor, "B S d"],
-        freqs: Float[Tensor, "B S 1 P 2 2"],
-        cache_index: int,
-        mask: Bool[Tensor, "B 1 S K"] | None = None,
-        cache: KVCache | None = None,
+    def after_attention(
+        self, x: Float[Tensor, "B S d"], attn_out: Float[Tensor, "B S d"]
     ) -> Float[Tensor, "B S d"]:
-        attn_out = self.hook_attn_out(self.attn(self.norm_1(x), freqs, cache_index, mask, cache))
         x = self.hook_resid_mid(self.norm_2(attn_out, residual=x))
         mlp_out = self.hook_mlp_out(self.mlp(self.norm_3(x)))
         return self.hook_resid_post(self.norm_4(mlp_out, residual=x))
 
 
-class PreNormBlock(nn.Module):
+class PreNormBlock(LoopBlock):
     """Llama's pre-norm block under Huginn's names (retrofitted recurrence):
     ``x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))``, rotate-half RoPE."""
+
+    attention_name, attention_norm_name = "attn", "norm_1"
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -294,20 +344,11 @@ class PreNormBlock(nn.Module):
         self.attn = CausalSelfAttention(config, rope_style="half")
         self.norm_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = GatedMLP(config)
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        self.add_hook_points()
 
-    def forward(
-        self,
-        x: Float[Tensor, "B S d"],
-        rope: Float[Tensor, "B S 1 D 2"],
-        cache_index: int,
-        mask: Bool[Tensor, "B 1 S K"] | None = None,
-        cache: KVCache | None = None,
+    def after_attention(
+        self, x: Float[Tensor, "B S d"], attn_out: Float[Tensor, "B S d"]
     ) -> Float[Tensor, "B S d"]:
-        attn_out = self.hook_attn_out(self.attn(self.norm_1(x), rope, cache_index, mask, cache))
         x = self.hook_resid_mid(x + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.norm_2(x)))
         return self.hook_resid_post(x + mlp_out)
@@ -339,7 +380,11 @@ class SplitAttention(nn.Module):
         cache: KVCache | None,
     ) -> Float[Tensor, "B S d"]:
         q, k, v = self.project(x, rope)
-        return self.o_proj(attend(q, k, v, cache_index, mask, cache))
+        return self.output(attend(q, k, v, cache_index, mask, cache))
+
+    def output(self, y: Float[Tensor, "B S HD"]) -> Float[Tensor, "B S d"]:
+        """The output projection of the attended values."""
+        return self.o_proj(y)
 
     def project(
         self, x: Float[Tensor, "B S d"], rope: Float[Tensor, "B S 1 D 2"]
@@ -368,12 +413,14 @@ class SplitMLP(nn.Module):
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class OuroBlock(nn.Module):
+class OuroBlock(LoopBlock):
     """Ouro's decoder layer: a norm before and after each sublayer, inside the residual.
 
     ``x = x + input_layernorm_2(attn(input_layernorm(x)))``;
     ``x = x + post_attention_layernorm_2(mlp(post_attention_layernorm(x)))``.
     """
+
+    attention_name, attention_norm_name = "self_attn", "input_layernorm"
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -384,20 +431,11 @@ class OuroBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps=eps)
         self.mlp = SplitMLP(config)
         self.post_attention_layernorm_2 = RMSNorm(d, eps=eps)
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        self.add_hook_points()
 
-    def forward(
-        self,
-        x: Float[Tensor, "B S d"],
-        rope: Float[Tensor, "B S 1 D 2"],
-        cache_index: int,
-        mask: Bool[Tensor, "B 1 S K"] | None = None,
-        cache: KVCache | None = None,
+    def after_attention(
+        self, x: Float[Tensor, "B S d"], attn_out: Float[Tensor, "B S d"]
     ) -> Float[Tensor, "B S d"]:
-        attn_out = self.hook_attn_out(self.self_attn(self.input_layernorm(x), rope, cache_index, mask, cache))
         x = self.hook_resid_mid(x + self.input_layernorm_2(attn_out))
         mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
         return self.hook_resid_post(x + self.post_attention_layernorm_2(mlp_out))
@@ -417,6 +455,7 @@ def init_block_(block: nn.Module, std: float, out_std: float) -> None:
 
 
 __all__ = [
+    "LoopBlock",
     "RMSNorm",
     "CausalSelfAttention",
     "GatedMLP",

@@ -172,8 +172,12 @@ def load_model(
     name_or_path: str | Path,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    compile: bool = False,
 ) -> LoopedLM:
     """Load a looped model of any family (and its tokenizer, when present) strictly by parameter name.
+
+    ``compile=True`` compiles its blocks (:meth:`lens.LoopedLM.compile_blocks`, ``torch.compile`` with the
+    default backend); the first forward pass then takes the compilation time.
 
     Example:
         >>> import lens
@@ -222,6 +226,8 @@ def load_model(
         from lens.tokenizer import Tokenizer
 
         model.tokenizer = Tokenizer.from_dir(path)
+    if compile:
+        model.compile_blocks()
     return model
 
 

@@ -451,6 +451,28 @@ class LoopedLM(HookedModule):
 
         return generate(self, prompts, max_new_tokens, num_steps, **kwargs)
 
+    def compile_blocks(
+        self, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True
+    ) -> LoopedLM:
+        """Opt in to ``torch.compile`` of every block around the key/value cache (:mod:`lens.compiled`):
+        one graph per block class for all iterations and decoding steps; results equal the eager path's
+        up to float rounding. Returns the model; :meth:`uncompile_blocks` undoes it."""
+        from lens.compiled import compile_blocks
+
+        return compile_blocks(self, backend=backend, mode=mode, dynamic=dynamic)
+
+    def uncompile_blocks(self) -> LoopedLM:
+        """Back to the eager blocks (the bit-stable reference path)."""
+        from lens.compiled import uncompile_blocks
+
+        return uncompile_blocks(self)
+
+    @property
+    def blocks_compiled(self) -> bool:
+        from lens.compiled import is_compiled
+
+        return is_compiled(self)
+
     def num_parameters(self) -> int:
         """Unique parameters (tied embeddings counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

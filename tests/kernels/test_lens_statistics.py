@@ -107,6 +107,30 @@ def test_chunked_options(gen, chunk, k_targets, topk, with_ref, norm):
     assert_matches(stats, expected(args), args, topk, ATOL[torch.float32])
 
 
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_threaded_cpu_pass_equals_the_serial_pass(gen, with_ref, monkeypatch):
+    """Issue #15.4: with torch threads the CPU pass splits rows over Python threads (single-threaded ops,
+    no barrier per op); with the same row blocks every field equals the one-thread pass bit for bit, and
+    the thread count is restored."""
+    args = make_inputs(gen, 61, 96, 3001, torch.float32, k_targets=3, with_ref=with_ref)
+    inputs = prepare_lens_inputs(**args, topk=5)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = lens_statistics_chunked(inputs, chunk_size=700, row_block=6, poison=True)
+        torch.set_num_threads(3)
+        threaded = lens_statistics_chunked(inputs, chunk_size=700, row_block=6, poison=True)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)
+    for name, value in serial.to_dict().items():
+        other = threaded.to_dict()[name]
+        assert (value is None) == (other is None), name
+        if value is not None:
+            assert torch.equal(value, other), name
+    assert_matches(threaded, expected(args), args, 5, ATOL[torch.float32])
+
+
 def test_ref_index_maps_states_to_reference_rows(gen):
     args = make_inputs(gen, 31, 64, 1000, torch.float32, ref_rows=5)
     stats = lens_statistics(**args, chunk_size=300)

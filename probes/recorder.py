@@ -23,7 +23,7 @@ from probes.lenses.base import Lens
 from probes.statistics import check_token_ids, final_logprobs, token_statistics
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     lens: str
     site: str
@@ -108,7 +108,10 @@ class LensRecorder:
         self.kl_to_final = kl_to_final
         self.attention_mask = attention_mask
         self.coda_batch = coda_batch
-        self.entries: list[_Entry] = []
+        self._entries: list[
+            _Entry | None
+        ] = []  # reserved with the rows (a growing list lands on the heap too)
+        self._count = 0
         self._stores: dict[tuple, RowStore] = {}
         self._pending: dict[str, list[State]] = {}
         self._index: Tensor | None = None
@@ -152,18 +155,25 @@ class LensRecorder:
         if store is None:
             store = self._stores[key] = RowStore()
         slot = store.append(hidden.detach(), self._expected_rows(lens, state.num_steps))
-        self.entries.append(
-            _Entry(
-                lens.name,
-                state.site,
-                state.iteration,
-                state.block,
-                state.unrolled_index,
-                key,
-                slot,
-                lens.applies_norm(state.site),
-            )
+        if self._count == len(self._entries):
+            expected = sum(self._expected_rows(each, state.num_steps) for each in self.lenses)
+            self._entries.extend([None] * max(expected, self._count))
+        self._entries[self._count] = _Entry(
+            lens.name,
+            state.site,
+            state.iteration,
+            state.block,
+            state.unrolled_index,
+            key,
+            slot,
+            lens.applies_norm(state.site),
         )
+        self._count += 1
+
+    @property
+    def entries(self) -> list[_Entry]:
+        """What was recorded so far, in arrival order (one entry per lens and state)."""
+        return self._entries[: self._count]  # type: ignore[return-value]
 
     def _expected_rows(self, lens: Lens, num_steps: int) -> int:
         """Rows ``lens`` keeps in a forward pass of ``num_steps`` iterations (fewer when rows exit early)."""

@@ -208,7 +208,7 @@ def _peak_growth(steps, mode):
 def test_streaming_64_iterations_into_a_lens_recorder_stays_flat():
     """Issue #15.3: peak resident memory of a 512-token forward pass streamed into the real ``LensRecorder``
     (sampled at every state and after ``finalize``, above the level before the pass) at T = 64 stays
-    within 2x of T = 1. Kept as many small tensors, the recorder's rows fragmented the heap (29-69 MiB
+    within 2x of T = 1. Kept as many small tensors, the recorder's rows fragmented the heap (29-74 MiB
     at T = 64 against 7 MiB at T = 1 on this model); a consumer keeping every state grows with the
     depth, so the measurement can tell the difference."""
     state = 512 * 256 * 4  # one [1, 512, 256] float32 state

@@ -15,6 +15,8 @@ Tables (one row is …):
 - ``prompts``: one prompt as it was built from a task.
 - ``exit_gate``: one exit-gate reading (λ_t, p_t, cumulative) at one prompt × position × iteration
   (exit-gated families: Ouro).
+- ``prompt_meta``: one input prompt of ``looplens probe``: its token count, depth, targets and
+  metadata as given, or why it could not be probed.
 
 Records are checked where they are made (``records``: the probes, the answer evaluation and the
 studies return frames that passed it) and again when a run stores them (``to_table``).
@@ -77,6 +79,7 @@ TABLE_DOCS: dict[str, str] = {
     "prompts": "one prompt as built from its task",
     "verdicts": "one latent trajectory's classification (fixed point, cycle, drift)",
     "exit_gate": "one exit-gate reading at one prompt × position × iteration",
+    "prompt_meta": "one input prompt's token count, depth, targets and metadata, or why it was not probed",
 }
 
 _FIELDS: dict[str, list[pa.Field]] = {
@@ -146,6 +149,15 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("completion", pa.string(), "the expected completion"),
         _INTERMEDIATE,
         _f("prompt_text", pa.string(), "the full prompt after templating"),
+    ],
+    "prompt_meta": [
+        _RUN,
+        _PROMPT,
+        _f("n_tokens", pa.int32(), "tokens of the prompt as fed to the model"),
+        _f("steps_used", pa.int32(), "recurrent iterations run (below the cap with adaptive depth)", True),
+        _f("error", pa.string(), "why the prompt was not probed (null when it was)", nullable=True),
+        _f("targets", pa.string(), "the given targets as JSON, kind -> text or token id", nullable=True),
+        _f("metadata", pa.string(), "the input row's other columns as JSON", nullable=True),
     ],
 }
 

@@ -268,8 +268,15 @@ def _run_in_threads(
     pending = list(reversed(row_blocks))
     lock = threading.Lock()
     errors: list[BaseException] = []
+    # autograd modes are thread-local: a new thread would record a graph (and refuse ``out=``) under a
+    # caller's no_grad, or refuse in-place work on inference tensors; the workers run in the caller's modes
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def work() -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            run_pending()
+
+    def run_pending() -> None:
         bufs = buffers()
         while not errors:
             with lock:

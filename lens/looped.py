@@ -288,6 +288,7 @@ class LoopedLM(HookedModule):
         x = self.initial_state(e, init_state, generator)
         injection = self.injection(e) if layout.adapter else None
         exited = torch.zeros(B, dtype=torch.bool, device=x.device)
+        any_exited = False  # exited.any(), kept in Python: it changes only where an exit criterion runs
         steps_used = torch.full((B,), T, dtype=torch.long, device=x.device)
         lambdas: list[Tensor] = []
         kept = slice(None) if logits == "all" else slice(-1, None)
@@ -305,7 +306,7 @@ class LoopedLM(HookedModule):
                 for j, block in enumerate(core):
                     x = block(x, rope, layout.cache_index("core", t, j), mask, cache)
                     yield from emit(f"core.{j}", t, x)
-                if exited.any():  # finished rows keep their exit state and keys, as if they had stopped
+                if any_exited:  # finished rows keep their exit state and keys, as if they had stopped
                     x = torch.where(exited[:, None, None], previous, x)
                     if cache is not None:
                         for s_exit in steps_used[exited].unique().tolist():
@@ -318,7 +319,7 @@ class LoopedLM(HookedModule):
                                 )
                 lam = None
                 if layout.latent_per_iteration:
-                    if not exited.any():
+                    if not any_exited:
                         x = self.hook_latent(self.final_norm(x))
                     else:  # exited rows' state is already their (normalised) exit latent
                         x = torch.where(exited[:, None, None], x, self.hook_latent(self.final_norm(x)))
@@ -340,7 +341,8 @@ class LoopedLM(HookedModule):
             newly = stop & ~exited
             steps_used[newly] = t
             exited |= newly
-            if bool(exited.all()):
+            any_exited = bool(exited.any())
+            if any_exited and bool(exited.all()):
                 break
         self.set_hook_iteration(0)
         state = x
@@ -440,7 +442,10 @@ class LoopedLM(HookedModule):
         past = cache.seq_len if cache is not None else 0
         past_mask = cache.key_mask if cache is not None else None
         if attention_mask is None and past_mask is None:
-            return self.rope(torch.arange(past, past + S, device=device)[None]), None
+            rope = self.rope(torch.arange(past, past + S, device=device)[None])
+            # with cached keys the queries are the last S of past + S keys: one mask for every block
+            # (none for a single query, which sees every key)
+            return rope, causal_mask(S, past + S, device)[None, None] if past and S > 1 else None
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.bool, device=device)
         if past_mask is None and past:
@@ -463,6 +468,28 @@ class LoopedLM(HookedModule):
         from lens.generation import generate
 
         return generate(self, prompts, max_new_tokens, num_steps, **kwargs)
+
+    def compile_blocks(
+        self, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True
+    ) -> LoopedLM:
+        """Opt in to ``torch.compile`` of every block around the key/value cache (:mod:`lens.compiled`):
+        one graph per block class for all iterations and decoding steps; results equal the eager path's
+        up to float rounding. Returns the model; :meth:`uncompile_blocks` undoes it."""
+        from lens.compiled import compile_blocks
+
+        return compile_blocks(self, backend=backend, mode=mode, dynamic=dynamic)
+
+    def uncompile_blocks(self) -> LoopedLM:
+        """Back to the eager blocks (the bit-stable reference path)."""
+        from lens.compiled import uncompile_blocks
+
+        return uncompile_blocks(self)
+
+    @property
+    def blocks_compiled(self) -> bool:
+        from lens.compiled import is_compiled
+
+        return is_compiled(self)
 
     def num_parameters(self) -> int:
         """Unique parameters (tied embeddings counted once)."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import kernels
 from lens.config import RecurrentDepthConfig
 from lens.errors import InputError
-from lens.layers import RMSNorm, SandwichBlock, init_block_, precompute_freqs_cis
+from lens.layers import RMSNorm, SandwichBlock, init_block_, precompute_freqs_cis, rotary_rotation
 from lens.layout import ModulePaths, UnrolledLayout
 from lens.looped import InitState, LoopedLM
 
@@ -139,7 +139,19 @@ class RecurrentDepthLM(LoopedLM):
         return self.transformer.wte(input_ids) * self.config.embed_scale
 
     def rope(self, positions: Tensor) -> Tensor:
-        return self.freqs_cis[0, positions]
+        """The rotations of ``freqs_cis`` at ``positions``, in the form :func:`lens.layers.apply_rotary` multiplies."""
+        return self._rotations()[0, positions]
+
+    def _rotations(self) -> Tensor:
+        """:func:`~lens.layers.rotary_rotation` of the whole ``freqs_cis`` table, rebuilt only when the table
+        changes (another tensor, device or dtype, or an in-place write: its version counter)."""
+        table = self.freqs_cis
+        key = (table.data_ptr(), table._version, table.device, table.dtype, tuple(table.shape))
+        cached = self.__dict__.get("_rotation_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, rotary_rotation(table))
+            self.__dict__["_rotation_cache"] = cached  # a plain attribute: not a buffer, not in checkpoints
+        return cached[1]
 
     def initial_state(
         self, embedded: Tensor, init_state: InitState = None, generator: torch.Generator | None = None

@@ -19,7 +19,7 @@ A block with a hook attached runs eagerly (hooks may read or replace activations
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,9 @@ from lens.cache import KVCache
 from lens.errors import InputError
 from lens.hooks import _GLOBAL_HOOKS
 from lens.layers import LoopBlock, attend
+
+if TYPE_CHECKING:
+    from lens.looped import LoopedLM
 
 #: Compiled halves, one pair per (block class, backend, mode, dynamic): every block of that class in any
 #: model calls the same compiled functions (their parameters are graph inputs, not constants).
@@ -39,7 +42,7 @@ def _halves(
 ) -> tuple[Callable, Callable]:
     key = (cls, backend, mode, dynamic)
     if key not in _COMPILED:
-        options = {"backend": backend, "mode": mode, "dynamic": dynamic}
+        options: dict[str, Any] = {"backend": backend, "mode": mode, "dynamic": dynamic}
         _COMPILED[key] = (
             torch.compile(cls.attention_inputs, **options),
             torch.compile(cls.attention_finish, **options),
@@ -74,32 +77,33 @@ class CompiledBlockForward:
         return self.finish(block, x, attend(q, k, v, cache_index, mask, cache))
 
 
-def blocks_of(model: nn.Module) -> list[LoopBlock]:
+def blocks_of(model: LoopedLM) -> list[nn.Module]:
     """Every block of the model's stages (prelude, core, coda), in that order."""
-    return [block for stage in ("prelude", "core", "coda") for block in model.stage(stage)]  # type: ignore[attr-defined]
+    return [block for stage in ("prelude", "core", "coda") for block in model.stage(stage)]
 
 
 def compile_blocks(
-    model: nn.Module, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True
-) -> nn.Module:
+    model: LoopedLM, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True
+) -> LoopedLM:
     """Compile every block of ``model`` in place (see the module docstring); returns the model."""
-    blocks = blocks_of(model)
-    for block in blocks:
+    blocks = []
+    for block in blocks_of(model):
         if not isinstance(block, LoopBlock):
             raise InputError(f"cannot compile {type(block).__name__}: not a looplens block")
+        blocks.append(block)
     for block in blocks:
         block.forward = CompiledBlockForward(block, backend, mode, dynamic)  # type: ignore[method-assign]
     return model
 
 
-def uncompile_blocks(model: nn.Module) -> nn.Module:
+def uncompile_blocks(model: LoopedLM) -> LoopedLM:
     """Back to the eager blocks."""
     for block in blocks_of(model):
         block.__dict__.pop("forward", None)
     return model
 
 
-def is_compiled(model: nn.Module) -> bool:
+def is_compiled(model: LoopedLM) -> bool:
     return any(isinstance(block.__dict__.get("forward"), CompiledBlockForward) for block in blocks_of(model))
 
 

@@ -79,7 +79,7 @@ class HookPoint(nn.Module):
         return handle
 
     def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False) -> None:
-        kept = []
+        kept: list[tuple[Any, bool]] = []
         for handle, permanent in self._handles:
             if permanent and not including_permanent:
                 kept.append((handle, permanent))

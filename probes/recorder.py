@@ -63,6 +63,12 @@ class RowStore:
         self.size += 1
         return self.size - 1
 
+    @property
+    def rows(self) -> Tensor:
+        """The reserved rows (only read after a first ``append``)."""
+        assert self.buffer is not None, "no row was appended to this store"
+        return self.buffer
+
 
 def default_sites(model: LoopedLM) -> list[str]:
     """Every block output plus ``latent`` and ``final``: the unrolled trajectory."""
@@ -179,13 +185,13 @@ class LensRecorder:
     def _hidden(self, entries: list[_Entry]) -> Tensor:
         """The kept rows of ``entries`` in their order, ``[len(entries) * B * P, d]``."""
         first = entries[0]
-        store = self._stores[first.store].buffer
+        store = self._stores[first.store].rows
         assert store is not None
         if all(e.store == first.store and e.slot == first.slot + i for i, e in enumerate(entries)):
             rows = store[first.slot : first.slot + len(entries)]
             return rows.reshape(-1, rows.shape[-1])
         return torch.cat(
-            [self._stores[e.store].buffer[e.slot].reshape(-1, store.shape[-1]) for e in entries], 0
+            [self._stores[e.store].rows[e.slot].reshape(-1, store.shape[-1]) for e in entries], 0
         )
 
     def _flush(self, lens: Lens) -> None:
@@ -231,7 +237,7 @@ class LensRecorder:
             self._flush(lens)
         if not self.entries:
             raise ValueError("nothing was recorded: no subscribed site was produced")
-        B, P, _ = self._stores[self.entries[0].store].buffer.shape[1:]
+        B, P, _ = self._stores[self.entries[0].store].rows.shape[1:]
         selection = self._selection
         assert selection is not None
         rows = None
@@ -322,6 +328,7 @@ class LensRecorder:
         )
         if not kinds:
             return pd.DataFrame({**meta, "entropy": entropy, "kl_to_final": kl})
+        assert targets is not None  # kinds were asked for, so their target ids were given
         frames = []
         for k, kind in enumerate(kinds):
             frames.append(
@@ -330,8 +337,8 @@ class LensRecorder:
                         **meta,
                         "target_kind": kind,
                         "token_id": np.tile(targets[:, k].cpu().numpy().astype(np.int64), len(group)),
-                        "rank": stats.target_ranks[:, k].cpu().numpy().astype(np.int64),
-                        "logprob": stats.target_logprobs[:, k].float().cpu().numpy(),
+                        "rank": stats.require("target_ranks")[:, k].cpu().numpy().astype(np.int64),
+                        "logprob": stats.require("target_logprobs")[:, k].float().cpu().numpy(),
                         "entropy": entropy,
                         "kl_to_final": kl,
                     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -80,7 +81,7 @@ class _RunningStats:
 
     def __init__(self, inputs: LensInputs, device: torch.device, chunk: int) -> None:
         n = inputs.num_states
-        f32 = {"dtype": torch.float32, "device": device}
+        f32: dict[str, Any] = {"dtype": torch.float32, "device": device}
         self.inputs = inputs
         self.m = torch.full((n,), _NO_MAX, **f32)
         self.s = torch.zeros(n, **f32)
@@ -99,6 +100,7 @@ class _RunningStats:
         if self.has_ref:
             self.kl_sum = torch.zeros(n, **f32)  # sum_v q_v (r_v - z_v)
             self.q_sum = torch.zeros(n, **f32)  # sum_v q_v (1 up to the reference's rounding)
+            assert inputs.ref_logprobs is not None and inputs.ref_index is not None
             self.ref_rows_are_states = bool(
                 inputs.ref_logprobs.shape[0] == n
                 and torch.equal(inputs.ref_index, torch.arange(n, device=device))
@@ -144,6 +146,7 @@ class _RunningStats:
         for j in range(tz.shape[1]):
             # a float 0/1 buffer: summing it is ~10x faster than summing a bool one, and exact below 2**24
             greater[:, j] += torch.gt(block, tz[:, j : j + 1], out=flags).sum(1)
+        assert self.targets is not None  # only called when targets were asked for
         rel = self.targets[rows] - v0
         inside = (rel >= 0) & (rel < block.shape[1])
         if bool(inside.any()):
@@ -154,8 +157,10 @@ class _RunningStats:
         self, shifted: Tensor, rows: slice, v0: int, m_new: Tensor, scratch: Tensor, scratch2: Tensor
     ) -> None:
         """Accumulate ``sum q (r - z)`` and ``sum q`` for ``KL(q || p) = sum q (r - z) + lse * sum q``."""
-        ref = self.inputs.ref_logprobs[:, v0 : v0 + shifted.shape[1]]
-        ref = ref[rows] if self.ref_rows_are_states else ref[self.inputs.ref_index[rows]]
+        ref_logprobs, ref_index = self.inputs.ref_logprobs, self.inputs.ref_index
+        assert ref_logprobs is not None and ref_index is not None  # only called with a reference
+        ref = ref_logprobs[:, v0 : v0 + shifted.shape[1]]
+        ref = ref[rows] if self.ref_rows_are_states else ref[ref_index[rows]]
         # -inf (q = 0) becomes a huge finite number: q = exp(r) = 0 and 0 * (r - z) = 0 instead of nan
         r = torch.clamp(ref, min=_NO_MAX / 4, out=_view(scratch2, shifted.shape))
         q = torch.exp(r, out=_view(scratch, shifted.shape))
@@ -167,7 +172,7 @@ class _RunningStats:
     def finish(self) -> LensStatistics:
         log_s = self.s.log()
         lse = self.m + log_s
-        out: dict[str, Tensor | None] = {"logsumexp": lse, "entropy": log_s - self.t / self.s}
+        out: dict[str, Any] = {"logsumexp": lse, "entropy": log_s - self.t / self.s}
         if self.targets is not None:
             out.update(
                 target_logits=self.target_logits,

@@ -102,6 +102,7 @@ class LoopedLM(HookedModule):
         """Add the model-level hook points the loop fires, then name every hook point."""
         self.hook_embed = HookPoint()
         if self.layout.adapter:
+            self.hook_injection = HookPoint()  # the re-injected input, per iteration (fires only when hooked)
             self.hook_adapter = HookPoint()
         self.hook_latent = HookPoint()
         if self.layout.exit_gate:
@@ -294,7 +295,8 @@ class LoopedLM(HookedModule):
                 self.set_hook_iteration(t)
                 previous = x
                 if layout.adapter:
-                    x = self.hook_adapter(self.inject(x, injection, t))
+                    inj = self.hook_injection(injection) if self.hook_injection._forward_hooks else injection
+                    x = self.hook_adapter(self.inject(x, inj, t))
                     yield from emit("adapter", t, x)
                 for j, block in enumerate(core):
                     x = block(x, rope, layout.cache_index("core", t, j), mask, cache)
@@ -437,6 +439,15 @@ class LoopedLM(HookedModule):
         diag[torch.arange(S), torch.arange(K - S, K)] = True
         mask = mask | diag[None]  # a padding query sees itself: no empty softmax rows
         return self.rope(positions), mask[:, None]
+
+    def run_with_interventions(
+        self, input_ids: Tensor, interventions: Sequence[Any], num_steps: Steps | None = None, **kwargs: Any
+    ) -> RecurrentDepthOutput:
+        """Shortcut for :func:`lens.interventions.run_with_interventions` (patch, ablate, steer, freeze,
+        re-inject; ``fwd_hooks`` and every ``forward`` argument pass through)."""
+        from lens.interventions import run_with_interventions
+
+        return run_with_interventions(self, input_ids, interventions, num_steps, **kwargs)
 
     def generate(
         self, prompts: Any, max_new_tokens: int = 16, num_steps: int | None = None, **kwargs: Any

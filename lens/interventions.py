@@ -5,17 +5,18 @@ An intervention is addressed exactly like the stream (:mod:`lens.stream`): a **s
 applies to (1..T at recurrent sites; non-recurrent sites run once) and the token **positions** (and,
 optionally, the batch **rows**). Kinds:
 
-=====================  ================================================================================
-:class:`Patch`         replace the state with a given one (activation patching: states from another run,
-                       :meth:`Patch.from_trace`)
-:class:`Ablate`        zero, mean (over reference states) or resample (another prompt's states) ablation
-:class:`Steer`         add a vector over a range of iterations
-:class:`Freeze`        stop the loop's update from iteration t on: every recurrent site repeats its
-                       state of iteration t − 1 and the coda reads the held state
-:class:`Reinject`      re-inject a different input through the adapter (patch the injection, not the
-                       state); families without an adapter (Ouro) refuse it
-:class:`RowPatches`    many single-site patches at once, one per batch row (what batched sweeps use)
-=====================  ================================================================================
+=========================  ============================================================================
+:class:`Patch`             replace the state with a given one (activation patching: states from another run,
+                           :meth:`Patch.from_trace`)
+:class:`Ablate`            zero, mean (over reference states) or resample (another prompt's states) ablation
+:class:`Steer`             add a vector over a range of iterations
+:class:`Freeze`            stop the loop's update from iteration t on: every recurrent site repeats its
+                           state of iteration t − 1 and the coda reads the held state
+:class:`Reinject`          re-inject a different input through the adapter (patch the injection, not the
+                           state); families without an adapter (Ouro) refuse it
+:class:`RowPatches`        many single-site patches at once, one per batch row (what batched sweeps use)
+:class:`RowReinjections`   many re-injections at once, one per batch row
+=========================  ============================================================================
 
 Interventions are compiled into hook functions on the model's TransformerLens-style hook points
 (``layout.hook_name(site)``; the injection's ``hook_injection``), so several compose in one forward
@@ -66,6 +67,7 @@ __all__ = [
     "Patch",
     "Reinject",
     "RowPatches",
+    "RowReinjections",
     "Steer",
     "intervene",
     "run_with_interventions",
@@ -581,6 +583,51 @@ class RowPatches(Intervention):
             return x.index_put((r.to(x.device), p.to(x.device)), v.to(x.dtype))
 
         return [Edit(hook, frozenset(groups), fn)]
+
+
+@dataclass(frozen=True)
+class RowReinjections(Intervention):
+    """Many re-injections in one batch: row ``rows[i]`` re-injects ``embedded[i]`` (a prelude output
+    ``[d]``, another input's) at position ``positions[i]`` at every iteration from ``from_iterations[i]``
+    to T (rows may repeat, to re-inject several positions). The batched form of :class:`Reinject`."""
+
+    from_iterations: Tensor
+    positions: Tensor
+    embedded: Tensor
+    rows: Tensor | None = None
+
+    def compile(self, binding: Binding) -> list[Edit]:
+        layout = binding.layout
+        if not layout.adapter:
+            raise InputError(f"{layout.family} models have no adapter, so there is no injection to re-inject")
+        n = self.embedded.shape[0] if isinstance(self.embedded, Tensor) and self.embedded.dim() else 0
+        rows = torch.arange(n) if self.rows is None else torch.as_tensor(self.rows, dtype=torch.long).cpu()
+        start = torch.as_tensor(self.from_iterations, dtype=torch.long).cpu()
+        pos = torch.as_tensor(self.positions, dtype=torch.long).cpu()
+        if not (rows.shape == start.shape == pos.shape == (n,)):
+            raise InputError(
+                f"RowReinjections: rows, from_iterations and positions must each hold one entry per value ({n})"
+            )
+        if n:
+            binding.rows(rows.tolist())
+            binding.positions(pos.tolist())
+            binding.hook_iterations("adapter", start.unique().tolist())
+        embedded = binding.replacement(self.embedded, "RowReinjections embedded", (n, binding.width))
+        with torch.no_grad():
+            values = binding.model.injection(embedded[:, None])[:, 0]
+        rows, pos = rows % max(binding.batch, 1), pos % max(binding.seq_len, 1)
+        groups: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        for t in range(1, binding.num_steps + 1):
+            sel = (start <= t).nonzero().squeeze(1)
+            if sel.numel():
+                groups[t] = (rows[sel], pos[sel], values[sel.to(values.device)])
+
+        def fn(x: Tensor, t: int) -> Tensor:
+            _check_state(x, binding, "hook_injection")
+            r, p, v = groups[t]
+            return x.index_put((r.to(x.device), p.to(x.device)), v.to(x.dtype))
+
+        return [Edit("hook_injection", frozenset(groups), fn)]
 
 
 # ---------------------------------------------------------------------------------------- running

@@ -17,6 +17,16 @@ T = 5
 ATOL = 1e-6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models run single-threaded (lens.runtime.configure_threads): two threads on a busy 2-core
+    machine spin-wait and make every small forward many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
     torch.manual_seed(0)

@@ -53,8 +53,10 @@ __all__ = [
     "PromptPair",
     "attribution_agreement",
     "check_pairs",
+    "initial_states",
     "iter_patching",
     "patching_sweep",
+    "spearman",
 ]
 
 Direction = Literal["denoise", "noise"]
@@ -162,7 +164,7 @@ def _expected_exit(lam: Tensor | None) -> Tensor | None:
     return (pdf * torch.arange(1, pdf.shape[-1] + 1, device=pdf.device)).sum(-1)
 
 
-def _initial_states(
+def initial_states(
     model: LoopedLM, lengths: Sequence[int], policy: InitPolicy, seed: int, pair_ids: Sequence[int]
 ) -> Tensor | None:
     """One initial state per pair (``[n, S, d]``), shared by its two prompts; ``None`` where the family's
@@ -710,7 +712,7 @@ def _run_chunk(
     sides = []
     for members in groups:
         lengths = [len(pairs[members[0]].clean), len(pairs[members[0]].corrupt)]
-        init = _initial_states(model, lengths, init_state, seed, [pair_ids[i] for i in members])
+        init = initial_states(model, lengths, init_state, seed, [pair_ids[i] for i in members])
         both = []
         for name in ("clean", "corrupt"):
             ids = torch.tensor([list(getattr(pairs[i], name)) for i in members], device=model.device)
@@ -844,39 +846,42 @@ def patching_sweep(
     )
 
 
-def attribution_agreement(rows: pd.DataFrame) -> dict[str, Any]:
-    """How well attribution patching ranks the cells exact patching measured (Spearman's ρ).
-
-    Cells are matched on pair, experiment, direction, site, iteration and position; ``rho_cells`` ranks
-    every cell, ``rho_heatmap`` the mean effect per direction × site × iteration × position (the heat
-    maps), ``rho_by_direction`` each direction's cells. Returns ``{}`` when either method is missing.
-    """
+def spearman(a: Any, b: Any) -> float | None:
+    """Spearman's rank correlation of two equally long series; ``None`` when either is constant or too short."""
     from scipy.stats import spearmanr
 
+    a, b = pd.Series(a, dtype=float), pd.Series(b, dtype=float)
+    ok = a.notna() & b.notna()
+    a, b = a[ok], b[ok]
+    if len(a) < 3 or a.nunique() < 2 or b.nunique() < 2:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+def attribution_agreement(rows: pd.DataFrame) -> dict[str, Any]:
+    """How well attribution patching ranks the cells exact patching measured (Spearman's ρ of the effect).
+
+    Cells are matched on pair, experiment, direction, site, iteration and position; ``rho_cells`` ranks
+    every cell's effect (the normalised change of the logit difference), ``rho_heatmap`` the mean effect
+    per direction × site × iteration × position (the heat maps' cells), ``rho_by_direction`` each
+    direction's cells. Returns ``{}`` when either method is missing.
+    """
     key = ["pair_id", "experiment", "direction", "site", "iteration", "position"]
     exact = rows[rows["method"] == "exact"]
     approx = rows[rows["method"] == "attribution"]
     if exact.empty or approx.empty:
         return {}
-    both = exact[key + ["logit_diff", "effect"]].merge(
-        approx[key + ["logit_diff", "effect"]], on=key, suffixes=("_exact", "_attr")
-    )
-    if len(both) < 3:
+    both = exact[key + ["effect"]].merge(approx[key + ["effect"]], on=key, suffixes=("_exact", "_attr"))
+    if both.empty:
         return {}
-
-    def rho(a: pd.Series, b: pd.Series) -> float | None:
-        if a.nunique() < 2 or b.nunique() < 2:
-            return None
-        return float(spearmanr(a, b).statistic)
-
-    heat = both.groupby(["direction", "site", "iteration", "position"])[
-        ["logit_diff_exact", "logit_diff_attr"]
+    heat = both.groupby(["experiment", "direction", "site", "iteration", "position"])[
+        ["effect_exact", "effect_attr"]
     ].mean()
     return {
         "cells": len(both),
-        "rho_cells": rho(both["logit_diff_exact"], both["logit_diff_attr"]),
-        "rho_heatmap": rho(heat["logit_diff_exact"], heat["logit_diff_attr"]),
+        "rho_cells": spearman(both["effect_exact"], both["effect_attr"]),
+        "rho_heatmap": spearman(heat["effect_exact"], heat["effect_attr"]),
         "rho_by_direction": {
-            d: rho(g["logit_diff_exact"], g["logit_diff_attr"]) for d, g in both.groupby("direction")
+            d: spearman(g["effect_exact"], g["effect_attr"]) for d, g in both.groupby("direction")
         },
     }

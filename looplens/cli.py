@@ -120,6 +120,9 @@ def study(
     init_state: Annotated[
         str, typer.Option(help="patching: the loop's start, 'random' (seeded per pair) or 'zeros'")
     ] = "random",
+    keep_incorrect: Annotated[
+        bool, typer.Option(help="patching: keep prompt pairs the model answers wrongly (weak models)")
+    ] = False,
 ) -> None:
     """Run a batch study and write its run (tables + figures)."""
     from studies import STUDIES
@@ -143,7 +146,7 @@ def study(
         if n is not None:
             common["n"] = n
         if name == "patching":
-            STUDIES[name](**common, init_state=init_state)
+            STUDIES[name](**common, init_state=init_state, keep_incorrect=keep_incorrect)
             return
         depth_list = [int(x) for x in depths.split(",") if x.strip()]
         STUDIES[name](**common, batch_size=batch_size, tuned_lens=tuned_lens, depths=depth_list)

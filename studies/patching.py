@@ -107,7 +107,13 @@ def _correct(
 
 
 def operand_pairs(
-    model: LoopedLM, template: PromptTemplate, n: int, steps: int, seed: int, init: str
+    model: LoopedLM,
+    template: PromptTemplate,
+    n: int,
+    steps: int,
+    seed: int,
+    init: str,
+    keep_incorrect: bool = False,
 ) -> list[StudyPair]:
     """``n`` clean/corrupted pairs that differ in one operand (a, b, c in turn; the new digit drawn with
     ``seed``), have answers with different first tokens and prompts of one length, and are both answered
@@ -138,7 +144,20 @@ def operand_pairs(
                 break
         if len(candidates) >= 2 * n + 20:
             break
-    return _keep_correct(model, candidates, n, steps, seed, init, "operand")
+    kept = (
+        candidates
+        if keep_incorrect
+        else _keep_correct(model, candidates, len(candidates), steps, seed, init, "operand", False)
+    )
+    by_group = {g: [c for c in kept if c.pair.group == g] for g in OPERANDS}
+    balanced = [c for row in zip(*by_group.values(), strict=False) for c in row]  # a, b, c in turn
+    balanced += [c for c in kept if c not in balanced]
+    if len(balanced) < n:
+        raise InputError(
+            f"only {len(balanced)} of {len(candidates)} operand pairs are answered correctly on both sides at "
+            f"T={steps}; the study needs {n} (try a smaller --n, more --steps, or --keep-incorrect)"
+        )
+    return sorted(balanced[:n], key=lambda c: c.pair_id)
 
 
 def _keep_correct(
@@ -164,7 +183,7 @@ def _keep_correct(
 
 def cot_pairs(
     model: LoopedLM, template: PromptTemplate, recipients: Sequence[arithmetic.Problem], steps: int, seed: int,
-    init: str,
+    init: str, keep_incorrect: bool = False,
 ) -> dict[str, list[StudyPair]]:  # fmt: skip
     """Donors for the chain-of-thought check, per recipient ``(a op1 b) op2 c``:
 
@@ -208,6 +227,8 @@ def cot_pairs(
                 break
         for kind, sp in found.items():
             out[kind].append(sp)
+    if keep_incorrect:
+        return out
     return {
         kind: _keep_correct(model, pairs, len(pairs), steps, seed, init, kind, False)
         for kind, pairs in out.items()
@@ -244,10 +265,14 @@ def run_patching_study(
     template: str | None = None,
     init_state: str = "random",
     rows_per_forward: int = 256,
+    keep_incorrect: bool = False,
     overwrite: bool = False,
     console: Console | None = None,
 ) -> Run:
-    """Run (or resume) the patching study; returns the completed run."""
+    """Run (or resume) the patching study; returns the completed run.
+
+    ``keep_incorrect`` keeps pairs the model answers wrongly (for weak or untrained models; the
+    normalised effect then measures movement between two wrong answers)."""
     console = console or Console()
     if steps < 1 or n < 1:
         raise InputError(f"--steps and --n must be >= 1, got {steps} and {n}")
@@ -271,7 +296,8 @@ def run_patching_study(
         "init_state": init_state if layout.family != "ouro" else None,
         "experiments": experiments,
         "pairs": "held-out single-digit problems; one operand (a, b, c in turn) changed to a seeded digit; "
-        "answers with different first tokens; both prompts answered correctly at T",
+        "answers with different first tokens; "
+        + ("every pair kept" if keep_incorrect else "both prompts answered correctly at T"),
         "positions": "from the first differing token to the last (earlier states are identical in both runs)",
         "sites": [f"core.{j}" for j in range(layout.core)],
         "cot": "donor state at the last position patched at each iteration; cot_other: different "
@@ -293,8 +319,8 @@ def run_patching_study(
     )
     with run:
         init = settings["init_state"] or "zeros"
-        pairs = operand_pairs(net, prompt_template, n, steps, seed, init)
-        cot = cot_pairs(net, prompt_template, [p.clean for p in pairs], steps, seed, init)
+        pairs = operand_pairs(net, prompt_template, n, steps, seed, init, keep_incorrect)
+        cot = cot_pairs(net, prompt_template, [p.clean for p in pairs], steps, seed, init, keep_incorrect)
         sweeps = _sweeps(net, prompt_template, pairs, cot, experiments)
         for experiment, chunk_id, study_pairs, kwargs in sweeps:
             _write_sweep(

@@ -864,7 +864,10 @@ def attribution_agreement(rows: pd.DataFrame) -> dict[str, Any]:
     Cells are matched on pair, experiment, direction, site, iteration and position; ``rho_cells`` ranks
     every cell's effect (the normalised change of the logit difference), ``rho_heatmap`` the mean effect
     per direction × site × iteration × position (the heat maps' cells), ``rho_by_direction`` each
-    direction's cells. Returns ``{}`` when either method is missing.
+    direction's cells. Cells whose estimate is exactly zero are left out (``no_op_cells``): there the
+    source and recipient states are identical (positions before the prompts' first difference), the
+    patch does nothing, and the exact effect is pure rounding noise that would rank at random. Returns
+    ``{}`` when either method is missing.
     """
     key = ["pair_id", "experiment", "direction", "site", "iteration", "position"]
     exact = rows[rows["method"] == "exact"]
@@ -872,6 +875,8 @@ def attribution_agreement(rows: pd.DataFrame) -> dict[str, Any]:
     if exact.empty or approx.empty:
         return {}
     both = exact[key + ["effect"]].merge(approx[key + ["effect"]], on=key, suffixes=("_exact", "_attr"))
+    no_op = both["effect_attr"] == 0
+    both = both[~no_op]
     if both.empty:
         return {}
     heat = both.groupby(["experiment", "direction", "site", "iteration", "position"])[
@@ -879,6 +884,7 @@ def attribution_agreement(rows: pd.DataFrame) -> dict[str, Any]:
     ].mean()
     return {
         "cells": len(both),
+        "no_op_cells": int(no_op.sum()),
         "rho_cells": spearman(both["effect_exact"], both["effect_attr"]),
         "rho_heatmap": spearman(heat["effect_exact"], heat["effect_attr"]),
         "rho_by_direction": {

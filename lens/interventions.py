@@ -150,6 +150,8 @@ class Binding:
             raise InputError("no positions given")
         if index.min() < -S or index.max() >= S:
             raise InputError(f"positions {index.tolist()} are outside a sequence of {S} tokens")
+        if (index % S).unique().numel() < index.numel():
+            raise InputError(f"positions {index.tolist()} name one position twice")
         return index % S
 
     def rows(self, rows: Rows) -> Tensor:
@@ -162,7 +164,20 @@ class Binding:
             raise InputError("no batch rows given")
         if index.min() < -B or index.max() >= B:
             raise InputError(f"batch rows {index.tolist()} are outside a batch of {B}")
+        if (index % B).unique().numel() < index.numel():
+            raise InputError(f"batch rows {index.tolist()} name one row twice")
         return index % B
+
+    def check_entries(self, rows: Tensor, positions: Tensor, iterations: Tensor, what: str) -> None:
+        """Rows and positions of per-row entries inside the input, no (row, position, iteration) twice."""
+        B, S = self.batch, self.seq_len
+        if rows.numel() and (rows.min() < -B or rows.max() >= B):
+            raise InputError(f"{what}: batch rows {rows.tolist()[:8]} … are outside a batch of {B}")
+        if positions.numel() and (positions.min() < -S or positions.max() >= S):
+            raise InputError(f"{what}: positions outside a sequence of {S} tokens")
+        key = ((rows % B) * S + positions % S) * (self.num_steps + 1) + iterations
+        if key.unique().numel() < key.numel():
+            raise InputError(f"{what}: one (row, position, iteration) is patched twice")
 
     def check_reference(self, value: Any, what: str) -> None:
         """``value`` checked as states ``[…, d]`` of the model's dtype, free of NaN/Inf."""
@@ -566,9 +581,7 @@ class RowPatches(Intervention):
                 f"RowPatches: rows, iterations and positions must each hold one entry per value ({n}), got "
                 f"{tuple(rows.shape)}, {tuple(its.shape)}, {tuple(pos.shape)}"
             )
-        if n:
-            binding.rows(rows.tolist())
-            binding.positions(pos.tolist())
+        binding.check_entries(rows, pos, its, "RowPatches")
         values = binding.replacement(self.values, f"RowPatches values for {self.site!r}", (n, binding.width))
         rows, pos = rows % max(binding.batch, 1), pos % max(binding.seq_len, 1)
         groups: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
@@ -608,9 +621,8 @@ class RowReinjections(Intervention):
             raise InputError(
                 f"RowReinjections: rows, from_iterations and positions must each hold one entry per value ({n})"
             )
+        binding.check_entries(rows, pos, torch.zeros_like(start), "RowReinjections")
         if n:
-            binding.rows(rows.tolist())
-            binding.positions(pos.tolist())
             binding.hook_iterations("adapter", start.unique().tolist())
         embedded = binding.replacement(self.embedded, "RowReinjections embedded", (n, binding.width))
         with torch.no_grad():

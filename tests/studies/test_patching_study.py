@@ -86,6 +86,7 @@ def test_a_killed_study_resumes(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr("studies.patching.iter_patching", dying)
+    monkeypatch.setattr("studies.patching._render", lambda run, steps: {})  # shards are the point here
     settings = dict(n=3, steps=2, seed=1)
     with pytest.raises(KeyboardInterrupt):
         run_patching_study(model="tiny-arith", out=tmp_path, **settings)

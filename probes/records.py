@@ -19,6 +19,8 @@ Tables (one row is …):
   × experiment × direction × site × iteration × position, with the answers' logit difference, ranks
   and probabilities and the patched run's top tokens (``probes.patching``).
 - ``patch_pairs``: one prompt pair of a patching experiment and its unpatched clean and corrupted runs.
+- ``prompt_meta``: one input prompt of ``looplens probe``: its token count, depth, targets and
+  metadata as given, or why it could not be probed.
 
 Records are checked where they are made (``records``: the probes, the answer evaluation and the
 studies return frames that passed it) and again when a run stores them (``to_table``).
@@ -102,6 +104,7 @@ TABLE_DOCS: dict[str, str] = {
     "exit_gate": "one exit-gate reading at one prompt × position × iteration",
     "patching": "one patched run: prompt pair × experiment × direction × method × site × iteration × position",
     "patch_pairs": "one prompt pair of a patching experiment and its unpatched runs",
+    "prompt_meta": "one input prompt's token count, depth, targets and metadata, or why it was not probed",
 }
 
 _FIELDS: dict[str, list[pa.Field]] = {
@@ -248,6 +251,15 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("completion", pa.string(), "the expected completion"),
         _INTERMEDIATE,
         _f("prompt_text", pa.string(), "the full prompt after templating"),
+    ],
+    "prompt_meta": [
+        _RUN,
+        _PROMPT,
+        _f("n_tokens", pa.int32(), "tokens of the prompt as fed to the model"),
+        _f("steps_used", pa.int32(), "recurrent iterations run (below the cap with adaptive depth)", True),
+        _f("error", pa.string(), "why the prompt was not probed (null when it was)", nullable=True),
+        _f("targets", pa.string(), "the given targets as JSON, kind -> text or token id", nullable=True),
+        _f("metadata", pa.string(), "the input row's other columns as JSON", nullable=True),
     ],
 }
 

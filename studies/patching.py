@@ -49,10 +49,11 @@ from lens.errors import InputError
 from lens.model import LoopedLM
 from lens.runtime import configure_threads
 from probes.api import probe_prompts
+from probes.dataset import model_description
 from probes.lenses import applicable_lenses
 from probes.patching import PromptPair, attribution_agreement, initial_states, iter_patching
 from probes.store import Run, atomic_write
-from studies.arithmetic import TASK, _model_description, problem_targets
+from studies.arithmetic import TASK, problem_targets
 from studies.tasks import arithmetic
 from studies.tasks.prompts import PromptTemplate, resolve_template
 
@@ -307,7 +308,7 @@ def run_patching_study(
     }
     run_name = name or f"patching-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
     manifest = {
-        "model": _model_description(model, net, device, dtype),
+        "model": model_description(model, net, device, dtype),
         "config": net.config.to_dict(),
         "prompt_template": prompt_template.to_dict(),
         "settings": settings,

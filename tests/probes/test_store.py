@@ -56,7 +56,8 @@ def rank_rows(batch: int, prompts: int = 2, layers: int = 3) -> list[dict]:
 
 def test_schemas_name_the_tables_and_nullable_columns():
     assert set(SCHEMAS) == {
-        "ranks", "topk", "answers", "dynamics", "prompts", "verdicts", "exit_gate", "patching", "patch_pairs"
+        "ranks", "topk", "answers", "dynamics", "prompts", "verdicts", "exit_gate", "prompt_meta", "patching",
+        "patch_pairs",
     }  # fmt: skip
     nullable = {name: sorted(f.name for f in s if f.nullable) for name, s in SCHEMAS.items()}
     assert nullable == {
@@ -67,6 +68,7 @@ def test_schemas_name_the_tables_and_nullable_columns():
         "prompts": ["intermediate"],
         "verdicts": [],
         "exit_gate": [],
+        "prompt_meta": ["error", "metadata", "steps_used", "targets"],
         "patching": [
             "clean_prob", "clean_rank", "corrupt_prob", "corrupt_rank", "effect", "exit_step", "follow_prob",
             "follow_rank", "outcome", "positions", "top_prob", "top_token_id", "top_tokens",

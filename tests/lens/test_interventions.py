@@ -397,7 +397,10 @@ def test_bad_interventions_raise_one_clear_error_and_leave_no_hook(model):
         (Ablate("core.0", 1, kind="median"), "zero"),
         (RowPatches("core.0", torch.tensor([T + 1]), torch.tensor([0]), torch.zeros(1, d)), "outside 1..5"),
         (Patch("core.0", 1, [2, -5], value=v), "twice"),
-        (RowPatches("core.0", torch.tensor([1, 1]), torch.tensor([3, 3]), torch.zeros(2, d)), "twice"),
+        (
+            RowPatches("core.0", torch.tensor([1, 1]), torch.tensor([3, 3]), torch.zeros(2, d), rows=[1, 1]),
+            "twice",
+        ),
         ("not an intervention", "not an intervention"),
     ]
     if not layout.adapter:

@@ -151,7 +151,12 @@ def test_attribution_estimates_agree_with_exact_patching(huginn):
     attr = rows[rows["method"] == "attribution"]
     assert attr["clean_rank"].isna().all() and attr["logit_diff"].notna().all()
     agreement = attribution_agreement(rows)
-    assert agreement["cells"] == len(attr) and agreement["rho_cells"] > 0.5
+    # before the changed token (position 3) the two prompts' states are identical: the estimate is exactly
+    # zero there and those cells are left out of the correlation
+    no_op = attr["effect"].eq(0)
+    assert set(attr.loc[no_op, "position"]) == {0, 1, 2} and not attr.loc[~no_op, "position"].lt(3).any()
+    assert agreement["no_op_cells"] == int(no_op.sum()) and agreement["cells"] == len(attr) - int(no_op.sum())
+    assert agreement["rho_cells"] > 0.5
     # an exact first-order check: for a patch of size ε the estimate and the truth agree to O(ε²)
     pair = pairs[0]
     ids = torch.tensor([pair.clean])

@@ -485,7 +485,7 @@ def _summary(
     if agreement:
         by = ", ".join(f"{d} {_fmt(v)}" for d, v in agreement["rho_by_direction"].items())
         console.print(
-            f"attribution patching vs exact patching (Spearman ρ of the logit difference): "
+            f"attribution patching vs exact patching (Spearman ρ of the effect): "
             f"{_fmt(agreement['rho_cells'])} over {agreement['cells']:,} cells, "
             f"{_fmt(agreement['rho_heatmap'])} over the mean heat maps; by direction: {by}"
         )

@@ -542,7 +542,8 @@ def attribution_headline(tab: pd.DataFrame, layout: Layout) -> Headline:
     )  # fmt: skip
     rho, heat = agreement.get("rho_cells"), agreement.get("rho_heatmap")
     return {
-        "cells": len(tab),
+        "cells": agreement.get("cells", 0),
+        "no_op_cells": agreement.get("no_op_cells", 0),
         "spearman_rho": to_builtin(round(rho, 4)) if rho is not None else None,
         "spearman_rho_heatmap": to_builtin(round(heat, 4)) if heat is not None else None,
     }

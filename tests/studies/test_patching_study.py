@@ -53,7 +53,11 @@ def test_study_writes_every_experiment_and_figure(run):
             "intermediate_vs_final"} <= figures  # fmt: skip
     assert "patching_exit_gate" not in figures  # tiny-arith has no exit gate
     summary = json.loads((run.figures_dir / "summary.json").read_text())
-    assert summary["attribution_agreement"]["cells"] == int((rows["method"] == "attribution").sum())
+    agreement = summary["attribution_agreement"]
+    estimates = int((rows["method"] == "attribution").sum())
+    assert agreement["cells"] + agreement["no_op_cells"] == estimates and agreement["cells"] > 0
+    headline = summary["headlines"]["attribution_agreement"]
+    assert headline["cells"] == agreement["cells"] and headline["no_op_cells"] == agreement["no_op_cells"]
     assert summary["pairs"]["operand"] == 3
     heat = pd.read_parquet(run.figures_dir / "patching_heatmap.parquet")
     assert heat["effect_mean"].between(-5, 5).all() and set(heat["group"]) == {"a", "b", "c"}

@@ -19,7 +19,7 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 
 Example:
     >>> sorted(FIGURES)[:3]
-    ['depth_scaling', 'exit_gate', 'intermediate_vs_final']
+    ['attribution_agreement', 'cot_patching', 'depth_scaling']
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ PAGES = [
     ("dynamics.py", "Latent dynamics", ":material/scatter_plot:", "dynamics"),
     ("live_probe.py", "Live probe", ":material/bolt:", "live"),
     ("compare.py", "Compare", ":material/compare_arrows:", "compare"),
+    ("patching.py", "Patching", ":material/swap_horiz:", "patching"),
 ]
 
 

@@ -106,6 +106,7 @@ class LoopedLM(HookedModule):
         """Add the model-level hook points the loop fires, then name every hook point."""
         self.hook_embed = HookPoint()
         if self.layout.adapter:
+            self.hook_injection = HookPoint()  # the re-injected input, per iteration (fires only when hooked)
             self.hook_adapter = HookPoint()
         self.hook_latent = HookPoint()
         if self.layout.exit_gate:
@@ -196,6 +197,7 @@ class LoopedLM(HookedModule):
         generator: torch.Generator | None = None,
         exit_criterion: ExitCriterion | None = None,
         gate_exit: GateExit | None = None,
+        first_iteration: int = 1,
     ) -> RecurrentDepthOutput:
         """Run the model; each state goes to the ``consumers`` subscribed to its site.
 
@@ -205,6 +207,10 @@ class LoopedLM(HookedModule):
         states as stacked ``[T, B, S, d]`` tensors; ``exit_criterion`` stops each sequence once its
         last position may exit (adaptive depth, ``out.steps_used``); ``gate_exit`` (exit-gated
         families) returns the readout an exit mode picks per token instead of the last iteration's.
+        ``first_iteration`` resumes the loop: ``init_state`` is then the state iteration
+        ``first_iteration - 1`` handed on (``out.state`` of a shorter run, or a traced one), the loop runs
+        iterations ``first_iteration..T`` with their own numbers, and the result equals the full run's
+        (an exit gate's ``exit_lambda`` / ``exit_pdf`` then cover the iterations run).
         """
         consumers = list(consumers)
         collector = None
@@ -222,6 +228,7 @@ class LoopedLM(HookedModule):
             generator,
             exit_criterion,
             gate_exit,
+            first_iteration,
         )
         while True:
             try:
@@ -245,6 +252,7 @@ class LoopedLM(HookedModule):
         generator: torch.Generator | None = None,
         exit_criterion: ExitCriterion | None = None,
         gate_exit: GateExit | None = None,
+        first_iteration: int = 1,
     ) -> Iterator[tuple[str, int, Tensor]]:
         """The forward pass as a generator of ``(site, iteration, tensor)``; returns the output.
 
@@ -269,6 +277,8 @@ class LoopedLM(HookedModule):
                 f"the 'gate' exit criterion needs an exit gate; {layout.family} models have none"
             )
         B, S = input_ids.shape
+        if first_iteration != 1:
+            self._check_resume(first_iteration, T, init_state, gate_exit, (B, S))
         dispatch = Dispatcher(consumers, layout)
         rope, mask = self._positions(B, S, attention_mask, cache, input_ids.device)
 
@@ -285,7 +295,10 @@ class LoopedLM(HookedModule):
             e = block(e, rope, layout.cache_index("prelude", 0, i), mask, cache)
             yield from emit(f"prelude.{i}", 0, e)
 
-        x = self.initial_state(e, init_state, generator)
+        if first_iteration == 1:
+            x = self.initial_state(e, init_state, generator)
+        else:  # resuming: the state iteration first_iteration - 1 handed on
+            x = init_state.to(device=e.device, dtype=e.dtype).expand_as(e).clone()
         injection = self.injection(e) if layout.adapter else None
         exited = torch.zeros(B, dtype=torch.bool, device=x.device)
         any_exited = False  # exited.any(), kept in Python: it changes only where an exit criterion runs
@@ -296,12 +309,13 @@ class LoopedLM(HookedModule):
         if exit_criterion is not None:
             exit_criterion.reset()
         core = self.stage("core")
-        for t in range(1, T + 1):
+        for t in range(first_iteration, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t > n_free):
                 self.set_hook_iteration(t)
                 previous = x
                 if layout.adapter:
-                    x = self.hook_adapter(self.inject(x, injection, t))
+                    inj = self.hook_injection(injection) if self.hook_injection._forward_hooks else injection
+                    x = self.hook_adapter(self.inject(x, inj, t))
                     yield from emit("adapter", t, x)
                 for j, block in enumerate(core):
                     x = block(x, rope, layout.cache_index("core", t, j), mask, cache)
@@ -402,6 +416,26 @@ class LoopedLM(HookedModule):
         self._check_step_limit(num_steps)
         return num_steps, 0
 
+    def _check_resume(
+        self, first: Any, T: int, init_state: Any, gate_exit: GateExit | None, shape: tuple[int, int]
+    ) -> None:
+        if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= T:
+            raise InputError(f"first_iteration must be an integer in 1..{T} (num_steps), got {first!r}")
+        d = self.config.n_embd
+        if not isinstance(init_state, Tensor) or init_state.dim() != 3 or init_state.shape[-1] != d:
+            raise InputError(
+                f"resuming at iteration {first} needs init_state = the state iteration {first - 1} handed on, "
+                f"a [B, S, {d}] tensor"
+            )
+        try:
+            torch.broadcast_shapes(tuple(init_state.shape), (*shape, d))
+        except RuntimeError:
+            raise InputError(
+                f"init_state {tuple(init_state.shape)} does not fit the input [{shape[0]}, {shape[1]}]"
+            ) from None
+        if gate_exit is not None:
+            raise InputError("gate_exit reads every iteration's readout; it cannot resume a loop midway")
+
     def _check_step_limit(self, total: int) -> None:
         if total > self.max_num_steps:
             raise InputError(
@@ -460,6 +494,15 @@ class LoopedLM(HookedModule):
         diag[torch.arange(S), torch.arange(K - S, K)] = True
         mask = mask | diag[None]  # a padding query sees itself: no empty softmax rows
         return self.rope(positions), mask[:, None]
+
+    def run_with_interventions(
+        self, input_ids: Tensor, interventions: Sequence[Any], num_steps: Steps | None = None, **kwargs: Any
+    ) -> RecurrentDepthOutput:
+        """Shortcut for :func:`lens.interventions.run_with_interventions` (patch, ablate, steer, freeze,
+        re-inject; ``fwd_hooks`` and every ``forward`` argument pass through)."""
+        from lens.interventions import run_with_interventions
+
+        return run_with_interventions(self, input_ids, interventions, num_steps, **kwargs)
 
     def generate(
         self, prompts: Any, max_new_tokens: int = 16, num_steps: int | None = None, **kwargs: Any

@@ -10,6 +10,7 @@ Nothing is kept unless a consumer keeps it, so probing 128 iterations costs the 
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -22,6 +23,14 @@ from lens.errors import InputError
 from lens.layout import UnrolledLayout
 
 Positions = Literal["all", "last"] | Sequence[int]
+
+_CONSUMING: contextvars.ContextVar[bool] = contextvars.ContextVar("looplens_consuming", default=False)
+
+
+def inside_consumer() -> bool:
+    """Whether a stream consumer is running (its own passes, say the Coda Lens decoding a state through
+    the coda, are reads of the run: interventions leave them alone)."""
+    return _CONSUMING.get()
 
 
 @dataclass
@@ -111,13 +120,17 @@ class Dispatcher:
             return
         kind, block = self.layout.parse(site)
         unrolled = self.layout.unrolled_index(site, iteration, num_steps)
-        for consumer in self.consumers:
-            if not self._subscribed(consumer, site):
-                continue
-            wanted = getattr(consumer, "positions", "all")
-            selected, positions = select_positions(tensor, wanted)
-            gate = select_positions(exit_lambda, wanted)[0] if exit_lambda is not None else None
-            consumer(State(site, iteration, block, unrolled, selected, positions, num_steps, gate))
+        token = _CONSUMING.set(True)
+        try:
+            for consumer in self.consumers:
+                if not self._subscribed(consumer, site):
+                    continue
+                wanted = getattr(consumer, "positions", "all")
+                selected, positions = select_positions(tensor, wanted)
+                gate = select_positions(exit_lambda, wanted)[0] if exit_lambda is not None else None
+                consumer(State(site, iteration, block, unrolled, selected, positions, num_steps, gate))
+        finally:
+            _CONSUMING.reset(token)
 
 
 @dataclass

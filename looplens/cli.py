@@ -82,9 +82,14 @@ def _check_device(device: str) -> None:
 @app.command(context_settings={"allow_extra_args": True})
 def study(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="the study to run: arithmetic")] = "arithmetic",
+    name: Annotated[str, typer.Argument(help="the study to run: arithmetic or patching")] = "arithmetic",
     model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
-    n: Annotated[int, typer.Option(help="number of one-digit composite problems")] = 100,
+    n: Annotated[
+        int | None,
+        typer.Option(
+            help="one-digit composite problems (arithmetic, default 100) or prompt pairs (patching, 50)"
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="recurrent iterations")] = 16,
     batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 25,
     seed: Annotated[int, typer.Option(help="seed for problems and initial states")] = 0,
@@ -96,6 +101,12 @@ def study(
     tuned_lens: Annotated[bool, typer.Option(help="train and add a Tuned Lens")] = True,
     depths: Annotated[str, typer.Option(help="iterations for the depth-scaling figure")] = "1,2,4,8,16,32,64",
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
+    init_state: Annotated[
+        str, typer.Option(help="patching: the loop's start, 'random' (seeded per pair) or 'zeros'")
+    ] = "random",
+    keep_incorrect: Annotated[
+        bool, typer.Option(help="patching: keep prompt pairs the model answers wrongly (weak models)")
+    ] = False,
     ray: Annotated[
         bool,
         typer.Option("--ray", help="run shards on Ray: a local cluster, or the address given after --ray"),
@@ -110,26 +121,38 @@ def study(
     if name not in STUDIES:
         _fail(ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}"))
     with _user_errors():
+        from lens.errors import InputError
         from lens.loading import resolve_dtype
 
         _check_device(device)
         address, _ = _ray_address(ray, list(ctx.args))
-        depth_list = [int(x) for x in depths.split(",") if x.strip()]
-        STUDIES[name](
+        common = dict(
             model=model,
-            n=n,
             steps=steps,
-            batch_size=batch_size,
             seed=seed,
             out=out,
             name=run_name,
             device=device,
             dtype=resolve_dtype(dtype),
             template=template,
-            tuned_lens=tuned_lens,
-            depths=depth_list,
             overwrite=overwrite,
             console=console,
+        )
+        if n is not None:
+            common["n"] = n
+        if name == "patching":
+            if address is not None:
+                raise InputError(
+                    "--ray runs the arithmetic study's shards; the patching study runs in one process"
+                )
+            STUDIES[name](**common, init_state=init_state, keep_incorrect=keep_incorrect)
+            return
+        depth_list = [int(x) for x in depths.split(",") if x.strip()]
+        STUDIES[name](
+            **common,
+            batch_size=batch_size,
+            tuned_lens=tuned_lens,
+            depths=depth_list,
             ray=address,
             num_workers=workers,
         )

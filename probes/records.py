@@ -15,6 +15,10 @@ Tables (one row is …):
 - ``prompts``: one prompt as it was built from a task.
 - ``exit_gate``: one exit-gate reading (λ_t, p_t, cumulative) at one prompt × position × iteration
   (exit-gated families: Ouro).
+- ``patching``: one patched forward pass (exact) or its gradient estimate (attribution): a prompt pair
+  × experiment × direction × site × iteration × position, with the answers' logit difference, ranks
+  and probabilities and the patched run's top tokens (``probes.patching``).
+- ``patch_pairs``: one prompt pair of a patching experiment and its unpatched clean and corrupted runs.
 - ``prompt_meta``: one input prompt of ``looplens probe``: its token count, depth, targets and
   metadata as given, or why it could not be probed.
 
@@ -42,10 +46,26 @@ import pyarrow.compute as pc
 
 from lens.layout import SITE_PATTERN
 
-__all__ = ["PURPOSES", "SCHEMAS", "SITE_PATTERN", "TABLE_DOCS", "records", "to_table"]
+__all__ = [
+    "DIRECTIONS",
+    "METHODS",
+    "OUTCOMES",
+    "PURPOSES",
+    "SCHEMAS",
+    "SITE_PATTERN",
+    "TABLE_DOCS",
+    "records",
+    "to_table",
+]
 
 #: Why an answer was generated (the ``purpose`` column of ``answers``).
 PURPOSES = ("probe", "depth", "eval")
+#: Patching directions: clean states into the corrupted run (denoise) or corrupted into the clean (noise).
+DIRECTIONS = ("denoise", "noise")
+#: How a patching row was obtained: a patched forward pass, or the gradient (attribution) estimate.
+METHODS = ("exact", "attribution")
+#: The patched run's top-1 token: the recipient's own answer, the source's, the hypothesis's, another.
+OUTCOMES = ("base", "source", "follow", "other")
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -68,6 +88,9 @@ _LOGPROB = _f("logprob", pa.float32(), "log-probability of the token under the l
 _TASK = _f("task", pa.string(), "task family the prompt was drawn from")
 _INTERMEDIATE = _f("intermediate", pa.string(), "intermediate result of the task, if any", nullable=True)
 
+_PAIR = _f("pair_id", pa.int64(), "prompt pair index within the run (joins patching to patch_pairs)")
+_EXPERIMENT = _f("experiment", pa.string(), "which patching experiment the pair belongs to")
+
 _STATE_KEY = [_RUN, _PROMPT, _POSITION, _SITE, _ITERATION]
 _LENS_KEY = [*_STATE_KEY, _BLOCK, _UNROLLED, _LENS]
 
@@ -79,6 +102,8 @@ TABLE_DOCS: dict[str, str] = {
     "prompts": "one prompt as built from its task",
     "verdicts": "one latent trajectory's classification (fixed point, cycle, drift)",
     "exit_gate": "one exit-gate reading at one prompt × position × iteration",
+    "patching": "one patched run: prompt pair × experiment × direction × method × site × iteration × position",
+    "patch_pairs": "one prompt pair of a patching experiment and its unpatched runs",
     "prompt_meta": "one input prompt's token count, depth, targets and metadata, or why it was not probed",
 }
 
@@ -141,6 +166,83 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("exit_prob", pa.float32(), "p_t = λ_t · Π_{j<t}(1 − λ_j); p_T = the remaining mass"),
         _f("exit_cdf", pa.float32(), "Σ_{j≤t} p_j: probability of having exited by iteration t"),
     ],
+    "patching": [
+        _RUN,
+        _PAIR,
+        _EXPERIMENT,
+        _f("direction", pa.string(), "denoise: source = clean, recipient = corrupted; noise: the reverse"),
+        _f("method", pa.string(), "exact (a patched forward pass) or attribution (gradient estimate)"),
+        _SITE,
+        _f(
+            "iteration",
+            pa.int32(),
+            "patched iteration (1..T at recurrent sites, 0 elsewhere); re-injections: the first re-injected one",
+        ),
+        _BLOCK,
+        _UNROLLED,
+        _f("position", pa.int32(), "patched token position in the recipient prompt"),
+        _f("source_position", pa.int32(), "the source prompt's position whose state was patched in"),
+        _f(
+            "positions",
+            pa.string(),
+            "every recipient position patched together (JSON list) when a patch covers several; position is the first",
+            nullable=True,
+        ),
+        _f("logit_diff", pa.float32(), "logit(clean answer) − logit(corrupted answer) at the last position"),
+        _f(
+            "effect",
+            pa.float32(),
+            "(logit_diff − recipient's) / (source's − recipient's): 0 = no effect, 1 = the source's",
+            nullable=True,
+        ),
+        _f("clean_rank", pa.int64(), "rank of the clean answer in the patched run", nullable=True),
+        _f("clean_prob", pa.float32(), "probability of the clean answer", nullable=True),
+        _f("corrupt_rank", pa.int64(), "rank of the corrupted answer", nullable=True),
+        _f("corrupt_prob", pa.float32(), "probability of the corrupted answer", nullable=True),
+        _f(
+            "follow_rank",
+            pa.int64(),
+            "rank of the hypothesis's answer (patch_pairs.follow_answer_id)",
+            nullable=True,
+        ),
+        _f("follow_prob", pa.float32(), "probability of the hypothesis's answer", nullable=True),
+        _f("top_token_id", pa.int64(), "the patched run's top-1 token", nullable=True),
+        _f("top_prob", pa.float32(), "its probability", nullable=True),
+        _f("top_tokens", pa.string(), "the patched run's top tokens with probabilities", nullable=True),
+        _f(
+            "outcome",
+            pa.string(),
+            "top-1 is the recipient's answer (base), the source's, follow or other",
+            nullable=True,
+        ),
+        _f(
+            "exit_step",
+            pa.float32(),
+            "expected exit iteration Σ t·p_t at the last position (exit gate)",
+            nullable=True,
+        ),
+    ],
+    "patch_pairs": [
+        _RUN,
+        _PAIR,
+        _EXPERIMENT,
+        _f(
+            "group", pa.string(), "what differs between the prompts (e.g. the changed operand)", nullable=True
+        ),
+        _f("clean_prompt", pa.string(), "the clean prompt's text"),
+        _f("corrupt_prompt", pa.string(), "the corrupted prompt's text"),
+        _f("clean_tokens", pa.string(), "the clean prompt's tokens, a JSON list of strings"),
+        _f("corrupt_tokens", pa.string(), "the corrupted prompt's tokens, a JSON list of strings"),
+        _f("clean_answer_id", pa.int64(), "the clean prompt's answer token"),
+        _f("corrupt_answer_id", pa.int64(), "the corrupted prompt's answer token"),
+        _f("follow_answer_id", pa.int64(), "a third answer a hypothesis predicts", nullable=True),
+        _f("clean_logit_diff", pa.float32(), "logit difference of the unpatched clean run"),
+        _f("corrupt_logit_diff", pa.float32(), "logit difference of the unpatched corrupted run"),
+        _f("clean_top_id", pa.int64(), "the unpatched clean run's top-1 token at the last position"),
+        _f("corrupt_top_id", pa.int64(), "the unpatched corrupted run's top-1 token"),
+        _f("clean_exit_step", pa.float32(), "expected exit iteration of the clean run", nullable=True),
+        _f("corrupt_exit_step", pa.float32(), "expected exit iteration of the corrupted run", nullable=True),
+    ],
     "prompts": [
         _RUN,
         _PROMPT,
@@ -167,6 +269,12 @@ SCHEMAS: dict[str, pa.Schema] = {
     for name, fields in _FIELDS.items()
 }
 
+
+def _one_of(array: Any, values: tuple[str, ...]) -> Any:
+    """True where ``array`` holds one of ``values`` or a null (a required column has no nulls anyway)."""
+    return pc.or_kleene(pc.is_null(array), pc.is_in(array, value_set=pa.array(values)))
+
+
 # Invariants checked after casting: (column, predicate on the array, what must hold).
 _CHECKS: list[tuple[str, Any, str]] = [
     ("rank", lambda a: pc.greater_equal(a, 1), "rank must be >= 1"),
@@ -180,6 +288,12 @@ _CHECKS: list[tuple[str, Any, str]] = [
         "gate_lambda must be a probability in [0, 1]",
     ),
     ("purpose", lambda a: pc.is_in(a, value_set=pa.array(PURPOSES)), f"purpose must be one of {PURPOSES}"),
+    ("direction", lambda a: _one_of(a, DIRECTIONS), f"direction must be one of {DIRECTIONS}"),
+    ("method", lambda a: _one_of(a, METHODS), f"method must be one of {METHODS}"),
+    ("outcome", lambda a: _one_of(a, OUTCOMES), f"outcome must be one of {OUTCOMES} (or null)"),
+    ("clean_rank", lambda a: pc.greater_equal(a, 1), "clean_rank must be >= 1"),
+    ("corrupt_rank", lambda a: pc.greater_equal(a, 1), "corrupt_rank must be >= 1"),
+    ("source_position", lambda a: pc.greater_equal(a, 0), "source_position must be >= 0"),
 ]
 
 Data: TypeAlias = pa.Table | pd.DataFrame | Sequence[Mapping[str, Any]]
@@ -284,8 +398,8 @@ def to_table(name: str, data: Data, *, run: str | None = None) -> pa.Table:
     for col, predicate, message in _CHECKS:
         if col in schema.names and table.num_rows:
             ok = predicate(table.column(col))
-            if not pc.all(ok).as_py():
-                bad = pc.filter(table.column(col), pc.invert(ok))[0].as_py()
+            if not pc.all(ok, min_count=0).as_py():  # nulls (in nullable columns) pass
+                bad = pc.filter(table.column(col), pc.invert(ok), null_selection_behavior="drop")[0].as_py()
                 raise ValueError(f"table {name!r}, column {col!r}: {message} (found {bad!r})")
     return table
 

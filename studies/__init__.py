@@ -12,4 +12,10 @@ def _arithmetic(**kwargs: Any) -> Any:
     return run_arithmetic_study(**kwargs)
 
 
-STUDIES: dict[str, Callable[..., Any]] = {"arithmetic": _arithmetic}
+def _patching(**kwargs: Any) -> Any:
+    from studies.patching import run_patching_study
+
+    return run_patching_study(**kwargs)
+
+
+STUDIES: dict[str, Callable[..., Any]] = {"arithmetic": _arithmetic, "patching": _patching}

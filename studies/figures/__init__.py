@@ -12,13 +12,14 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 ``latent_dynamics``         step norms, cosine to the last state, verdicts, PCA trajectories
 ``reference_overlay``       figures 1–3 for Huginn-3.5B (reference study) next to ours
 ``exit_gate``               exit-gate λ_t, exit distribution and threshold exits (Ouro runs only)
+``patching_*``, ...         the patching study's figures (:mod:`studies.figures.patching`)
 ==========================  =====================================================================
 
 :func:`render_all` draws every figure whose input tables are present.
 
 Example:
     >>> sorted(FIGURES)[:3]
-    ['depth_scaling', 'exit_gate', 'intermediate_vs_final']
+    ['attribution_agreement', 'cot_patching', 'depth_scaling']
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from studies.figures import (
 from studies.figures.base import Figure, FigureSpec, Headline, Tables
 from studies.figures.intermediate_vs_final import pick_block
 from studies.figures.layout import Layout
+from studies.figures.patching import PATCHING_FIGURES
 from studies.figures.style import LENS_COLORS, save_html, save_png, save_table
 
 __all__ = [
@@ -69,6 +71,7 @@ FIGURES: dict[str, FigureSpec] = {
         latent_dynamics.FIGURE,
         reference_overlay.FIGURE,
         exit_gate.FIGURE,
+        *PATCHING_FIGURES.values(),
     )
 }
 

@@ -98,6 +98,8 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     gate_exit: GateExit | None = None,
+    cache_lookup_strategy: str | None = None,
+    stop_at_eos: bool = True,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt (a batch is left-padded).
 
@@ -108,7 +110,11 @@ def generate(
     ``gate_exit`` (exit-gated families) decodes each token as one of Ouro's exit modes after running
     every iteration, as the authors' code does.
     ``warm_start`` starts each new token's latent from the previous token's last latent
-    (Huginn's continuous compute). Generation stops at an end-of-text token, a stop token,
+    (Huginn's continuous compute). ``cache_lookup_strategy`` says what a deeper iteration reads for an
+    earlier token that exited shallower (:mod:`lens.cache`: ``full``, the Huginn authors' default and
+    looplens's for Huginn models, leaves it out; ``deepest``, the default of the other families, reads
+    its exit iteration's keys; ``latest-m4`` and ``…-compress-s4`` as the authors' code has them).
+    Generation stops at an end-of-text token (unless ``stop_at_eos=False``), a stop token,
     a stop string, the token budget, or a full context (``result.stopped`` says which).
     """
     if max_new_tokens < 0:
@@ -128,13 +134,14 @@ def generate(
             else ExitCriterion(exit_criterion, exit_threshold)
         )
     stops = set(stop_token_ids or ())
-    eos = model.config.eos_token_id
+    eos = model.config.eos_token_id if stop_at_eos else None
     tok = model.tokenizer
     B = ids.shape[0]
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     steps: list[list[int]] = [[] for _ in range(B)]
     stopped: list[StopReason | None] = [None] * B
-    cache = model.new_cache() if use_cache else None
+    strategy = cache_lookup_strategy if cache_lookup_strategy is not None else model.default_cache_strategy
+    cache = model.new_cache(strategy) if use_cache else None
     step_input, step_mask = ids, mask if padded else None
     state_init: InitState = init_state
     full_ids, full_mask = ids, mask

@@ -11,7 +11,7 @@ stop rows early.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,14 +19,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from lens.cache import KVCache
+from lens.cache import CacheStrategy, KVCache
 from lens.errors import InputError
 from lens.exit_criteria import ExitCriterion
 from lens.exit_gate import GateExit, GateReadout, exit_distribution
 from lens.hooks import HookedModule, HookPoint
 from lens.layers import causal_mask
 from lens.layout import UnrolledLayout
-from lens.stream import Dispatcher, StateConsumer, Trace, TraceCollector
+from lens.stream import Dispatcher, StateConsumer, Trace, TraceCollector, Wavefront
 
 InitState = Literal["random", "zeros"] | Tensor | None
 Steps = int | tuple[int, int]
@@ -190,6 +190,8 @@ class LoopedLM(HookedModule):
         generator: torch.Generator | None = None,
         exit_criterion: ExitCriterion | None = None,
         gate_exit: GateExit | None = None,
+        on_prelude: Callable[[Tensor], Tensor] | None = None,
+        wavefront: Wavefront | None = None,
     ) -> RecurrentDepthOutput:
         """Run the model; each state goes to the ``consumers`` subscribed to its site.
 
@@ -199,6 +201,8 @@ class LoopedLM(HookedModule):
         states as stacked ``[T, B, S, d]`` tensors; ``exit_criterion`` stops each sequence once its
         last position may exit (adaptive depth, ``out.steps_used``); ``gate_exit`` (exit-gated
         families) returns the readout an exit mode picks per token instead of the last iteration's.
+        ``on_prelude`` replaces the prelude output the recurrence re-injects (the diffusion sampler's
+        moving average of input embeddings); ``wavefront`` rides along on every emitted state.
         """
         consumers = list(consumers)
         collector = None
@@ -216,6 +220,8 @@ class LoopedLM(HookedModule):
             generator,
             exit_criterion,
             gate_exit,
+            on_prelude,
+            wavefront,
         )
         while True:
             try:
@@ -239,6 +245,8 @@ class LoopedLM(HookedModule):
         generator: torch.Generator | None = None,
         exit_criterion: ExitCriterion | None = None,
         gate_exit: GateExit | None = None,
+        on_prelude: Callable[[Tensor], Tensor] | None = None,
+        wavefront: Wavefront | None = None,
     ) -> Iterator[tuple[str, int, Tensor]]:
         """The forward pass as a generator of ``(site, iteration, tensor)``; returns the output.
 
@@ -247,6 +255,8 @@ class LoopedLM(HookedModule):
         n_free, n_grad = self._check_steps(num_steps)
         T = n_free + n_grad
         self._check_inputs(input_ids, attention_mask, cache)
+        if cache is not None:
+            cache.active = None
         if logits not in ("all", "last", "none"):
             raise InputError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         layout = self.layout
@@ -263,7 +273,7 @@ class LoopedLM(HookedModule):
                 f"the 'gate' exit criterion needs an exit gate; {layout.family} models have none"
             )
         B, S = input_ids.shape
-        dispatch = Dispatcher(consumers, layout)
+        dispatch = Dispatcher(consumers, layout, wavefront)
         rope, mask = self._positions(B, S, attention_mask, cache, input_ids.device)
 
         def emit(
@@ -279,6 +289,8 @@ class LoopedLM(HookedModule):
             e = block(e, rope, layout.cache_index("prelude", 0, i), mask, cache)
             yield from emit(f"prelude.{i}", 0, e)
 
+        if on_prelude is not None:
+            e = on_prelude(e)
         x = self.initial_state(e, init_state, generator)
         injection = self.injection(e) if layout.adapter else None
         exited = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -287,29 +299,22 @@ class LoopedLM(HookedModule):
         kept = slice(None) if logits == "all" else slice(-1, None)
         readout = GateReadout(gate_exit, T, self.head) if gate_exit is not None and logits != "none" else None
         if exit_criterion is not None:
-            exit_criterion.reset()
+            exit_criterion.reset(x, attention_mask)
         core = self.stage("core")
         for t in range(1, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t > n_free):
                 self.set_hook_iteration(t)
                 previous = x
+                if cache is not None:  # rows that exited compute on, unseen, and write no keys
+                    cache.active = ~exited if bool(exited.any()) else None
                 if layout.adapter:
                     x = self.hook_adapter(self.inject(x, injection, t))
                     yield from emit("adapter", t, x)
                 for j, block in enumerate(core):
                     x = block(x, rope, layout.cache_index("core", t, j), mask, cache)
                     yield from emit(f"core.{j}", t, x)
-                if exited.any():  # finished rows keep their exit state and keys, as if they had stopped
+                if exited.any():  # finished rows keep their exit state (and wrote no keys: cache.active)
                     x = torch.where(exited[:, None, None], previous, x)
-                    if cache is not None:
-                        for s_exit in steps_used[exited].unique().tolist():
-                            rows = exited & (steps_used == s_exit)
-                            for j in range(layout.core):
-                                cache.freeze_rows(
-                                    layout.cache_index("core", t, j),
-                                    rows,
-                                    layout.cache_index("core", s_exit, j),
-                                )
                 lam = None
                 if layout.latent_per_iteration:
                     if not exited.any():
@@ -330,13 +335,17 @@ class LoopedLM(HookedModule):
             check_logits = None
             if exit_criterion.needs_logits:
                 check_logits = self.head(self.readout(x, rope, mask, cache)[:, -1])
-            _, stop = exit_criterion.update(x[:, -1], check_logits, lam[:, -1] if lam is not None else None)
+            _, stop = exit_criterion.update(
+                x, check_logits, lam[:, -1] if lam is not None else None, attention_mask
+            )
             newly = stop & ~exited
             steps_used[newly] = t
             exited |= newly
             if bool(exited.all()):
                 break
         self.set_hook_iteration(0)
+        if cache is not None:
+            cache.active = None
         state = x
         if layout.latent_per_iteration:
             latent = x
@@ -365,8 +374,15 @@ class LoopedLM(HookedModule):
         return out
 
     # ---- helpers ----------------------------------------------------------------------------------
-    def new_cache(self) -> KVCache:
-        return KVCache(self.layout)
+    def new_cache(self, strategy: str | CacheStrategy = "deepest") -> KVCache:
+        """An empty key/value cache for this model's layout (``strategy``: see :mod:`lens.cache`)."""
+        return KVCache(self.layout, strategy)
+
+    @property
+    def default_cache_strategy(self) -> str:
+        """The lookup strategy adaptive generation uses unless told: the authors' ``full`` for Huginn,
+        looplens's ``deepest`` for the other families (whose authors' code runs every iteration)."""
+        return "full" if self.layout.family == "huginn" else "deepest"
 
     @property
     def default_steps(self) -> int:
@@ -405,9 +421,13 @@ class LoopedLM(HookedModule):
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is outside the vocabulary [0, {V})")
         past = cache.seq_len if cache is not None else 0
-        if past + input_ids.shape[1] > self.config.block_size:
+        total = past + input_ids.shape[1]
+        if cache is not None and cache.ragged:  # each row's own length plus its own (right-padded) tokens
+            new = attention_mask.sum(1) if attention_mask is not None else input_ids.shape[1]
+            total = int((cache.row_lengths(input_ids.shape[0], input_ids.device) + new).max())
+        if total > self.config.block_size:
             raise InputError(
-                f"sequence of {past + input_ids.shape[1]} tokens is longer than the model's context "
+                f"sequence of {total} tokens is longer than the model's context "
                 f"(block_size = {self.config.block_size})"
             )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -418,7 +438,11 @@ class LoopedLM(HookedModule):
     def _positions(
         self, B: int, S: int, attention_mask: Tensor | None, cache: KVCache | None, device: torch.device
     ) -> tuple[Tensor, Tensor | None]:
-        """Rotary angles and the attention mask for this call (left padding shifts positions)."""
+        """Rotary angles and the attention mask for this call (left padding shifts positions; a ragged
+        cache gives each row its own start, and ``attention_mask`` then marks right padding)."""
+        if cache is not None and cache.ragged:
+            positions, mask = cache.positions(B, S, device)
+            return self.rope(positions.clamp(max=self.config.block_size - 1)), mask[:, None]
         past = cache.seq_len if cache is not None else 0
         past_mask = cache.key_mask if cache is not None else None
         if attention_mask is None and past_mask is None:

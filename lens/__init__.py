@@ -6,11 +6,13 @@
 
 from lens.cache import KVCache
 from lens.config import RecurrentDepthConfig
+from lens.diffusion import DiffusionResult, DiffusionSampler, DiffusionSettings
 from lens.errors import CheckpointError, ConfigError, InputError, LooplensError, ModelNotFoundError
 from lens.exit_gate import GateExit
 from lens.families import FAMILIES, detect_family
 from lens.families.ouro import OuroConfig
 from lens.families.retrofit import RetrofitConfig
+from lens.generation import GenerationResult
 from lens.hooks import HookPoint
 from lens.layout import Unrolled, UnrolledLayout
 from lens.loading import EMBEDDED_MODELS, load_model, save_model
@@ -21,6 +23,10 @@ __all__ = [
     "EMBEDDED_MODELS",
     "FAMILIES",
     "CheckpointError",
+    "DiffusionResult",
+    "DiffusionSampler",
+    "DiffusionSettings",
+    "GenerationResult",
     "ConfigError",
     "GateExit",
     "InputError",

@@ -28,11 +28,13 @@ Positions = Literal["all", "last"] | Sequence[int]
 class Wavefront:
     """What the diffusion sampler knows about the positions of one of its forward passes (its window).
 
-    Every tensor is ``[B, P]``, one entry per row and window position: ``positions`` the absolute token
+    ``step`` is the diffusion step (-1 for the prefill pass over the prompt). Every tensor is ``[B, P]``,
+    one entry per row and window position: ``positions`` the absolute token
     position (-1 for padding, when rows' windows differ in length), ``recurrence`` the core iterations
     the position had received before this step, ``token`` its current token guess, ``frozen`` whether
     it is already frozen (the last frozen position stays in the window), ``stability`` how often its
-    proposal has agreed with the guess so far.
+    proposal has agreed with the guess so far. ``sequence`` ``[B]`` says which prompt of the sampler's
+    call each row is (finished sequences leave the batch).
     """
 
     step: int
@@ -41,11 +43,12 @@ class Wavefront:
     token: Tensor
     frozen: Tensor
     stability: Tensor
+    sequence: Tensor
 
     def select(self, positions: Positions) -> Wavefront:
         """The same positions a consumer selected from the states (``"all"``, ``"last"`` or indices)."""
         fields = [select_positions(t[..., None], positions)[0][..., 0] for t in self._tensors()]
-        return Wavefront(self.step, *fields)
+        return Wavefront(self.step, *fields, self.sequence)
 
     def _tensors(self) -> tuple[Tensor, ...]:
         return (self.positions, self.recurrence, self.token, self.frozen, self.stability)

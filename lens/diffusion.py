@@ -25,7 +25,9 @@ latent comparison                 the previous states are sliced again by the   
                                   window's advance: position p meets the old    of the previous step (latent-diff,
                                   state of p + advance                          latent-acceleration-1/2)
 how far to freeze                 up to the *last* converged position, even     the longest run of converged positions after
-                                  past unconverged ones                         the last frozen one
+                                  past unconverged ones                         the last frozen one; a position that has had
+                                                                                ``num_steps`` iterations counts as converged
+                                                                                (a latent in a cycle cannot stall the window)
 guess bound, stop ids             random guesses from ``[0, 65510)`` (clipped   guesses from the real vocabulary; stop ids
                                   to the vocabulary, the fixture's one patch);  are the model's end-of-text and the ones
                                   stop ids 65504, 65505, 65508 always           given
@@ -287,6 +289,7 @@ class _Sequence:
     prev_prev_states: Tensor | None = None
     prev_prev_start: int = 0
     old_old_start: int = 0
+    head_start: int = 0  # (corrected) the first unfrozen position's iteration count when it became first
     k: int = 0
     old_k: int = 0
     step: int = 0
@@ -442,7 +445,9 @@ class DiffusionSampler:
                 mask[r, : s.L] = 1
                 like = torch.zeros(1, s.L, d, dtype=torch.float32, device=device)
                 init[r, : s.L] = initialize_state(model, like, cfg.init_scale, s.generator)[0].to(dtype)
-            front = self._wavefront(seqs, -1, [list(range(s.L)) for s in seqs], width, prefill=True)
+            front = None
+            if consumers:
+                front = self._wavefront(seqs, -1, [list(range(s.L)) for s in seqs], width, prefill=True)
             out = model(
                 ids,
                 cfg.num_steps,
@@ -548,12 +553,10 @@ class DiffusionSampler:
                     x = x * (1 - sigma) + sigma * noise
             states[r, :W] = x
         on_prelude = self._ema(seqs, windows) if cfg.ema_embeds > 0 else None
-        front = self._wavefront(
-            seqs,
-            seqs[0].step,
-            [list(range(s.start, s.start + w)) for s, w in zip(seqs, windows, strict=True)],
-            width,
-        )
+        front = None
+        if consumers:  # the window's bookkeeping rides along on the stream only when someone listens
+            positions = [list(range(s.start, s.start + w)) for s, w in zip(seqs, windows, strict=True)]
+            front = self._wavefront(seqs, seqs[0].step, positions, width)
         out = model(
             ids,
             cfg.inner_recurrence,
@@ -633,7 +636,10 @@ class DiffusionSampler:
             states = states[: cfg.max_wavefront]
             s.seq = s.seq[: c + cfg.max_wavefront]
             s.stats.num_standing_waves += 1
+        before = len(s.frozen)
         cache_len, states = self._freeze(s, states, W, step_h)
+        if len(s.frozen) != before:  # a new first unfrozen position: its budget starts now
+            s.head_start = int(s.counter[len(s.frozen)])
         if self._stop_now(s):  # the original breaks here: no tablet row, the step is not counted
             s.done, s.stop = True, "stop_token"
             return cache_len
@@ -654,9 +660,10 @@ class DiffusionSampler:
         if "latent" in strategy:
             found = self._latent_freeze(s, states, W)
         elif strategy == "token-stability":
-            stable = (s.stable > cfg.patience).nonzero()
-            found = int(stable[-1]) + 1 if len(stable) else None
-            if found is not None and not cfg.faithful:
+            if cfg.faithful:
+                stable = (s.stable > cfg.patience).nonzero()
+                found = int(stable[-1]) + 1 if len(stable) else None
+            else:
                 found = self._stable_prefix(s)
             s.k = found if found is not None else 0
         else:  # fixed
@@ -690,7 +697,9 @@ class DiffusionSampler:
         """Corrected token-stability: freeze the run of stable positions after the frozen ones."""
         p = len(s.frozen)
         limit = len(s.seq)
-        while p < limit and int(s.stable[p]) > self.settings.patience:
+        while p < limit and (
+            int(s.stable[p]) > self.settings.patience or (p == len(s.frozen) and self._spent(s, p))
+        ):
             p += 1
         return p if p > len(s.frozen) else None
 
@@ -724,17 +733,21 @@ class DiffusionSampler:
             crit = accel.float().norm(dim=-1) / (cur.float().norm(dim=-1) + 1e-6)
             if not cfg.faithful:
                 base = lo
-        converged = (crit < cfg.exit_t).nonzero()
-        if not len(converged):
-            return None
         if cfg.faithful:
-            return base + int(converged[-1]) + 1
-        ok = (crit < cfg.exit_t).tolist()
+            converged = (crit < cfg.exit_t).nonzero()
+            return base + int(converged[-1]) + 1 if len(converged) else None
+        ok = (crit < cfg.exit_t).cpu().tolist()
         first = len(s.frozen) - base  # the first position not yet frozen, as a criterion index
         j = max(first, 0)
-        while j < len(ok) and ok[j]:
+        while j < len(ok) and (ok[j] or (j == max(first, 0) and self._spent(s, base + j))):
             j += 1
         return base + j if j > max(first, 0) else None
+
+    def _spent(self, s: _Sequence, position: int) -> bool:
+        """(corrected) The first unfrozen position has had ``num_steps`` iterations since every position
+        before it froze — as many as an autoregressive token gets with its context fixed — and freezes
+        then even unconverged: a latent caught in a cycle cannot stall the wavefront."""
+        return int(s.counter[position]) - s.head_start >= self.settings.num_steps
 
     def _stop_now(self, s: _Sequence) -> bool:
         """Step 10: a stop token or stop string among the newly frozen tokens."""

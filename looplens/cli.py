@@ -96,12 +96,21 @@ def _check_device(device: str) -> None:
         raise InputError(f"--device {device!r}: use cpu or cuda (cuda:N)")
 
 
+def _numbers(text: str, kind: type, option: str) -> list:
+    from lens.errors import InputError
+
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
 @app.command()
 def study(
-    name: Annotated[str, typer.Argument(help="the study to run: arithmetic")] = "arithmetic",
+    name: Annotated[str, typer.Argument(help="the study to run: arithmetic or sampler")] = "arithmetic",
     model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
-    n: Annotated[int, typer.Option(help="number of one-digit composite problems")] = 100,
-    steps: Annotated[int, typer.Option(help="recurrent iterations")] = 16,
+    n: Annotated[int | None, typer.Option(help="number of problems (arithmetic: 100, sampler: 48)")] = None,
+    steps: Annotated[int, typer.Option(help="recurrent iterations (sampler: the reference depth)")] = 16,
     batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 25,
     seed: Annotated[int, typer.Option(help="seed for problems and initial states")] = 0,
     out: Annotated[Path, typer.Option(help="directory holding runs")] = Path("runs"),
@@ -112,18 +121,26 @@ def study(
     tuned_lens: Annotated[bool, typer.Option(help="train and add a Tuned Lens")] = True,
     depths: Annotated[str, typer.Option(help="iterations for the depth-scaling figure")] = "1,2,4,8,16,32,64",
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
+    new_tokens: Annotated[int, typer.Option(help="sampler: tokens generated per prompt (>= 16)")] = 24,
+    thresholds: Annotated[str, typer.Option(help="sampler: exit thresholds (latent-diff)")] = "0.01,0.03,0.1",
+    inner: Annotated[str, typer.Option(help="sampler: inner recurrences of the diffusion sampler")] = "2,4,8",
+    headways: Annotated[str, typer.Option(help="sampler: headways of the diffusion sampler")] = "1,2,4",
+    wavefront_n: Annotated[int, typer.Option(help="sampler: prompts whose wavefront is traced")] = 2,
 ) -> None:
-    """Run a batch study and write its run (tables + figures)."""
+    """Run a batch study and write its run (tables + figures).
+
+    ``arithmetic``: the latent chain-of-thought analysis. ``sampler``: autoregressive decoding (fixed depth,
+    adaptive exit) against the diffusion sampler over its main settings (``--thresholds``, ``--inner``,
+    ``--headways``), on ``--new-tokens`` long continuations.
+    """
     from studies import STUDIES
 
     if name not in STUDIES:
         _fail(ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}"))
     with _user_errors():
         _check_device(device)
-        depth_list = [int(x) for x in depths.split(",") if x.strip()]
-        STUDIES[name](
+        common = dict(
             model=model,
-            n=n,
             steps=steps,
             batch_size=batch_size,
             seed=seed,
@@ -132,11 +149,22 @@ def study(
             device=device,
             dtype=_dtype(dtype),
             template=template,
-            tuned_lens=tuned_lens,
-            depths=depth_list,
             overwrite=overwrite,
             console=console,
         )
+        if name == "sampler":
+            STUDIES[name](
+                **common,
+                n=48 if n is None else n,
+                new_tokens=new_tokens,
+                thresholds=_numbers(thresholds, float, "--thresholds"),
+                inner=_numbers(inner, int, "--inner"),
+                headways=_numbers(headways, int, "--headways"),
+                wavefront_n=wavefront_n,
+            )
+            return
+        depth_list = [int(x) for x in depths.split(",") if x.strip()]
+        STUDIES[name](**common, n=100 if n is None else n, tuned_lens=tuned_lens, depths=depth_list)
 
 
 @app.command()
@@ -243,6 +271,116 @@ def explore(
     console.print(f"looplens explorer on http://{host}:{port}  (runs: {runs})")
     sys.stdout.flush()
     os.execv(sys.executable, cmd)  # become the server: signals reach Streamlit directly
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt text (or token ids with --ids: '5 17 300')")],
+    model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 16,
+    steps: Annotated[int | None, typer.Option(help="iterations (diffusion: the prefill's depth)")] = None,
+    sampler: Annotated[str, typer.Option(help="autoregressive or diffusion")] = "autoregressive",
+    ids: Annotated[bool, typer.Option(help="the prompt is space-separated token ids")] = False,
+    exit_criterion: Annotated[
+        str | None, typer.Option(help="autoregressive: kl, minp-kl, entropy-diff, latent-diff, cosine, …")
+    ] = None,
+    exit_threshold: Annotated[
+        float | None, typer.Option(help="autoregressive: the criterion's threshold")
+    ] = None,
+    cache_lookup_strategy: Annotated[
+        str | None, typer.Option(help="full, latest-m4, deepest, …-compress-s4, …-compress")
+    ] = None,
+    warm_start: Annotated[bool, typer.Option(help="autoregressive: continuous compute")] = False,
+    headway: Annotated[int, typer.Option(help="diffusion: new positions per step")] = 1,
+    inner_recurrence: Annotated[int, typer.Option(help="diffusion: core iterations per step")] = 4,
+    freeze_strategy: Annotated[
+        str, typer.Option(help="diffusion: latent-diff, token-stability, fixed, …")
+    ] = ("latent-diff"),
+    exit_t: Annotated[float, typer.Option(help="diffusion: latent convergence threshold")] = 0.03,
+    max_wavefront: Annotated[
+        int, typer.Option(help="diffusion: most positions in the window (0: none)")
+    ] = 128,
+    init_scale: Annotated[
+        float, typer.Option(help="diffusion: scale of random initial states (0: zeros)")
+    ] = 1.0,
+    state_noise_mixing: Annotated[
+        float, typer.Option(help="diffusion: noise mixed into states per step")
+    ] = 0.5,
+    ema_embeds: Annotated[float, typer.Option(help="diffusion: moving average of prelude outputs")] = 0.1,
+    continuous_compute: Annotated[
+        bool, typer.Option(help="diffusion: new positions copy the last states")
+    ] = (False),
+    full_prefill: Annotated[
+        bool, typer.Option(help="diffusion: run the prompt once at --steps first")
+    ] = True,
+    faithful: Annotated[
+        bool, typer.Option(help="diffusion: reproduce the original's defects (see docs)")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="seed of random states and guesses")] = 0,
+) -> None:
+    """Generate a continuation autoregressively (fixed or adaptive depth) or with the diffusion sampler."""
+    import torch
+
+    import lens
+    from lens.errors import InputError
+
+    with _user_errors():
+        net = lens.load_model(model)
+        if ids:
+            try:
+                prompts: list = [[int(t) for t in prompt.split()]]
+            except ValueError:
+                raise InputError(
+                    f"--ids: the prompt must be space-separated integers, got {prompt!r}"
+                ) from None
+        else:
+            prompts = [prompt]
+        if sampler == "diffusion":
+            res = net.generate(
+                prompts,
+                max_new_tokens,
+                steps,
+                sampler="diffusion",
+                cache_lookup_strategy=cache_lookup_strategy,
+                headway=headway,
+                inner_recurrence=inner_recurrence,
+                freeze_strategy=freeze_strategy,
+                exit_t=exit_t,
+                max_wavefront=max_wavefront,
+                init_scale=init_scale,
+                state_noise_mixing=state_noise_mixing,
+                ema_embeds=ema_embeds,
+                continuous_compute=continuous_compute,
+                full_prefill=full_prefill,
+                faithful=faithful,
+                seed=seed,
+            )
+        else:
+            res = net.generate(
+                prompts,
+                max_new_tokens,
+                steps,
+                sampler=sampler,
+                exit_criterion=exit_criterion,
+                exit_threshold=exit_threshold,
+                cache_lookup_strategy=cache_lookup_strategy,
+                warm_start=warm_start,
+                generator=torch.Generator().manual_seed(seed),
+            )
+    text = res.texts[0] if res.texts is not None else " ".join(map(str, res.tokens[0]))
+    console.print(text, markup=False, highlight=False)
+    used = res.steps_used[0]
+    console.print(
+        f"[dim]{len(res.tokens[0])} tokens ({res.stopped[0]}); iterations per token: "
+        f"mean {sum(used) / max(len(used), 1):.1f}, min {min(used, default=0)}, max {max(used, default=0)}[/]"
+    )
+    if sampler == "diffusion":
+        stats = res.stats[0]
+        console.print(
+            f"[dim]diffusion steps {stats.diffusion_steps}, model calls {stats.model_calls}, core forward "
+            f"passes {stats.num_core_forward_passes}, tokens forwarded {stats.num_tokens_forward}, cache clears "
+            f"{stats.num_cache_clears}, standing waves {stats.num_standing_waves}[/]"
+        )
 
 
 @app.command()

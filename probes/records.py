@@ -166,8 +166,10 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("options", pa.string(), "every option of the setting, as JSON"),
         _f("expected", pa.string(), "the reference completion"),
         _f("generated", pa.string(), "what the sampler produced"),
+        _f("token_ids", pa.string(), "the generated token ids, space-separated"),
         _f("correct", pa.bool_(), "generated equals expected over the scored tokens"),
         _f("token_agreement", pa.float32(), "share of scored tokens equal to the reference"),
+        _f("answer_correct", pa.bool_(), "the task's answer (text before the first end-of-text) is right"),
         _f("new_tokens", pa.int32(), "tokens generated"),
         _f("model_calls", pa.int32(), "sequential forward passes (prefill included)"),
         _f(

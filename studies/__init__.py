@@ -12,4 +12,10 @@ def _arithmetic(**kwargs: Any) -> Any:
     return run_arithmetic_study(**kwargs)
 
 
-STUDIES: dict[str, Callable[..., Any]] = {"arithmetic": _arithmetic}
+def _sampler(**kwargs: Any) -> Any:
+    from studies.sampler import run_sampler_study
+
+    return run_sampler_study(**kwargs)
+
+
+STUDIES: dict[str, Callable[..., Any]] = {"arithmetic": _arithmetic, "sampler": _sampler}

@@ -77,6 +77,7 @@ __all__ = [
     "DiffusionStats",
     "FaithfulDefectError",
     "Tablets",
+    "diffusion_applies",
     "initialize_state",
     "sample",
 ]
@@ -303,12 +304,18 @@ class _Sequence:
         return len(self.prompt)
 
 
+def diffusion_applies(layout: Any) -> bool:
+    """Whether the sampler runs on a model of this :class:`~lens.layout.Layout`: a prelude, a core opened by
+    an adapter, a coda, and one latent per iteration (Huginn, retrofitted recurrence; not Ouro)."""
+    return bool(layout.adapter and layout.prelude > 0 and layout.coda > 0 and not layout.latent_per_iteration)
+
+
 class DiffusionSampler:
     """The sampler for one model and one set of :class:`DiffusionSettings`; :meth:`sample` runs a batch."""
 
     def __init__(self, model: LoopedLM, settings: DiffusionSettings | None = None, **options: Any) -> None:
         layout = model.layout
-        if not (layout.adapter and layout.prelude > 0 and layout.coda > 0) or layout.latent_per_iteration:
+        if not diffusion_applies(layout):
             raise InputError(
                 f"the diffusion sampler needs a prelude / core / coda layout with an adapter (Huginn, "
                 f"retrofitted recurrence); {layout.family} models are {layout.describe()}"

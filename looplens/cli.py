@@ -335,6 +335,30 @@ def generate(
                 ) from None
         else:
             prompts = [prompt]
+        given = {
+            "--exit-criterion": exit_criterion,
+            "--exit-threshold": exit_threshold,
+            "--warm-start": warm_start,
+        }
+        if sampler == "diffusion" and any(given.values()):
+            named = ", ".join(k for k, v in given.items() if v)
+            raise InputError(f"{named}: an autoregressive option, not one of the diffusion sampler")
+        diffusion_only = {
+            "--headway": headway != 1,
+            "--inner-recurrence": inner_recurrence != 4,
+            "--freeze-strategy": freeze_strategy != "latent-diff",
+            "--exit-t": exit_t != 0.03,
+            "--max-wavefront": max_wavefront != 128,
+            "--init-scale": init_scale != 1.0,
+            "--state-noise-mixing": state_noise_mixing != 0.5,
+            "--ema-embeds": ema_embeds != 0.1,
+            "--continuous-compute": continuous_compute,
+            "--no-full-prefill": not full_prefill,
+            "--no-faithful": not faithful,
+        }
+        if sampler != "diffusion" and any(diffusion_only.values()):
+            named = ", ".join(k for k, v in diffusion_only.items() if v)
+            raise InputError(f"{named}: an option of the diffusion sampler; add --sampler diffusion")
         if sampler == "diffusion":
             res = net.generate(
                 prompts,

@@ -150,11 +150,13 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _ITERATION,
         _LENS,
         _f("token_id", pa.int64(), "the finally generated token at position + 1 (the target)"),
+        _f("token", pa.string(), "decoded text of token_id", nullable=True),
         _f("rank", pa.int64(), "1 + number of tokens with a strictly larger logit (1 = top)"),
         _LOGPROB,
         _f("frozen", pa.bool_(), "the position was already frozen at this step"),
         _f("recurrence", pa.int32(), "core iterations the position had received before this step"),
         _f("guess_id", pa.int64(), "the token the working sequence held at the position"),
+        _f("guess", pa.string(), "decoded text of guess_id", nullable=True),
         _f("stability", pa.int32(), "steps on which the position's proposal agreed with its guess"),
     ],
     "sampler": [
@@ -171,6 +173,12 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("token_agreement", pa.float32(), "share of scored tokens equal to the reference"),
         _f("answer_correct", pa.bool_(), "the task's answer (text before the first end-of-text) is right"),
         _f("new_tokens", pa.int32(), "tokens generated"),
+        _f(
+            "stopped",
+            pa.string(),
+            "why generation ended (max_new_tokens; max_diffusion_steps: a stalled window hit the cap)",
+            nullable=True,
+        ),
         _f("model_calls", pa.int32(), "sequential forward passes (prefill included)"),
         _f(
             "core_iterations",

@@ -188,4 +188,10 @@ class WavefrontRecorder:
         if not frames:
             return records("wavefront", [])
         frame = pd.concat(frames, ignore_index=True)
+        tok = self.model.tokenizer
+        if tok is not None:  # decoded once per distinct id
+            ids = pd.unique(pd.concat([frame["token_id"], frame["guess_id"]]))
+            text = {int(i): tok.decode([int(i)]) for i in ids}
+            frame["token"] = frame["token_id"].map(text)
+            frame["guess"] = frame["guess_id"].map(text)
         return records("wavefront", frame)

@@ -70,9 +70,17 @@ class Setting:
 
 
 def sampler_grid(
-    steps: int, thresholds: Sequence[float], inner: Sequence[int], headways: Sequence[int]
+    steps: int,
+    thresholds: Sequence[float],
+    inner: Sequence[int],
+    headways: Sequence[int],
+    new_tokens: int = MIN_NEW_TOKENS,
 ) -> list[Setting]:
     """The study's settings, the reference (fixed depth at ``steps``) first.
+
+    A diffusion setting may take at most ``2 * new_tokens * steps / inner_recurrence`` diffusion steps
+    (twice the reference's sequential core iterations): the faithful sampler can stall on a window that
+    never converges, and such a prompt then ends short, with ``stopped = "max_diffusion_steps"``.
 
     Example:
         >>> [s.name for s in sampler_grid(16, [0.03], [4], [1, 2])]  # doctest: +NORMALIZE_WHITESPACE
@@ -90,12 +98,12 @@ def sampler_grid(
         "init_scale": 0.0,
         "state_noise_mixing": 0.0,
         "freeze_strategy": "latent-diff",
-        "max_diffusion_steps": 8 * steps,  # a window that stalls (the original can) costs at most this
     }
     for t in thresholds:
         for r in inner:
             for h in headways:
                 opts = {**base, "exit_t": float(t), "inner_recurrence": int(r), "headway": int(h)}
+                opts["max_diffusion_steps"] = max(1, 2 * new_tokens * steps // int(r))
                 out.append(Setting(f"diff-e{t:g}-r{r}-h{h}", "diffusion", opts, "diffusion"))
     t_mid, r_mid = sorted(thresholds)[len(thresholds) // 2], sorted(inner)[len(inner) // 2]
     for h in headways:
@@ -105,6 +113,7 @@ def sampler_grid(
             "inner_recurrence": int(r_mid),
             "headway": int(h),
             "faithful": False,
+            "max_diffusion_steps": max(1, 2 * new_tokens * steps // int(r_mid)),
         }
         out.append(
             Setting(f"diff-e{t_mid:g}-r{r_mid}-h{h}-corrected", "diffusion", opts, "diffusion (corrected)")
@@ -179,7 +188,7 @@ def run_sampler_study(
             f"prompts of {longest} tokens + {new_tokens} new ones do not fit the model's context "
             f"({net.config.block_size}); use fewer --new-tokens"
         )
-    grid = sampler_grid(steps, thresholds, inner, headways)
+    grid = sampler_grid(steps, thresholds, inner, headways, new_tokens)
     traced = traced_setting(grid)
     settings = {
         "study": "sampler",
@@ -307,6 +316,7 @@ def score(
                 "token_agreement": same / max(len(want), 1),
                 "answer_correct": answer_ok,
                 "new_tokens": len(tokens),
+                "stopped": str(res.stopped[i]),
                 "model_calls": calls,
                 "core_iterations": sequential,
                 "core_passes": compute,

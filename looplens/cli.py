@@ -121,11 +121,19 @@ def study(
     tuned_lens: Annotated[bool, typer.Option(help="train and add a Tuned Lens")] = True,
     depths: Annotated[str, typer.Option(help="iterations for the depth-scaling figure")] = "1,2,4,8,16,32,64",
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
-    new_tokens: Annotated[int, typer.Option(help="sampler: tokens generated per prompt (>= 16)")] = 24,
+    new_tokens: Annotated[
+        int | None, typer.Option(help="sampler: tokens per prompt (>= 16; default 24 or the longest answer)")
+    ] = None,
     thresholds: Annotated[str, typer.Option(help="sampler: exit thresholds (latent-diff)")] = "0.01,0.03,0.1",
     inner: Annotated[str, typer.Option(help="sampler: inner recurrences of the diffusion sampler")] = "2,4,8",
     headways: Annotated[str, typer.Option(help="sampler: headways of the diffusion sampler")] = "1,2,4",
     wavefront_n: Annotated[int, typer.Option(help="sampler: prompts whose wavefront is traced")] = 2,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="sampler: arithmetic_1dc, … (default), or chains_2hop_trace (default for tiny-chains)"
+        ),
+    ] = None,
 ) -> None:
     """Run a batch study and write its run (tables + figures).
 
@@ -161,6 +169,7 @@ def study(
                 inner=_numbers(inner, int, "--inner"),
                 headways=_numbers(headways, int, "--headways"),
                 wavefront_n=wavefront_n,
+                task=task,
             )
             return
         depth_list = [int(x) for x in depths.split(",") if x.strip()]

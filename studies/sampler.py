@@ -1,7 +1,9 @@
 """``looplens study sampler``: autoregressive decoding (fixed depth, adaptive exit) against the diffusion sampler.
 
-Every setting generates the same ``--new-tokens`` (≥ 16) continuation of held-out arithmetic prompts
-(end-of-text does not stop it: the long output is the point). The reference is fixed-depth
+Every setting generates the same ``--new-tokens`` (≥ 16) continuation of held-out prompts of ``--task``
+(end-of-text does not stop it: the long output is the point): arithmetic prompts by default, the
+long-answer chains trace (``chains_2hop_trace``: the program written out with its values, ~30 tokens)
+for ``tiny-chains``, the model trained on it. The reference is fixed-depth
 autoregressive decoding at ``--steps`` iterations; a setting is **correct** on a prompt when its
 continuation equals the reference's token for token (``token_agreement`` gives the share of equal
 tokens), and ``answer_correct`` says whether the arithmetic answer it wrote (up to the first
@@ -51,6 +53,7 @@ from studies.tasks import arithmetic
 from studies.tasks.prompts import PromptTemplate, resolve_template
 
 TASK = "arithmetic_1dc"
+CHAINS_TASK = "chains_2hop_trace"
 MIN_NEW_TOKENS = 16
 
 __all__ = ["Setting", "cost", "generate_batch", "run_sampler_study", "sampler_grid", "score", "summarize"]
@@ -121,6 +124,26 @@ def sampler_grid(
     return out
 
 
+def default_task(model: str) -> str:
+    """The study's task for a model: the long-answer chains trace for ``tiny-chains`` (trained on it),
+    else continuations of arithmetic prompts."""
+    return CHAINS_TASK if Path(str(model)).name == "tiny-chains" else TASK
+
+
+def sample_problems(task: str, n: int, seed: int) -> list[Any]:
+    """``n`` held-out (``test`` split) problems of an arithmetic or a chains task."""
+    if task in arithmetic.TASKS:
+        return arithmetic.sample(task, n, split="test", seed=seed)
+    try:
+        from studies.tasks import chains
+    except ImportError:  # a checkout without the chains task family
+        chains = None
+    if chains is None or task not in chains.TASKS:
+        known = list(arithmetic.TASKS) + (["chains_{hops}hop[_trace]"] if chains is not None else [])
+        raise InputError(f"unknown task {task!r}; tasks are {', '.join(known)}")
+    return chains.sample(task, n, split="test", seed=seed)
+
+
 def traced_setting(grid: Sequence[Setting]) -> Setting:
     """The diffusion setting whose wavefront is traced: middle threshold and inner recurrence, smallest headway."""
     diffusion = [s for s in grid if s.family == "diffusion"]
@@ -146,7 +169,7 @@ def run_sampler_study(
     model: str = "tiny-arith",
     n: int = 48,
     steps: int = 16,
-    new_tokens: int = 24,
+    new_tokens: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
     out: Path = Path("runs"),
@@ -158,14 +181,19 @@ def run_sampler_study(
     inner: Sequence[int] = (2, 4, 8),
     headways: Sequence[int] = (1, 2, 4),
     wavefront_n: int = 2,
+    task: str | None = None,
     overwrite: bool = False,
     console: Console | None = None,
 ) -> Run:
-    """Run (or resume) the sampler study; returns the completed run."""
+    """Run (or resume) the sampler study; returns the completed run.
+
+    ``task`` defaults to :func:`default_task`; ``new_tokens`` to 24, or the longest expected completion
+    (plus its end-of-text) where that is longer, so a long answer is written out in full.
+    """
     console = console or Console()
     if steps < 1 or n < 1 or batch_size < 1:
         raise InputError("--steps, --n and --batch-size must be >= 1")
-    if new_tokens < MIN_NEW_TOKENS:
+    if new_tokens is not None and new_tokens < MIN_NEW_TOKENS:
         raise InputError(f"--new-tokens must be >= {MIN_NEW_TOKENS} (the sampler matters for long outputs)")
     thresholds = _parse_list(thresholds, float, "exit thresholds", 0.0)
     inner = _parse_list(inner, int, "inner recurrences", 1)
@@ -180,8 +208,11 @@ def run_sampler_study(
         raise InputError(f"model {model!r} has no tokenizer.json; the study needs one to build prompts")
     lens.DiffusionSampler(net)  # refuses families the sampler does not apply to, before any work
     prompt_template = resolve_template(template, tok)
-    problems = arithmetic.sample(TASK, n, split="test", seed=seed)
+    task = task or default_task(model)
+    problems = sample_problems(task, n, seed)
     texts = [prompt_template.render(p.context, tok) for p in problems]
+    if new_tokens is None:
+        new_tokens = max(24, max(len(tok.encode(p.completion)) for p in problems) + 1)
     longest = max(len(tok.encode(t)) for t in texts)
     if longest + new_tokens + max(headways) + 1 > net.config.block_size:
         raise InputError(
@@ -192,7 +223,7 @@ def run_sampler_study(
     traced = traced_setting(grid)
     settings = {
         "study": "sampler",
-        "task": TASK,
+        "task": task,
         "n": n,
         "steps": steps,
         "new_tokens": new_tokens,
@@ -228,7 +259,7 @@ def run_sampler_study(
 def _generate_all(
     run: Run,
     net: LoopedLM,
-    problems: Sequence[arithmetic.Problem],
+    problems: Sequence[Any],
     texts: Sequence[str],
     template: PromptTemplate,
     grid: Sequence[Setting],
@@ -240,7 +271,7 @@ def _generate_all(
         frame = pd.DataFrame(
             {
                 "prompt_id": range(len(problems)),
-                "task": TASK,
+                "task": settings["task"],
                 "context": [p.context for p in problems],
                 "completion": [p.completion for p in problems],
                 "intermediate": [p.intermediate for p in problems],
@@ -277,7 +308,7 @@ def _generate_all(
             tok, setting, res, seconds, chunk, [reference[start + i] for i in range(len(chunk))], answers
         )
         for i, row in enumerate(rows):
-            row.update(prompt_id=start + i, task=TASK)
+            row.update(prompt_id=start + i, task=settings["task"])
         run.write_shard("sampler", shard, records("sampler", rows).assign(run=run.name))
 
 

@@ -35,6 +35,24 @@ def test_the_grid_covers_every_sampler_family():
     assert sum(s.family == "diffusion" for s in grid) == 2 * 2 * 2
 
 
+def test_tasks():
+    from lens.errors import InputError
+    from studies.sampler import default_task, sample_problems
+
+    assert default_task("tiny-arith") == "arithmetic_1dc"
+    assert default_task("/models/tiny-chains") == "chains_2hop_trace"
+    problems = sample_problems("arithmetic_3ds", 3, seed=0)
+    assert len(problems) == 3 and all(p.task == "arithmetic_3ds" for p in problems)
+    with pytest.raises(InputError, match="unknown task 'nope'"):
+        sample_problems("nope", 3, seed=0)
+    try:
+        from studies.tasks import chains
+    except ImportError:
+        return  # a checkout without the chains family
+    trace = sample_problems("chains_2hop_trace", 2, seed=0)
+    assert all(p.form == "trace" and len(p.completion) >= 16 for p in trace) and chains.TASKS
+
+
 def test_tables_figures_and_the_reference(sampler_run):
     run = sampler_run
     assert run.status == "complete"

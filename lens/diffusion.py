@@ -48,8 +48,10 @@ stops                             checked only after ``num_steps`` steps, on    
 
 The original's docstring says it equals ordinary generation with ``max_wavefront=1`` and
 ``inner_recurrence=32``; with either behaviour a wavefront of one position can never take in a new
-one (the proposal is cut away as soon as it is made), so the sampler makes no progress — see
-``docs/sampler.md`` for what does equal ordinary generation.
+one (the proposal is cut away as soon as it is made), so the sampler makes no progress. What does
+give ordinary generation's tokens (at ``num_steps``, from zero states) is the corrected sampler with a
+window of two, ``freeze_strategy="fixed"``, ``inner_recurrence=num_steps``, ``headway=1`` and
+``init_scale=0`` (``docs/sampler.md``).
 """
 
 from __future__ import annotations

@@ -167,6 +167,24 @@ def test_max_wavefront_one_never_advances():
         sample(model, ids, 6, max_wavefront=1, faithful=False)
 
 
+def test_what_does_equal_ordinary_generation():
+    """Corrected, a window of two (the last frozen position and one new one), ``fixed`` freezing after one
+    step of ``inner_recurrence = num_steps`` iterations, zero initial states: every new position gets the
+    fixed-depth token's iterations with its context frozen, so the tokens are ordinary generation's at
+    ``num_steps`` (for 12 tokens: 14 model calls, the prefill and one step more than autoregressive).
+    The faithful sampler fails there (the ``fixed`` strategy with a wavefront cut)."""
+    model = _model()
+    prompts = list(_prompts().values())
+    ar = model.generate(prompts, 12, 32, init_state="zeros", stop_token_ids=[])
+    call = dict(max_wavefront=2, freeze_strategy="fixed", inner_recurrence=32, num_steps=32, headway=1)
+    call.update(init_scale=0.0, stop_token_ids=[], seed=0)
+    res = sample(model, prompts, 12, faithful=False, **call)
+    assert res.tokens == ar.tokens
+    assert [s.model_calls for s in res.stats] == [14, 14, 14]
+    with pytest.raises(FaithfulDefectError, match="max_wavefront cut"):
+        sample(model, prompts, 12, **call)
+
+
 def test_bad_settings_are_one_clear_error():
     model = _model()
     ids = [_prompts()["p0"]]

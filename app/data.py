@@ -26,6 +26,7 @@ import streamlit as st
 
 from lens.errors import LooplensError
 from lens.layout import Unrolled, UnrolledLayout
+from probes.dataset import last_position_sql
 from probes.palette import lens_order, target_order
 from probes.store import MANIFEST, Run, RunInfo, list_runs
 from probes.trajectory import summarize_samples
@@ -54,8 +55,6 @@ _TOKEN_SQL = (
     "replace(replace(replace(replace(replace(replace(token, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'), "
     "' ', '␣'), chr(10), '↵'), chr(9), '⇥')"
 )
-# Rows of the ranks/topk tables at the position a run recorded (-1 = last token, else the largest).
-_POSITION_SQL = "position = (SELECT CASE WHEN min(position) = -1 THEN -1 ELSE max(position) END FROM {table})"
 
 
 def _cached(fn: Any) -> Any:
@@ -124,7 +123,7 @@ def q_exit_gate_rows(path: str, mtime: int, prompt_ids: Sequence[int] | None = N
     params = _Params()
     sql = f"""
     SELECT prompt_id, position, iteration, num_steps, gate_lambda, exit_prob, exit_cdf
-    FROM exit_gate WHERE {_POSITION_SQL.format(table="exit_gate")} {params.isin("prompt_id", prompt_ids, int)}
+    FROM exit_gate WHERE {last_position_sql("exit_gate")} {params.isin("prompt_id", prompt_ids, int)}
     ORDER BY prompt_id, iteration
     """
     return _query(path, mtime, sql, params)
@@ -141,7 +140,8 @@ def q_choices(path: str, mtime: int) -> dict[str, list]:
 
 
 def q_prompt_table(path: str, mtime: int) -> pd.DataFrame:
-    """One row per probed prompt: text, expected answer, intermediate, generated, correct, verdict."""
+    """One row per prompt: text, expected answer, intermediate, generated, correct, verdict, and the
+    reason a ``looplens probe`` prompt was not probed (``error``)."""
     sql = f"""
     WITH ids AS (SELECT prompt_id FROM ranks UNION SELECT prompt_id FROM dynamics UNION SELECT prompt_id FROM topk
                  UNION SELECT prompt_id FROM prompts),
@@ -149,12 +149,13 @@ def q_prompt_table(path: str, mtime: int) -> pd.DataFrame:
                  any_value(generated) AS generated, bool_and(correct) AS correct,
                  any_value(intermediate) AS intermediate
           FROM answers WHERE purpose = 'probe' GROUP BY prompt_id),
-    v AS (SELECT prompt_id, any_value(verdict) AS verdict FROM verdicts WHERE {_POSITION_SQL.format(table="verdicts")}
+    v AS (SELECT prompt_id, any_value(verdict) AS verdict FROM verdicts WHERE {last_position_sql("verdicts")}
           GROUP BY prompt_id)
     SELECT ids.prompt_id, coalesce(p.prompt_text, a.prompt) AS prompt_text, p.context, p.task,
            coalesce(p.completion, a.expected) AS expected, coalesce(p.intermediate, a.intermediate) AS intermediate,
-           a.generated, a.correct, v.verdict
+           a.generated, a.correct, v.verdict, m.error
     FROM ids LEFT JOIN prompts p USING (prompt_id) LEFT JOIN a USING (prompt_id) LEFT JOIN v USING (prompt_id)
+         LEFT JOIN prompt_meta m USING (prompt_id)
     ORDER BY ids.prompt_id
     """
     frame = _query(path, mtime, sql)
@@ -183,7 +184,7 @@ def q_rank_rows(
     sql = f"""
     SELECT prompt_id, lens, target_kind, unrolled_index, site, iteration, block, rank, logprob
     FROM ranks
-    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
+    WHERE unrolled_index >= 0 AND {last_position_sql("ranks")}
       {params.isin("lens", lenses)}{params.isin("target_kind", target_kinds)}
       {params.isin("prompt_id", prompt_ids, int)}
     ORDER BY lens, target_kind, prompt_id, unrolled_index
@@ -200,7 +201,7 @@ def q_hover_per_prompt(
     SELECT lens, prompt_id, unrolled_index,
            string_agg(printf('%d. %s  %.3f', k, {_TOKEN_SQL}, exp(logprob)), '<br>' ORDER BY k) AS top
     FROM topk
-    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
+    WHERE unrolled_index >= 0 AND {last_position_sql("topk")}
       {params.isin("lens", lenses)}{params.isin("prompt_id", prompt_ids, int)}
     GROUP BY ALL
     """
@@ -215,7 +216,7 @@ def q_hover_aggregate(
     sql = f"""
     WITH t AS (SELECT lens, unrolled_index, {_TOKEN_SQL} AS tok, count(*) AS n, avg(exp(logprob)) AS p
                FROM topk
-               WHERE k = 1 AND unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
+               WHERE k = 1 AND unrolled_index >= 0 AND {last_position_sql("topk")}
                  {params.isin("lens", lenses)}{params.isin("prompt_id", prompt_ids, int)}
                GROUP BY ALL),
     r AS (SELECT *, row_number() OVER (PARTITION BY lens, unrolled_index ORDER BY n DESC, p DESC) AS i FROM t)
@@ -235,7 +236,7 @@ def q_median_trajectories(path: str, mtime: int) -> pd.DataFrame:
     sql = f"""
     SELECT lens, target_kind, unrolled_index, any_value(site) AS site, any_value(iteration) AS iteration,
            any_value(block) AS block, list(rank) AS ranks
-    FROM ranks WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
+    FROM ranks WHERE unrolled_index >= 0 AND {last_position_sql("ranks")}
     GROUP BY lens, target_kind, unrolled_index
     ORDER BY lens, target_kind, unrolled_index
     """

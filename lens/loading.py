@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lens.errors import CheckpointError, ConfigError, ModelNotFoundError
+from lens.errors import CheckpointError, ConfigError, InputError, ModelNotFoundError
 from lens.families import Family, detect_family
 from lens.looped import LoopedLM
 
@@ -168,19 +168,43 @@ def checkpoint_family(name_or_path: str | Path) -> Family:
     return detect_family(read_config(path), weight_names(path), str(path))
 
 
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating dtype, or its name (``"bfloat16"``, ``"bf16"``, ``"float32"``, ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise InputError(
+        f"dtype {dtype!r} is not a floating dtype; use one of {', '.join(DTYPES)} or a torch.dtype"
+    )
+
+
 def load_model(
     name_or_path: str | Path,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
 ) -> LoopedLM:
     """Load a looped model of any family (and its tokenizer, when present) strictly by parameter name.
 
+    ``dtype`` is a torch dtype or its name (``"bfloat16"``); ``device`` anything torch accepts.
+
     Example:
         >>> import lens
-        >>> model = lens.load_model("tiny-arith")  # doctest: +SKIP
-        >>> model.layout.family  # doctest: +SKIP
-        'huginn'
+        >>> model = lens.load_model("tiny-arith", dtype="float32")
+        >>> model.layout.family, model.layout.describe()
+        ('huginn', 'prelude 1 · core 1 × T · coda 1')
     """
+    dtype = resolve_dtype(dtype)
     path = resolve_model_path(name_or_path)
     data = read_config(path)
     family = detect_family(data, weight_names(path), str(path))

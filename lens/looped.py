@@ -70,6 +70,10 @@ class LoopedLM(HookedModule):
     layout: UnrolledLayout
     tokenizer: Any
     lm_head: nn.Linear
+    #: The most iterations one forward may run (``num_steps``). A cache and a trace grow with every
+    #: iteration, so a typo such as ``--steps 1000000`` is refused instead of exhausting memory. Raise it
+    #: on purpose per model (``model.max_num_steps = 4096``) or for every model (``LoopedLM.max_num_steps``).
+    max_num_steps: int = 1024
 
     # ---- what a family supplies ------------------------------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -403,16 +407,28 @@ class LoopedLM(HookedModule):
                 raise InputError(
                     f"num_steps as (no_grad, with_grad) needs two counts >= 0 summing to >= 1, got {num_steps}"
                 )
+            self._check_step_limit(int(num_steps[0]) + int(num_steps[1]))
             return int(num_steps[0]), int(num_steps[1])
         if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
             raise InputError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        self._check_step_limit(num_steps)
         return num_steps, 0
+
+    def _check_step_limit(self, total: int) -> None:
+        if total > self.max_num_steps:
+            raise InputError(
+                f"num_steps = {total} is above this model's limit of {self.max_num_steps} iterations "
+                "(a key/value cache and a trace grow with every iteration); raise it on purpose with "
+                "`model.max_num_steps = N`"
+            )
 
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise InputError("input_ids must be a [batch, seq] tensor of token ids")
         if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise InputError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[0] == 0:
+            raise InputError("input_ids holds no sequence: the batch is empty")
         if input_ids.shape[1] == 0:
             raise InputError("input_ids is empty: at least one token is needed")
         V = self.config.padded_vocab_size

@@ -44,28 +44,11 @@ def _main(
     """looplens: probe latent reasoning in recurrent-depth language models."""
 
 
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
-
-
-def _dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise typer.BadParameter(f"unknown dtype {name!r}; choose from {sorted(set(DTYPES.values()))}")
-    return getattr(torch, DTYPES[name])
-
-
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+    from rich.markup import escape
+
+    # one line, never wrapped; messages may hold brackets (looplens[scale]) that are not markup
+    console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -105,8 +88,9 @@ def _numbers(text: str, kind: type, option: str) -> list:
         raise InputError(f"{option} must be comma-separated numbers, got {text!r}") from None
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def study(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="the study to run: arithmetic or sampler")] = "arithmetic",
     model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
     n: Annotated[int | None, typer.Option(help="number of problems (arithmetic: 100, sampler: 48)")] = None,
@@ -121,6 +105,13 @@ def study(
     tuned_lens: Annotated[bool, typer.Option(help="train and add a Tuned Lens")] = True,
     depths: Annotated[str, typer.Option(help="iterations for the depth-scaling figure")] = "1,2,4,8,16,32,64",
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="run shards on Ray: a local cluster, or the address given after --ray"),
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU)")
+    ] = None,
     new_tokens: Annotated[
         int | None, typer.Option(help="sampler: tokens per prompt (>= 16; default 24 or the longest answer)")
     ] = None,
@@ -146,7 +137,11 @@ def study(
     if name not in STUDIES:
         _fail(ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}"))
     with _user_errors():
+        from lens.errors import InputError
+        from lens.loading import resolve_dtype
+
         _check_device(device)
+        address, _ = _ray_address(ray, list(ctx.args))
         common = dict(
             model=model,
             steps=steps,
@@ -155,12 +150,18 @@ def study(
             out=out,
             name=run_name,
             device=device,
-            dtype=_dtype(dtype),
+            dtype=resolve_dtype(dtype),
             template=template,
             overwrite=overwrite,
             console=console,
+            ray=address,
+            num_workers=workers,
         )
         if name == "sampler":
+            if (common.pop("ray"), common.pop("num_workers")) != (None, None):
+                raise InputError(
+                    "--ray / --workers: the sampler study runs in one process (it measures time)"
+                )
             STUDIES[name](
                 **common,
                 n=48 if n is None else n,
@@ -174,6 +175,171 @@ def study(
             return
         depth_list = [int(x) for x in depths.split(",") if x.strip()]
         STUDIES[name](**common, n=100 if n is None else n, tuned_lens=tuned_lens, depths=depth_list)
+
+
+def _ray_address(ray: bool, extra: list[str], prompts: str | None = None) -> tuple[str | None, str | None]:
+    """``--ray`` alone is a local cluster; an argument right after it is the cluster's address."""
+    if extra and not ray:
+        raise typer.BadParameter(f"unexpected argument(s) {extra}")
+    if len(extra) > 1:
+        raise typer.BadParameter(f"--ray takes at most one address, got {extra}")
+    if not ray:
+        return None, prompts
+    if not extra:
+        return "local", prompts
+    address = extra[0]
+    if prompts is not None and not Path(prompts).exists() and Path(address).exists():
+        address, prompts = prompts, address  # `--ray ADDRESS PROMPTS`
+    return address, prompts
+
+
+def _print_probe_summary(run, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"probe: {run.name}", show_lines=False)
+    for col in (
+        "lens",
+        "target",
+        "median rank (last layer)",
+        "top-1 share",
+        "median rank 1 from layer",
+        "prompts",
+    ):
+        table.add_column(col)
+    for row in summary["ranks"]:
+        first = row["first_layer_median_rank_1"]
+        table.add_row(
+            row["lens"],
+            row["target_kind"],
+            f"{row['median_rank_last_layer']:g}",
+            f"{row['top1_share_last_layer']:.1%}",
+            "never" if first is None else f"{first + 1} of {row['layers']}",
+            str(row["prompts"]),
+        )
+    console.print(table)
+    console.print(
+        f"prompts: {summary['prompts']} ({summary['probed']} probed, {summary['errors']} with an error)"
+        + (
+            f"  ·  mean iterations used: {summary['mean_steps_used']}"
+            if summary.get("mean_steps_used")
+            else ""
+        )
+    )
+    for err in summary["first_errors"]:
+        console.print(f"  prompt {err['prompt_id']}: {err['error']}")
+    shards = summary["shards"]
+    console.print(
+        f"shards: {shards['computed']} computed, {shards['resumed']} resumed  ·  "
+        f"{shards['workers']} worker(s) ({shards['backend']})  ·  time: {summary['seconds']:.0f} s"
+    )
+    if summary["figures"]:
+        console.print(f"figures: {run.figures_dir}")
+    console.print(f"explore: looplens explore {run.path.parent}")
+
+
+def _split_list(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _parse_positions(text: str) -> str | list[int]:
+    if text in ("last", "all"):
+        return text
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"--positions is last, all or a comma-separated list of ints, not {text!r}"
+        ) from None
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def probe(
+    ctx: typer.Context,
+    prompts: Annotated[
+        str,
+        typer.Argument(help="prompt file (.jsonl, .json, .csv, .parquet) or a saved Hugging Face dataset"),
+    ],
+    model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
+    lens: Annotated[
+        list[str] | None,
+        typer.Option("--lens", help="lenses: logit, coda, tuned=DIR (repeat or comma-separate)"),
+    ] = None,
+    site: Annotated[
+        list[str] | None, typer.Option("--site", help="sites to decode (default: every block, latent, final)")
+    ] = None,
+    positions: Annotated[str, typer.Option(help="last, all, or positions within each prompt: 0,-1")] = "last",
+    steps: Annotated[int | None, typer.Option(help="recurrent iterations (the cap with --adaptive)")] = None,
+    adaptive: Annotated[
+        str | None,
+        typer.Option(help="adaptive depth: exit criterion kl, cosine, latent-diff, entropy-diff, …"),
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="the exit criterion's threshold")] = None,
+    chat: Annotated[bool, typer.Option(help="wrap each prompt in the model's chat template")] = False,
+    system: Annotated[str | None, typer.Option(help="system message with --chat")] = None,
+    topk: Annotated[int, typer.Option(help="best tokens kept per lens and layer (0-10)")] = 5,
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    shard_size: Annotated[
+        int, typer.Option(help="prompts per shard (the unit of resume and of a Ray task)")
+    ] = 256,
+    seed: Annotated[int, typer.Option(help="seed of the random initial states")] = 0,
+    init_state: Annotated[str | None, typer.Option(help="random (default) or zeros")] = None,
+    dynamics: Annotated[bool, typer.Option(help="record latent dynamics")] = True,
+    prompt_column: Annotated[str, typer.Option(help="column holding the prompt text")] = "prompt",
+    split: Annotated[str | None, typer.Option(help="split of a saved DatasetDict")] = None,
+    out: Annotated[Path, typer.Option(help="directory holding runs")] = Path("runs"),
+    run_name: Annotated[str | None, typer.Option("--name", help="run name (default: derived)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16")] = None,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="run shards on Ray: a local cluster, or the address given after --ray"),
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU)")
+    ] = None,
+    figures: Annotated[bool, typer.Option(help="draw the standard figures")] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
+) -> None:
+    """Probe your own prompts: rank trajectories, top-k, dynamics and figures in a resumable run."""
+    from probes.dataset import probe_dataset
+    from studies.figures.runs import render_probe_figures
+
+    with _user_errors():
+        _check_device(device)
+        address, prompts = _ray_address(ray, list(ctx.args), prompts)
+        run = probe_dataset(
+            prompts,
+            model,
+            out=out,
+            name=run_name,
+            lenses=_split_list(lens) or ["logit", "coda"],
+            sites=_split_list(site),
+            positions=_parse_positions(positions),
+            num_steps=steps,
+            exit_criterion=adaptive,
+            exit_threshold=threshold,
+            chat=chat,
+            system=system,
+            topk=topk,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            seed=seed,
+            init_state=init_state,
+            dynamics=dynamics,
+            prompt_column=prompt_column,
+            split=split,
+            device=device,
+            dtype=dtype,
+            ray=address,
+            num_workers=workers,
+            overwrite=overwrite,
+            figures=render_probe_figures if figures else None,
+        )
+    import json
+
+    _print_probe_summary(run, json.loads((run.path / "summary.json").read_text(encoding="utf-8")))
 
 
 @app.command()

@@ -1,12 +1,18 @@
 """looplens probes: lenses and analyzers that consume a model's state stream and emit tidy records.
 
->>> import probes
->>> result = probes.probe_prompts(model, prompts, targets={"final": ids}, num_steps=16)  # doctest: +SKIP
+>>> import lens, probes
+>>> model = lens.load_model("tiny-arith")
+>>> ids = model.tokenizer.encode("Question: What is (2 * 3) + 1?\\nAnswer:")
+>>> result = probes.probe_prompts(model, [ids], targets={"final": model.tokenizer.encode(" 7")}, num_steps=16)
+>>> sorted(result.ranks["lens"].unique())  # every lens the family supports
+['coda', 'logit']
 """
 
 from probes.api import ProbeResult, probe_prompts
+from probes.dataset import probe_dataset, probe_summary
 from probes.dynamics import DynamicsRecorder, classify_trajectory
 from probes.exit_gate import ExitGateRecorder
+from probes.inputs import PromptSet, read_prompts
 from probes.lenses import (
     CodaLens,
     Lens,
@@ -35,6 +41,7 @@ __all__ = [
     "LensRecorder",
     "LogitLens",
     "ProbeResult",
+    "PromptSet",
     "RankTrajectory",
     "Run",
     "RunInfo",
@@ -46,7 +53,10 @@ __all__ = [
     "linear_probe",
     "list_runs",
     "make_lens",
+    "probe_dataset",
     "probe_prompts",
+    "probe_summary",
+    "read_prompts",
     "to_table",
     "token_statistics",
 ]

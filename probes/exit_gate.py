@@ -7,9 +7,13 @@ patches the gate is seen too). The exit distribution is built with the model's o
 (:func:`lens.exit_gate.exit_distribution`): the last iteration run holds the remaining mass.
 
 Example:
-    >>> rec = ExitGateRecorder(model, positions="last")            # doctest: +SKIP
-    >>> out = model(ids, num_steps=4, consumers=[rec])             # doctest: +SKIP
-    >>> rec.finalize().groupby("iteration")["exit_prob"].mean()    # doctest: +SKIP
+    >>> import torch, lens
+    >>> model = lens.load_model("tests/data/fixtures/ouro-tiny/checkpoint")  # a tiny random Ouro
+    >>> rec = ExitGateRecorder(model, positions="last")
+    >>> out = model(torch.tensor([[5, 9, 100, 3]]), num_steps=4, consumers=[rec])
+    >>> rows = rec.finalize()
+    >>> len(rows), round(float(rows["exit_prob"].sum()), 5)  # 4 iterations; p_t sums to 1
+    (4, 1.0)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from lens.exit_gate import exit_distribution
 from lens.model import LoopedLM
 from lens.stream import Positions, State
+from probes.batching import PositionSelection, select_positions
 from probes.lenses.base import LensNotApplicableError
 
 COLUMNS = ["prompt_index", "position", "iteration", "num_steps", "gate_lambda", "exit_prob", "exit_cdf"]
@@ -29,41 +34,49 @@ COLUMNS = ["prompt_index", "position", "iteration", "num_steps", "gate_lambda", 
 class ExitGateRecorder:
     """Stream consumer of the gate's readings at ``latent``; ``finalize()`` gives tidy ``exit_gate`` rows."""
 
-    def __init__(self, model: LoopedLM, positions: Positions = "last") -> None:
+    def __init__(
+        self, model: LoopedLM, positions: Positions = "last", attention_mask: torch.Tensor | None = None
+    ) -> None:
         if not model.layout.exit_gate:
             raise LensNotApplicableError(f"{model.layout.family} models have no exit gate to record")
         self.sites = ["latent"]
-        self.positions = positions
+        self.wanted_positions = positions
+        self.positions: Positions = "all"  # λ is [B, S]: select each prompt's own positions here
+        self.attention_mask = attention_mask
         self._lambdas: list[torch.Tensor] = []
         self._iterations: list[int] = []
-        self._positions: torch.Tensor | None = None
+        self._selection: PositionSelection | None = None
         self._num_steps = 0
 
     def __call__(self, state: State) -> None:
         if state.exit_lambda is None:
             return
-        self._lambdas.append(state.exit_lambda.detach().float().cpu())
+        lam = state.exit_lambda.detach().float()
+        if self._selection is None:
+            self._selection = select_positions(self.wanted_positions, self.attention_mask, *lam.shape[:2])
+        self._lambdas.append(self._selection.gather(lam).cpu())
         self._iterations.append(state.iteration)
         self._num_steps = state.num_steps
-        if state.positions is not None:
-            self._positions = state.positions
 
     def finalize(self) -> pd.DataFrame:
-        """One row per prompt × position × iteration (``prompt_index`` is the row in the batch)."""
-        if not self._lambdas:
+        """One row per prompt × position × iteration (``prompt_index`` is the row in the batch; positions
+        count within each prompt's own tokens, ``-1`` = its last)."""
+        if not self._lambdas or self._selection is None:
             return pd.DataFrame(columns=COLUMNS)
         lam = torch.stack(self._lambdas, -1)  # [B, P, T]
         pdf, cdf = exit_distribution(lam)
         B, P, T = lam.shape
-        positions = self._positions.tolist() if self._positions is not None else list(range(P))
-        return pd.DataFrame(
+        keep = self._selection.valid.cpu().repeat_interleave(T, dim=1).reshape(-1).numpy()
+        frame = pd.DataFrame(
             {
                 "prompt_index": np.repeat(np.arange(B), P * T),
-                "position": np.tile(np.repeat(positions, T), B).astype(np.int32),
-                "iteration": np.tile(self._iterations, B * P).astype(np.int32),
-                "num_steps": np.full(B * P * T, self._num_steps, dtype=np.int32),
+                "position": self._selection.own.cpu().repeat_interleave(T, dim=1).reshape(-1).numpy(),
+                "iteration": np.tile(self._iterations, B * P),
+                "num_steps": np.full(B * P * T, self._num_steps),
                 "gate_lambda": lam.reshape(-1).numpy(),
                 "exit_prob": pdf.reshape(-1).numpy(),
                 "exit_cdf": cdf.reshape(-1).numpy(),
             }
         )
+        frame = frame[keep].reset_index(drop=True)
+        return frame.astype({"position": np.int32, "iteration": np.int32, "num_steps": np.int32})

@@ -11,26 +11,38 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from torch import Tensor
 
-from lens.stream import State
+from lens.model import InitState
+from lens.stream import Positions, State
+from probes.batching import Batch, forward_batches, select_positions
 
 
 class LatentCollector:
-    """Keeps ``[B, d]`` at one position per (site, iteration); call ``features()`` after the runs."""
+    """Keeps ``[B, d]`` at one position per (site, iteration); call ``features()`` after the runs.
+
+    ``position`` counts within each prompt's own tokens (``0`` its first, ``-1`` its last); set
+    ``attention_mask`` to the batch's mask before a padded batch (``collect_for_probe`` does).
+    """
 
     def __init__(self, sites: Sequence[str] | None = None, position: int = -1) -> None:
         self.sites = list(sites) if sites is not None else None
-        self.positions = [position]
+        self.position = int(position)
+        self.positions: Positions = "last" if self.position == -1 else "all"
+        self.attention_mask: Tensor | None = None
         self._store: dict[tuple[str, int], list[np.ndarray]] = {}
 
     def __call__(self, state: State) -> None:
+        tensor = state.tensor
+        if self.positions == "all":
+            selection = select_positions([self.position], self.attention_mask, *tensor.shape[:2])
+            tensor = selection.gather(tensor)
         self._store.setdefault((state.site, state.iteration), []).append(
-            state.tensor[:, 0].detach().float().cpu().numpy()
+            tensor[:, 0].detach().float().cpu().numpy()
         )
 
     def features(self) -> dict[tuple[str, int], np.ndarray]:
@@ -84,21 +96,25 @@ def collect_for_probe(
     sites: Sequence[str] | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    position: int = -1,
+    init_state: InitState = None,
 ) -> dict[tuple[str, int], np.ndarray]:
-    """Run prompts (left-padded, so position -1 is each prompt's last token) and collect features."""
-    from lens.generation import pad_left
+    """Run prompts and collect features at ``position`` of each prompt's own tokens (-1: its last)."""
+    collector = LatentCollector(sites, position)
 
-    collector = LatentCollector(sites)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            ids, mask = pad_left(prompts[start : start + batch_size], model.config.pad_token_id or 0)
-            model(
-                ids.to(model.device),
-                num_steps,
-                attention_mask=mask.to(model.device),
-                consumers=[collector],
-                logits="none",
-                generator=gen,
-            )
+    def consumers(batch: Batch) -> list:
+        collector.attention_mask = batch.attention_mask
+        return [collector]
+
+    for _ in forward_batches(
+        model,
+        prompts,
+        consumers,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        init_state=init_state,
+        seed=seed,
+        logits="none",
+    ):
+        pass
     return collector.features()

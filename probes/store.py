@@ -48,6 +48,7 @@ import os
 import platform
 import re
 import shutil
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,10 @@ __all__ = [
     "RunInfo",
     "RunMismatchError",
     "ShardExistsError",
+    "StagedShard",
     "atomic_write",
     "list_runs",
+    "stage_shard",
 ]
 
 MANIFEST = "manifest.json"
@@ -257,6 +260,14 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _parquet_payload(table: str, data: Any, run_name: str) -> tuple[pa.Table, bytes]:
+    """Validate ``data`` as ``table`` and serialise it as one zstd Parquet file."""
+    arrow = to_table(table, data, run=run_name)
+    sink = pa.BufferOutputStream()
+    pq.write_table(arrow, sink, compression="zstd")
+    return arrow, sink.getvalue().to_pybytes()
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:
@@ -532,10 +543,7 @@ class Run:
                 f"{table}/{shard_id} is already written in run {self.name!r}; "
                 "check has_shard() first, or pass replace=True"
             )
-        arrow = to_table(table, data, run=self.name)
-        sink = pa.BufferOutputStream()
-        pq.write_table(arrow, sink, compression="zstd")
-        payload = sink.getvalue().to_pybytes()
+        arrow, payload = _parquet_payload(table, data, self.name)
 
         if shard_id in recorded:  # forget the old shard first: a crash now means "not written"
             del recorded[shard_id]
@@ -554,6 +562,83 @@ class Run:
         self._save()
         self._checked[path] = (stat.st_size, stat.st_mtime_ns, record["sha256"])
         return dict(record)
+
+    # -- shards written by other processes (workers of a cluster) ---------------------------------------
+    #
+    # A worker cannot write the manifest (one writer per run), so it stages its shard file with
+    # ``stage_shard`` and hands the returned ``StagedShard`` to the driver, which commits it here: the
+    # checksum is verified, the file moved into place and recorded. A staged file nobody commits (a
+    # worker that died, a duplicate of a retried task) is never read and ``discard_staged`` removes it.
+
+    def commit_shard(self, staged: StagedShard, *, replace: bool = False) -> dict[str, Any]:
+        """Record a shard a worker staged; returns its record (as ``write_shard`` does)."""
+        self._writable()
+        if staged.table not in SCHEMAS:
+            raise ValueError(f"unknown table {staged.table!r}; tables are {sorted(SCHEMAS)}")
+        shard_id = _shard_id(staged.shard_id)
+        source = self._staged_path(staged)
+        recorded = self._manifest["shards"].get(staged.table, {})
+        if shard_id in recorded and not replace:
+            raise ShardExistsError(
+                f"{staged.table}/{shard_id} is already written in run {self.name!r}; "
+                "check has_shard() first, or pass replace=True"
+            )
+        try:
+            actual = _sha256(source)
+        except FileNotFoundError:
+            raise CorruptRunError(f"staged shard {source} is missing") from None
+        if actual != staged.sha256:
+            raise CorruptRunError(f"staged shard {source}: checksum mismatch (incomplete copy?)")
+        if shard_id in recorded:  # forget the old shard first: a crash now means "not written"
+            del recorded[shard_id]
+            self._save()
+        path = self._shard_path(staged.table, shard_id)
+        path.parent.mkdir(exist_ok=True)
+        os.replace(source, path)
+        _fsync_dir(path.parent)
+        stat = path.stat()
+        record = {"rows": staged.rows, "bytes": staged.bytes, "sha256": staged.sha256, "written": _now()}
+        self._manifest["shards"].setdefault(staged.table, {})[shard_id] = record
+        self._save()
+        self._checked[path] = (stat.st_size, stat.st_mtime_ns, record["sha256"])
+        return dict(record)
+
+    def write_file(self, name: str, data: bytes) -> Path:
+        """Write a run-level file (``summary.json``, …) atomically; ``name`` is one plain file name."""
+        self._writable()
+        if not _NAME_RE.match(name) or name == MANIFEST or name.endswith(".tmp"):
+            raise ValueError(
+                f"file name {name!r} must be one plain name (letters, digits, _.=+-), not the manifest"
+            )
+        path = self.path / name
+        atomic_write(path, data)
+        return path
+
+    def _staged_path(self, staged: StagedShard) -> Path:
+        """Where ``stage_shard`` put it; anything else (a crafted name or token) is refused."""
+        name = _staged_name(staged.table, _shard_id(staged.shard_id), staged.token)
+        if (
+            staged.table not in SCHEMAS
+            or not re.fullmatch(r"[0-9a-f]{32}", staged.token)
+            or staged.file != name
+        ):
+            raise CorruptRunError(f"staged shard file name {staged.file!r} is not one stage_shard writes")
+        return self.path / STAGING / name
+
+    def discard_staged(self, staged: StagedShard | None = None) -> int:
+        """Delete one staged file, or every staged file when no worker is running; returns how many."""
+        self._writable()
+        folder = self.path / STAGING
+        if staged is not None:
+            files = [self._staged_path(staged)]
+        else:
+            files = list(folder.iterdir()) if folder.is_dir() else []
+        removed = 0
+        for file in files:
+            if file.is_file():
+                file.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def _set_status(self, status: str, **extra: Any) -> None:
         self._writable()
@@ -702,6 +787,46 @@ def _relation(con: duckdb.DuckDBPyConnection, table: str, paths: list[Path]) -> 
         for f in SCHEMAS[table]
     ]
     return rel.select(*columns)
+
+
+STAGING = ".staging"
+
+
+def _staged_name(table: str, shard_id: str, token: str) -> str:
+    return f"{table}.{shard_id}.{token}.parquet"
+
+
+@dataclass(frozen=True)
+class StagedShard:
+    """A validated shard file a worker wrote into ``RUN/.staging/``, waiting for ``Run.commit_shard``."""
+
+    table: str
+    shard_id: str
+    token: str
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def stage_shard(
+    run_path: str | os.PathLike[str], run_name: str, table: str, shard: str | int, data: Any
+) -> StagedShard:
+    """Validate ``data`` as ``table`` and write it into the run's staging folder (from any process).
+
+    The file is written atomically under a unique name, so two attempts at the same shard never
+    collide; only the driver's ``Run.commit_shard`` makes it part of the run.
+    """
+    shard_id = _shard_id(shard)
+    arrow, payload = _parquet_payload(table, data, run_name)
+    folder = Path(run_path) / STAGING
+    folder.mkdir(exist_ok=True)
+    token = uuid.uuid4().hex
+    name = _staged_name(table, shard_id, token)
+    atomic_write(folder / name, payload)
+    return StagedShard(
+        table, shard_id, token, name, arrow.num_rows, len(payload), hashlib.sha256(payload).hexdigest()
+    )
 
 
 def _is_temp(name: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,17 @@ import pandas as pd
 import torch
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 
 import lens
 from lens.errors import InputError
 from lens.model import LoopedLM
 from lens.runtime import configure_threads
 from probes.api import probe_prompts
+from probes.dataset import model_description
 from probes.lenses import TunedLens, applicable_lenses
 from probes.lenses.tuned_training import collect_states, fit_tuned_lens
 from probes.records import records
+from probes.scale import ShardTask, init_ray, require_ray, run_shards
 from probes.store import Run
 from studies.evaluation import accuracy_table, card_accuracy, evaluate_answers
 from studies.tasks import arithmetic
@@ -99,19 +101,6 @@ def control_token(tokenizer: Any) -> dict[str, Any]:
     )
 
 
-def _model_description(name: str, model: LoopedLM, device: str, dtype: torch.dtype | None) -> dict:
-    return {
-        "name": str(name),
-        "config_name": model.config.name,
-        "weights": lens.loading.weights_fingerprint(name),
-        "parameters": model.num_parameters(),
-        "dtype": str(dtype or model.dtype).replace("torch.", ""),
-        "device": torch.device(device).type,  # the class (cpu, cuda): cuda:0 and cuda:1 compute alike
-        "family": model.layout.family,
-        "layout": model.layout.to_dict(),
-    }
-
-
 def run_arithmetic_study(
     model: str = "tiny-arith",
     n: int = 100,
@@ -128,8 +117,14 @@ def run_arithmetic_study(
     depth_n: int = 40,
     overwrite: bool = False,
     console: Console | None = None,
+    ray: str | None = None,
+    num_workers: int | None = None,
 ) -> Run:
-    """Run (or resume) the study; returns the completed run."""
+    """Run (or resume) the study; returns the completed run.
+
+    ``ray`` (``"local"`` or a cluster address) computes the probe batches and depth-scaling shards on
+    Ray workers, one model each (see ``probes.scale``); the tables are the same as in one process.
+    """
     console = console or Console()
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
@@ -137,6 +132,8 @@ def run_arithmetic_study(
         raise ValueError("--n and --batch-size must be >= 1")
     if any(d < 1 for d in depths):
         raise ValueError(f"depths must be >= 1, got {list(depths)}")
+    if ray is not None:
+        require_ray()
     t0 = time.monotonic()
     net = lens.load_model(model, dtype=dtype, device=device)
     configure_threads(net.num_parameters(), device)
@@ -165,8 +162,12 @@ def run_arithmetic_study(
         "depth_n": depth_n,
     }
     run_name = name or f"arithmetic-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
+    computed_on = device
+    if ray is not None:  # the workers compute: on their GPUs where the cluster has GPUs
+        cluster = init_ray(ray)
+        computed_on = "cuda" if cluster.cluster_resources().get("GPU", 0) else "cpu"
     manifest = {
-        "model": _model_description(model, net, device, dtype),
+        "model": model_description(model, net, computed_on, dtype),
         "config": net.config.to_dict(),
         "prompt_template": prompt_template.to_dict(),
         "settings": settings,
@@ -177,7 +178,19 @@ def run_arithmetic_study(
         f"{net.layout.family}: {net.layout.describe()}; lenses {', '.join(settings['lenses'])})"
     )
     with run:  # any error from here on marks the run failed, with the reason, before it propagates
-        figures = _probe_and_render(run, net, problems, prompt_template, control["id"], settings, seed)
+        figures = _probe_and_render(
+            run,
+            net,
+            str(model),
+            problems,
+            prompt_template,
+            control["id"],
+            settings,
+            dtype,
+            device,
+            ray,
+            num_workers,
+        )
         run.mark_complete()
     _summary(run, model, figures, time.monotonic() - t0, console)
     return run
@@ -186,19 +199,21 @@ def run_arithmetic_study(
 def _probe_and_render(
     run: Run,
     net: LoopedLM,
+    model: str,
     problems: Sequence[arithmetic.Problem],
     prompt_template: PromptTemplate,
     control_id: int,
     settings: dict[str, Any],
-    seed: int,
+    dtype: torch.dtype | None,
+    device: str,
+    ray: str | None,
+    num_workers: int | None,
 ) -> dict[str, dict]:
-    """Every shard the run lacks, then the figures (a figure that fails fails the study)."""
+    """Every shard the run lacks (here or on Ray workers), then the figures (a figure that fails fails
+    the study)."""
     tok = net.tokenizer
-    steps, batch_size = settings["steps"], settings["batch_size"]
-    lenses: list[Any] = list(applicable_lenses(net))
-    if settings["tuned_lens"]:
-        lenses.append(_tuned_lens(net, run, prompt_template, steps, seed))
-
+    steps, batch_size, seed = settings["steps"], settings["batch_size"], settings["seed"]
+    depths, depth_n = settings["depths"], settings["depth_n"]
     texts = [prompt_template.render(p.context, tok) for p in problems]
     prompts_table = records(
         "prompts",
@@ -215,50 +230,165 @@ def _probe_and_render(
     )
     if not run.has_shard("prompts", 0):
         run.write_shard("prompts", 0, prompts_table)
-    batches = list(range(0, len(problems), batch_size))
-    for b, start in enumerate(tqdm(batches, desc="probe batches", unit="batch")):
-        if run.has_shard("ranks", b) and run.has_shard("answers", b):
-            continue
-        batch = problems[start : start + batch_size]
-        ids = [tok.encode(t) for t in texts[start : start + batch_size]]
-        per_problem = [problem_targets(tok, prompt_template, p) for p in batch]
-        kinds = list(per_problem[0])
-        target_map = {k: [t[k] if t[k] is not None else 0 for t in per_problem] for k in kinds}
-        target_map["control"] = [control_id] * len(batch)
-        missing = {k: [t[k] is None for t in per_problem] for k in kinds}
-        result = probe_prompts(
-            net,
-            ids,
-            target_map,
-            steps,
-            lenses,
-            positions=settings["positions"],
-            topk=settings["topk"],
-            batch_size=len(batch),
-            seed=seed * 100_003 + b,
-            prompt_ids=list(range(start, start + len(batch))),
+    tuned = settings["tuned_lens"] is not None
+    lenses: list[Any] = list(applicable_lenses(net))
+    if tuned:
+        lenses.append(_tuned_lens(net, run, prompt_template, steps, seed))
+    spec = StudySpec(steps, seed, control_id, prompt_template, tuned, settings["positions"], settings["topk"])
+    tasks = [
+        ShardTask(
+            f"shard-{b:05d}",
+            BATCH_TABLES + (("exit_gate",) if net.layout.exit_gate else ()),
+            len(problems[start : start + batch_size]),
+            ("batch", start, batch_size, b),
         )
-        ranks = _drop_missing(result.ranks, missing, start)
-        answers = evaluate_answers(
-            net,
-            batch,
-            ids,
-            steps,
-            seed=seed * 100_003 + b,
-            prompt_ids=range(start, start + len(batch)),
-            texts=texts[start : start + len(batch)],
-            purpose="probe",
-        )
-        run.write_shard("ranks", b, ranks.assign(run=run.name), replace=True)
-        run.write_shard("topk", b, result.topk.assign(run=run.name), replace=True)
-        run.write_shard("dynamics", b, result.dynamics.assign(run=run.name), replace=True)
-        run.write_shard("verdicts", b, result.verdicts.assign(run=run.name), replace=True)
-        if len(result.exit_gate):
-            run.write_shard("exit_gate", b, result.exit_gate.assign(run=run.name), replace=True)
-        run.write_shard("answers", b, answers.assign(run=run.name), replace=True)
-
-    _depth_scaling(net, run, prompt_template, settings["depths"], settings["depth_n"], seed)
+        for b, start in enumerate(range(0, len(problems), batch_size))
+    ]
+    tasks += [
+        ShardTask(f"depth-{d:04d}", ("answers",), depth_n * len(arithmetic.TASKS), ("depth", d, depth_n))
+        for d in depths
+    ]
+    run_shards(
+        run,
+        tasks,
+        ArithmeticWorkerFactory(
+            model,
+            str(dtype).replace("torch.", "") if dtype else None,
+            spec,
+            settings["n"],
+            str(run.path / "tuned_lens") if tuned else None,
+        ),
+        device=device,
+        ray=ray,
+        num_workers=num_workers,
+        local_worker=None if ray is not None else ArithmeticWorker(net, spec, settings["n"], lenses),
+        desc="arithmetic study",
+        unit="problem",
+    )
     return _render(run, steps)
+
+
+BATCH_TABLES = ("ranks", "topk", "dynamics", "verdicts", "answers")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a worker needs besides the model to compute any shard of the study (picklable)."""
+
+    steps: int
+    seed: int
+    control_id: int
+    template: PromptTemplate
+    tuned_lens: bool
+    positions: str = "last"
+    topk: int = 5
+
+
+class ArithmeticWorker:
+    """Computes the study's shards: a probed batch of problems, or the answers at one depth."""
+
+    def __init__(self, net: LoopedLM, spec: StudySpec, n: int, lenses: list[Any]) -> None:
+        self.net, self.spec, self.n, self.lenses = net, spec, n, lenses
+        self.problems = study_problems(n, spec.seed)
+        self.texts = [spec.template.render(p.context, net.tokenizer) for p in self.problems]
+
+    def compute(self, task: ShardTask) -> dict[str, pd.DataFrame]:
+        if task.payload[0] == "depth":
+            return {"answers": _depth_answers(self.net, self.spec, *task.payload[1:])}
+        _, start, batch_size, b = task.payload
+        return _probe_batch(self.net, self.spec, self.lenses, self.problems, self.texts, start, batch_size, b)
+
+
+@dataclass(frozen=True)
+class ArithmeticWorkerFactory:
+    """Loads the model (and the run's trained Tuned Lens) in a Ray worker."""
+
+    model: str
+    dtype: str | None
+    spec: StudySpec
+    n: int
+    tuned_dir: str | None = None
+
+    def __call__(self, device: str) -> ArithmeticWorker:
+        net = lens.load_model(
+            self.model, dtype=getattr(torch, self.dtype) if self.dtype else None, device=device
+        )
+        configure_threads(net.num_parameters(), device)
+        lenses: list[Any] = list(applicable_lenses(net))
+        if self.spec.tuned_lens:
+            assert self.tuned_dir is not None
+            lenses.append(TunedLens.load(self.tuned_dir, net))
+        return ArithmeticWorker(net, self.spec, self.n, lenses)
+
+
+def _probe_batch(
+    net: LoopedLM,
+    spec: StudySpec,
+    lenses: list[Any],
+    problems: list[arithmetic.Problem],
+    texts: list[str],
+    start: int,
+    batch_size: int,
+    b: int,
+) -> dict[str, pd.DataFrame]:
+    """Ranks, top-k, dynamics and answers of one batch of problems (shard ``b``)."""
+    tok = net.tokenizer
+    batch = problems[start : start + batch_size]
+    ids = [tok.encode(t) for t in texts[start : start + batch_size]]
+    per_problem = [problem_targets(tok, spec.template, p) for p in batch]
+    kinds = list(per_problem[0])
+    target_map = {k: [t[k] if t[k] is not None else 0 for t in per_problem] for k in kinds}
+    target_map["control"] = [spec.control_id] * len(batch)
+    missing = {k: [t[k] is None for t in per_problem] for k in kinds}
+    result = probe_prompts(
+        net,
+        ids,
+        target_map,
+        spec.steps,
+        lenses,
+        positions=spec.positions,
+        topk=spec.topk,
+        batch_size=len(batch),
+        seed=spec.seed * 100_003 + b,
+        prompt_ids=list(range(start, start + len(batch))),
+    )
+    answers = evaluate_answers(
+        net,
+        batch,
+        ids,
+        spec.steps,
+        seed=spec.seed * 100_003 + b,
+        prompt_ids=range(start, start + len(batch)),
+        texts=texts[start : start + len(batch)],
+        purpose="probe",
+    )
+    tables = {
+        "ranks": _drop_missing(result.ranks, missing, start),
+        "topk": result.topk,
+        "dynamics": result.dynamics,
+        "verdicts": result.verdicts,
+        "answers": answers,
+    }
+    if net.layout.exit_gate:
+        tables["exit_gate"] = result.exit_gate
+    return tables
+
+
+def _depth_answers(net: LoopedLM, spec: StudySpec, depth: int, depth_n: int) -> pd.DataFrame:
+    """Accuracy rows per task format at one number of iterations (the depth-scaling figure)."""
+    from studies.evaluation import evaluate_tasks
+
+    return evaluate_tasks(
+        net,
+        arithmetic.TASKS,
+        depth,
+        depth_n,
+        seed=spec.seed,
+        template=spec.template,
+        id_offset=1_000_000
+        * depth,  # prompt ids unique within the run; the purpose column says what they are
+        purpose="depth",
+    )
 
 
 def study_problems(n: int, seed: int) -> list[arithmetic.Problem]:
@@ -293,29 +423,6 @@ def _tuned_lens(net: LoopedLM, run: Run, template: PromptTemplate, steps: int, s
     )
     tuned.save(where)
     return tuned
-
-
-def _depth_scaling(
-    net: LoopedLM, run: Run, template: PromptTemplate, depths: Sequence[int], depth_n: int, seed: int
-) -> None:
-    """Accuracy per task format and number of iterations (shards keyed by depth)."""
-    from studies.evaluation import evaluate_tasks
-
-    for depth in tqdm(depths, desc="depth scaling", unit="depth"):
-        shard = f"depth-{depth:04d}"
-        if run.has_shard("answers", shard):
-            continue
-        frame = evaluate_tasks(  # prompt ids unique within the run; the purpose column says what they are
-            net,
-            arithmetic.TASKS,
-            depth,
-            depth_n,
-            seed=seed,
-            template=template,
-            id_offset=1_000_000 * depth,
-            purpose="depth",
-        )
-        run.write_shard("answers", shard, frame.assign(run=run.name))
 
 
 def _render(run: Run, steps: int) -> dict[str, dict]:

@@ -52,9 +52,7 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "huginn-latent-c
 REFERENCE_NAME = "Huginn-3.5B (reference study)"
 #: Huginn-3.5B (the packaged config, prelude 2 · core 4 · coda 2) at the study's 16 iterations.
 HUGINN_LAYOUT = Layout(
-    huginn_layout(
-        RecurrentDepthConfig.from_json(Path(__file__).resolve().parents[1] / "lens/configs/huginn-0125")
-    ),
+    huginn_layout(RecurrentDepthConfig.from_name("huginn-0125")),
     steps=16,
 )
 FILTERED_ID_OFFSET = 100

@@ -44,10 +44,10 @@ import lens
 from lens.errors import InputError
 from lens.model import LoopedLM
 from lens.runtime import configure_threads
+from probes.dataset import model_description
 from probes.records import records
 from probes.store import Run
 from probes.wavefront import WavefrontRecorder
-from studies.arithmetic import _model_description
 from studies.evaluation import _answer_text
 from studies.tasks import arithmetic
 from studies.tasks.prompts import PromptTemplate, resolve_template
@@ -237,7 +237,7 @@ def run_sampler_study(
     }
     run_name = name or f"sampler-{Path(str(model)).name}-T{steps}-N{new_tokens}-n{n}-s{seed}"
     manifest = {
-        "model": _model_description(model, net, device, dtype),
+        "model": model_description(model, net, device, dtype),
         "config": net.config.to_dict(),
         "prompt_template": prompt_template.to_dict(),
         "settings": settings,

@@ -1,8 +1,9 @@
 """Every code block of the README runs, as written, so the documentation cannot drift from the code.
 
-Python blocks run in one namespace per block, from the checkout's root. Bash blocks run with the
-virtual environment's ``bin`` first on ``PATH``, in a scratch directory, with the checkout's path in
-place of ``.`` in ``pip install -e .`` (the same install, wherever the test runs). The README's test
+Every block runs in a scratch directory that links the checkout's ``examples/`` and ``tests/`` (so
+relative paths in the examples resolve and nothing is written into the checkout). Python blocks run
+in one namespace per block; bash blocks with the virtual environment's ``bin`` first on ``PATH`` and
+the checkout's path in place of ``.`` in ``pip install -e .`` (the same install, wherever it runs). The README's test
 command is the one block not run here: ``.ci/run`` runs it verbatim (asserted below), and running the
 suite inside the suite would recurse. A block that starts the explorer is run until the server answers.
 """
@@ -39,9 +40,16 @@ def test_the_readme_test_command_is_what_ci_runs():
 @pytest.mark.parametrize(
     ("index", "code"), _blocks("python"), ids=lambda v: str(v) if isinstance(v, int) else ""
 )
-def test_python_block_runs(index, code, monkeypatch):
-    monkeypatch.chdir(REPO)  # examples may name files of the checkout (tests/data/...)
+def test_python_block_runs(index, code, scratch, monkeypatch):
+    monkeypatch.chdir(scratch)
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    for name in ("examples", "tests"):
+        (tmp_path / name).symlink_to(REPO / name, target_is_directory=True)
+    return tmp_path
 
 
 def _shell_env() -> dict[str, str]:
@@ -67,7 +75,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize(
     ("index", "code"), _blocks("bash"), ids=lambda v: str(v) if isinstance(v, int) else ""
 )
-def test_bash_block_runs(index, code, tmp_path):
+def test_bash_block_runs(index, code, scratch):
+    tmp_path = scratch
     script = _in_scratch(code)
     if "looplens explore" in code:
         port = _free_port()

@@ -163,10 +163,11 @@ def render() -> None:
     if prompts.empty:
         st.caption("No prompts recorded yet.")
     else:
+        columns = ["prompt_id", "prompt_text", "expected", "intermediate", "generated", "correct", "verdict"]
+        if prompts["error"].notna().any():  # prompts `looplens probe` could not probe, with the reason
+            columns.append("error")
         st.dataframe(
-            prompts[
-                ["prompt_id", "prompt_text", "expected", "intermediate", "generated", "correct", "verdict"]
-            ],
+            prompts[columns],
             hide_index=True,
             width="stretch",
             height=min(400, 38 + 35 * len(prompts)),

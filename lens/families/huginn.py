@@ -150,6 +150,13 @@ class RecurrentDepthLM(LoopedLM):
                 raise InputError(
                     f"init_state has width {init_state.shape[-1]}, the model {embedded.shape[-1]}"
                 )
+            try:
+                torch.broadcast_shapes(init_state.shape, embedded.shape)
+            except RuntimeError:
+                raise InputError(
+                    f"init_state of shape {tuple(init_state.shape)} does not fit the batch "
+                    f"{tuple(embedded.shape)} ([B, S, d], or a shape that broadcasts to it)"
+                ) from None
             return init_state.to(device=embedded.device, dtype=embedded.dtype).expand_as(embedded).clone()
         if isinstance(init_state, str) and init_state == "zeros":
             return torch.zeros_like(embedded)

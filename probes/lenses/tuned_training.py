@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from lens.generation import pad_left
 from lens.model import LoopedLM
 from lens.stream import TraceCollector
+from probes.batching import forward_batches
 from probes.lenses.tuned import Mode, TunedLens
 
 
@@ -45,14 +45,16 @@ def collect_states(
     """Run the model over ``prompts`` and keep the states of ``sites`` at every real token."""
     states: dict[tuple[str, int], list[Tensor]] = {}
     finals = []
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    pad = model.config.pad_token_id or 0
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = pad_left(prompts[start : start + batch_size], pad)
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        collector = TraceCollector(list(sites))
-        out = model(ids, num_steps, attention_mask=mask, consumers=[collector], generator=gen)
-        real = mask.bool()
+    for batch, out, (collector,) in forward_batches(
+        model,
+        prompts,
+        lambda _: [TraceCollector(list(sites))],
+        num_steps=num_steps,
+        batch_size=batch_size,
+        seed=seed,
+        logits="all",
+    ):
+        real = batch.mask.bool()
         for site, tensors in collector.trace.states.items():
             for tensor, it in zip(tensors, collector.trace.iterations[site], strict=True):
                 states.setdefault((site, it), []).append(tensor[real].float())

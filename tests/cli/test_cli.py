@@ -59,3 +59,18 @@ def test_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(lens, "load_model", broken)
     result = runner.invoke(app, ["info"])
     assert isinstance(result.exception, TypeError)
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line(tmp_path):
+    """Issue #11.18 (read-only ``--out``): an operating-system error on a user's path is one line, not a
+    traceback. (CI runs as root, which ignores permission bits, so a path through a file stands in.)"""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["study", "arithmetic", "--n", "2", "--out", str(blocker / "runs")])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "Traceback" not in result.output
+
+
+def test_a_bad_dtype_is_one_line():
+    result = runner.invoke(app, ["study", "arithmetic", "--dtype", "int8"])
+    assert result.exit_code == 2 and "not a floating dtype" in result.output

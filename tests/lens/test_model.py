@@ -235,3 +235,24 @@ def test_transformer_lens_conventions(small_model):
         cache["hook_adapter"]
     with pytest.raises(KeyError, match="no hook point"):
         small_model.run_with_cache(ids, num_steps=1, names_filter="hook_nowhere")
+
+
+def test_unclear_inputs_get_one_clear_error(small_model):
+    """Issue #11.14 and #11.18: a bounded num_steps, an empty batch, an init_state that does not fit."""
+    ids = torch.randint(0, 97, (2, 5))
+    with pytest.raises(lens.InputError, match="limit of 1024 iterations.*max_num_steps"):
+        small_model(ids, num_steps=1_000_000)
+    with pytest.raises(lens.InputError, match="limit"):
+        small_model(ids, num_steps=(1000, 1000))
+    small_model.max_num_steps = 2000  # the documented override
+    try:
+        with pytest.raises(lens.InputError, match="limit of 2000"):
+            small_model(ids, num_steps=2001)
+    finally:
+        del small_model.max_num_steps
+    with pytest.raises(lens.InputError, match="batch is empty"):
+        small_model(torch.zeros(0, 5, dtype=torch.long), num_steps=1)
+    with pytest.raises(lens.InputError, match=r"init_state of shape \(3, 5, 64\) does not fit"):
+        small_model(ids, num_steps=1, init_state=torch.zeros(3, 5, 64))
+    out = small_model(ids, num_steps=1, init_state=torch.zeros(1, 1, 64))  # broadcasts: fine
+    assert out.logits.shape == (2, 5, 97)

@@ -55,7 +55,16 @@ def rank_rows(batch: int, prompts: int = 2, layers: int = 3) -> list[dict]:
 
 
 def test_schemas_name_the_tables_and_nullable_columns():
-    assert set(SCHEMAS) == {"ranks", "topk", "answers", "dynamics", "prompts", "verdicts", "exit_gate"}
+    assert set(SCHEMAS) == {
+        "ranks",
+        "topk",
+        "answers",
+        "dynamics",
+        "prompts",
+        "verdicts",
+        "exit_gate",
+        "prompt_meta",
+    }
     nullable = {name: sorted(f.name for f in s if f.nullable) for name, s in SCHEMAS.items()}
     assert nullable == {
         "ranks": ["kl_to_final"],
@@ -65,6 +74,7 @@ def test_schemas_name_the_tables_and_nullable_columns():
         "prompts": ["intermediate"],
         "verdicts": [],
         "exit_gate": [],
+        "prompt_meta": ["error", "metadata", "steps_used", "targets"],
     }
     assert SCHEMAS["topk"].field("k").type == pa.int8()
     assert SCHEMAS["ranks"].field("position").type == pa.int32()

@@ -226,7 +226,7 @@ def test_a_study_that_fails_marks_its_run_failed(model_dir, tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory in depth scaling")
 
-    monkeypatch.setattr("studies.arithmetic._depth_scaling", broken)
+    monkeypatch.setattr("studies.arithmetic._depth_answers", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         run_arithmetic_study(model=str(model_dir), out=tmp_path, **{**SETTINGS, "n": 4})
     [info] = probes.list_runs(tmp_path)

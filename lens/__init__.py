@@ -8,11 +8,13 @@
 
 from lens.cache import KVCache
 from lens.config import RecurrentDepthConfig
+from lens.diffusion import DiffusionResult, DiffusionSampler, DiffusionSettings
 from lens.errors import CheckpointError, ConfigError, InputError, LooplensError, ModelNotFoundError
 from lens.exit_gate import GateExit
 from lens.families import FAMILIES, detect_family
 from lens.families.ouro import OuroConfig
 from lens.families.retrofit import RetrofitConfig
+from lens.generation import GenerationResult
 from lens.hooks import HookPoint
 from lens.interventions import Ablate, Freeze, Intervention, Patch, Reinject, RowPatches, Steer
 from lens.layout import Unrolled, UnrolledLayout
@@ -25,6 +27,10 @@ __all__ = [
     "EMBEDDED_MODELS",
     "FAMILIES",
     "CheckpointError",
+    "DiffusionResult",
+    "DiffusionSampler",
+    "DiffusionSettings",
+    "GenerationResult",
     "ConfigError",
     "Freeze",
     "GateExit",

@@ -92,8 +92,8 @@ def attend(
     key/value heads (query head ``h`` reads key/value head ``h // (H / K)``), the mask."""
     B, S, n_head, _ = q.shape
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if cache is not None:
-        k, v = cache.update(cache_index, k, v)
+    if cache is not None:  # the cache's lookup strategy may leave missing entries out of the mask
+        k, v, mask = cache.attend(cache_index, k, v, mask)
     if k.shape[1] != n_head:
         repeat = n_head // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

@@ -11,7 +11,7 @@ stop rows early.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,14 +19,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from lens.cache import KVCache
+from lens.cache import CacheStrategy, KVCache
 from lens.errors import InputError
 from lens.exit_criteria import ExitCriterion
 from lens.exit_gate import GateExit, GateReadout, exit_distribution
 from lens.hooks import HookedModule, HookPoint
 from lens.layers import RMSNorm, causal_mask
 from lens.layout import UnrolledLayout
-from lens.stream import Dispatcher, StateConsumer, Trace, TraceCollector
+from lens.stream import Dispatcher, StateConsumer, Trace, TraceCollector, Wavefront
 
 InitState = Literal["random", "zeros"] | Tensor | None
 Steps = int | tuple[int, int]
@@ -198,6 +198,8 @@ class LoopedLM(HookedModule):
         exit_criterion: ExitCriterion | None = None,
         gate_exit: GateExit | None = None,
         first_iteration: int = 1,
+        on_prelude: Callable[[Tensor], Tensor] | None = None,
+        wavefront: Wavefront | None = None,
     ) -> RecurrentDepthOutput:
         """Run the model; each state goes to the ``consumers`` subscribed to its site.
 
@@ -211,6 +213,8 @@ class LoopedLM(HookedModule):
         ``first_iteration - 1`` handed on (``out.state`` of a shorter run, or a traced one), the loop runs
         iterations ``first_iteration..T`` with their own numbers, and the result equals the full run's
         (an exit gate's ``exit_lambda`` / ``exit_pdf`` then cover the iterations run).
+        ``on_prelude`` replaces the prelude output the recurrence re-injects (the diffusion sampler's
+        moving average of input embeddings); ``wavefront`` rides along on every emitted state.
         """
         consumers = list(consumers)
         collector = None
@@ -229,6 +233,8 @@ class LoopedLM(HookedModule):
             exit_criterion,
             gate_exit,
             first_iteration,
+            on_prelude,
+            wavefront,
         )
         while True:
             try:
@@ -253,6 +259,8 @@ class LoopedLM(HookedModule):
         exit_criterion: ExitCriterion | None = None,
         gate_exit: GateExit | None = None,
         first_iteration: int = 1,
+        on_prelude: Callable[[Tensor], Tensor] | None = None,
+        wavefront: Wavefront | None = None,
     ) -> Iterator[tuple[str, int, Tensor]]:
         """The forward pass as a generator of ``(site, iteration, tensor)``; returns the output.
 
@@ -261,6 +269,8 @@ class LoopedLM(HookedModule):
         n_free, n_grad = self._check_steps(num_steps)
         T = n_free + n_grad
         self._check_inputs(input_ids, attention_mask, cache)
+        if cache is not None:
+            cache.active = None
         if logits not in ("all", "last", "none"):
             raise InputError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         layout = self.layout
@@ -279,7 +289,7 @@ class LoopedLM(HookedModule):
         B, S = input_ids.shape
         if first_iteration != 1:
             self._check_resume(first_iteration, T, init_state, gate_exit, (B, S))
-        dispatch = Dispatcher(consumers, layout)
+        dispatch = Dispatcher(consumers, layout, wavefront)
         rope, mask = self._positions(B, S, attention_mask, cache, input_ids.device)
 
         def emit(
@@ -295,6 +305,8 @@ class LoopedLM(HookedModule):
             e = block(e, rope, layout.cache_index("prelude", 0, i), mask, cache)
             yield from emit(f"prelude.{i}", 0, e)
 
+        if on_prelude is not None:
+            e = on_prelude(e)
         if first_iteration == 1:
             x = self.initial_state(e, init_state, generator)
         else:  # resuming: the state iteration first_iteration - 1 handed on
@@ -307,12 +319,14 @@ class LoopedLM(HookedModule):
         kept = slice(None) if logits == "all" else slice(-1, None)
         readout = GateReadout(gate_exit, T, self.head) if gate_exit is not None and logits != "none" else None
         if exit_criterion is not None:
-            exit_criterion.reset()
+            exit_criterion.reset(x, attention_mask)
         core = self.stage("core")
         for t in range(first_iteration, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t > n_free):
                 self.set_hook_iteration(t)
                 previous = x
+                if cache is not None:  # rows that exited compute on, unseen, and write no keys
+                    cache.active = ~exited if any_exited else None
                 if layout.adapter:
                     inj = self.hook_injection(injection) if self.hook_injection._forward_hooks else injection
                     x = self.hook_adapter(self.inject(x, inj, t))
@@ -320,17 +334,8 @@ class LoopedLM(HookedModule):
                 for j, block in enumerate(core):
                     x = block(x, rope, layout.cache_index("core", t, j), mask, cache)
                     yield from emit(f"core.{j}", t, x)
-                if any_exited:  # finished rows keep their exit state and keys, as if they had stopped
+                if any_exited:  # finished rows keep their exit state (and wrote no keys: cache.active)
                     x = torch.where(exited[:, None, None], previous, x)
-                    if cache is not None:
-                        for s_exit in steps_used[exited].unique().tolist():
-                            rows = exited & (steps_used == s_exit)
-                            for j in range(layout.core):
-                                cache.freeze_rows(
-                                    layout.cache_index("core", t, j),
-                                    rows,
-                                    layout.cache_index("core", s_exit, j),
-                                )
                 lam = None
                 if layout.latent_per_iteration:
                     if not any_exited:
@@ -351,7 +356,9 @@ class LoopedLM(HookedModule):
             check_logits = None
             if exit_criterion.needs_logits:
                 check_logits = self.head(self.readout(x, rope, mask, cache)[:, -1])
-            _, stop = exit_criterion.update(x[:, -1], check_logits, lam[:, -1] if lam is not None else None)
+            _, stop = exit_criterion.update(
+                x, check_logits, lam[:, -1] if lam is not None else None, attention_mask
+            )
             newly = stop & ~exited
             steps_used[newly] = t
             exited |= newly
@@ -359,6 +366,8 @@ class LoopedLM(HookedModule):
             if any_exited and bool(exited.all()):
                 break
         self.set_hook_iteration(0)
+        if cache is not None:
+            cache.active = None
         state = x
         if layout.latent_per_iteration:
             latent = x
@@ -387,8 +396,15 @@ class LoopedLM(HookedModule):
         return out
 
     # ---- helpers ----------------------------------------------------------------------------------
-    def new_cache(self) -> KVCache:
-        return KVCache(self.layout)
+    def new_cache(self, strategy: str | CacheStrategy = "deepest") -> KVCache:
+        """An empty key/value cache for this model's layout (``strategy``: see :mod:`lens.cache`)."""
+        return KVCache(self.layout, strategy)
+
+    @property
+    def default_cache_strategy(self) -> str:
+        """The lookup strategy adaptive generation uses unless told: the authors' ``full`` for Huginn,
+        looplens's ``deepest`` for the other families (whose authors' code runs every iteration)."""
+        return "full" if self.layout.family == "huginn" else "deepest"
 
     @property
     def default_steps(self) -> int:
@@ -459,9 +475,13 @@ class LoopedLM(HookedModule):
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is outside the vocabulary [0, {V})")
         past = cache.seq_len if cache is not None else 0
-        if past + input_ids.shape[1] > self.config.block_size:
+        total = past + input_ids.shape[1]
+        if cache is not None and cache.ragged:  # each row's own length plus its own (right-padded) tokens
+            new = attention_mask.sum(1) if attention_mask is not None else input_ids.shape[1]
+            total = int((cache.row_lengths(input_ids.shape[0], input_ids.device) + new).max())
+        if total > self.config.block_size:
             raise InputError(
-                f"sequence of {past + input_ids.shape[1]} tokens is longer than the model's context "
+                f"sequence of {total} tokens is longer than the model's context "
                 f"(block_size = {self.config.block_size})"
             )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -472,7 +492,11 @@ class LoopedLM(HookedModule):
     def _positions(
         self, B: int, S: int, attention_mask: Tensor | None, cache: KVCache | None, device: torch.device
     ) -> tuple[Tensor, Tensor | None]:
-        """Rotary angles and the attention mask for this call (left padding shifts positions)."""
+        """Rotary angles and the attention mask for this call (left padding shifts positions; a ragged
+        cache gives each row its own start, and ``attention_mask`` then marks right padding)."""
+        if cache is not None and cache.ragged:
+            positions, mask = cache.positions(B, S, device)
+            return self.rope(positions.clamp(max=self.config.block_size - 1)), mask[:, None]
         past = cache.seq_len if cache is not None else 0
         past_mask = cache.key_mask if cache is not None else None
         if attention_mask is None and past_mask is None:

@@ -18,4 +18,14 @@ def _patching(**kwargs: Any) -> Any:
     return run_patching_study(**kwargs)
 
 
-STUDIES: dict[str, Callable[..., Any]] = {"arithmetic": _arithmetic, "patching": _patching}
+def _sampler(**kwargs: Any) -> Any:
+    from studies.sampler import run_sampler_study
+
+    return run_sampler_study(**kwargs)
+
+
+STUDIES: dict[str, Callable[..., Any]] = {
+    "arithmetic": _arithmetic,
+    "patching": _patching,
+    "sampler": _sampler,
+}

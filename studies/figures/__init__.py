@@ -13,6 +13,8 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 ``reference_overlay``       figures 1–3 for Huginn-3.5B (reference study) next to ours
 ``exit_gate``               exit-gate λ_t, exit distribution and threshold exits (Ouro runs only)
 ``patching_*``, ...         the patching study's figures (:mod:`studies.figures.patching`)
+``sampler_frontier``        accuracy vs sequential calls and wall time per token (sampler study)
+``wavefront``               diffusion step × position: frozen, iterations, lens ranks (sampler study)
 ==========================  =====================================================================
 
 :func:`render_all` draws every figure whose input tables are present.
@@ -39,6 +41,8 @@ from studies.figures import (
     numeric_prefix,
     rank_trajectory,
     reference_overlay,
+    sampler_frontier,
+    wavefront,
 )
 from studies.figures.base import Figure, FigureSpec, Headline, Tables
 from studies.figures.intermediate_vs_final import pick_block
@@ -72,6 +76,8 @@ FIGURES: dict[str, FigureSpec] = {
         reference_overlay.FIGURE,
         exit_gate.FIGURE,
         *PATCHING_FIGURES.values(),
+        sampler_frontier.FIGURE,
+        wavefront.FIGURE,
     )
 }
 

@@ -55,6 +55,7 @@ __all__ = [
     "numeric_share",
     "overlay_trajectories",
     "overview_figure",
+    "pca_projections",
     "pca_trajectories",
     "power_label",
     "probability_entropy",
@@ -357,11 +358,11 @@ def _prompt_lines(group: pd.DataFrame, x_scale: float) -> tuple[np.ndarray, np.n
     top tokens are on the bold median's hover and in the prompt's own view, one click away.
     """
     g = group.sort_values(["prompt_id", "unrolled_index"])
-    pid = g["prompt_id"].to_numpy(dtype=float)
-    layer = g["unrolled_index"].to_numpy(dtype=float)
+    pid = g["prompt_id"].to_numpy(dtype=np.float32)  # float32: exact for ids, layers and ranks < 2**24,
+    layer = g["unrolled_index"].to_numpy(dtype=np.float32)  # and half the bytes sent to the browser
     starts = np.flatnonzero(np.diff(pid)) + 1  # where each next prompt begins
-    x = np.insert(layer * x_scale, starts, np.nan)
-    y = np.insert(g["rank"].to_numpy(dtype=float), starts, np.nan)
+    x = np.insert(layer * np.float32(x_scale), starts, np.nan)
+    y = np.insert(g["rank"].to_numpy(dtype=np.float32), starts, np.nan)
     custom = np.stack([np.insert(pid, starts, np.nan), np.insert(layer, starts, np.nan)], axis=1)
     return x, y, custom
 
@@ -529,7 +530,7 @@ def rank_heatmap(
         z_range if z_range is not None else (1.0, float(np.nanmax(10**z)) if np.isfinite(z).any() else 10.0)
     )
     tickvals, ticktext = _log_ticks(lo, hi)
-    show_text = R * C <= 160
+    show_text = R * C <= 160 and R <= 40  # numbers in cells only where rows are tall enough to read them
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -811,6 +812,66 @@ def pca_trajectories(
                 title="PC2", zeroline=False, gridcolor="rgba(0,0,0,0.06)", scaleanchor="x", scaleratio=1
             ),
         )
+    return fig
+
+
+def pca_projections(
+    dyn: pd.DataFrame,
+    *,
+    color_by: str = "prompt_id",
+    labels: Mapping | None = None,
+    title: str | None = None,
+    height: int = 400,
+) -> go.Figure:
+    """The first three principal components as three flat views (PC1–PC2, PC1–PC3, PC2–PC3): the third
+    dimension of a trajectory without a WebGL scene (which a browser without a GPU draws slowly)."""
+    cols = ["pc1", "pc2", "pc3"]
+    data = dyn.dropna(subset=cols) if dyn is not None and len(dyn) else None
+    if data is None or data.empty:
+        return empty_figure("no PCA coordinates for this selection")
+    pairs = [("pc1", "pc2"), ("pc1", "pc3"), ("pc2", "pc3")]
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        horizontal_spacing=0.06,
+        subplot_titles=[f"{a.upper()} × {b.upper()}" for a, b in pairs],
+    )
+    groups = list(data.groupby(color_by, sort=True))
+    T = int(data["iteration"].max())
+    for (key, g), color in zip(groups, _palette(len(groups)), strict=True):
+        g = g.sort_values("iteration")
+        label = _trajectory_label(key, color_by, labels)
+        symbols = ["circle-open" if t == 1 else "diamond" if t == T else "circle" for t in g["iteration"]]
+        sizes = [9 if t in (1, T) else 4 for t in g["iteration"]]
+        for col, (a, b) in enumerate(pairs, start=1):
+            fig.add_trace(
+                go.Scatter(
+                    x=g[a],
+                    y=g[b],
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=label,
+                    showlegend=col == 1,
+                    line=dict(color=color, width=1.5),
+                    marker=dict(color=color, size=sizes, symbol=symbols),
+                    customdata=g["iteration"],
+                    hovertemplate=f"{label}<br>t=%{{customdata}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+    fig.update_xaxes(zeroline=False, gridcolor="rgba(0,0,0,0.06)")
+    fig.update_yaxes(zeroline=False, gridcolor="rgba(0,0,0,0.06)")
+    fig.update_layout(
+        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN,
+        plot_bgcolor="white",
+        showlegend=len(groups) <= 12,
+        legend=dict(font=dict(size=11)),
+    )
     return fig
 
 

@@ -457,20 +457,26 @@ def trajectory_views(
             data=dyn,
             file_name=f"{key}-latent-dynamics",
         )
-    dims = st.segmented_control("PCA", ["2-D", "3-D"], default="2-D", key=f"{key}_dims") or "2-D"
-    ui.chart(
-        charts.pca_trajectories(
-            dyn,
-            3 if dims == "3-D" else 2,
-            color_by=color_by,
-            labels=labels,
-            title="Latent trajectory across iterations (first principal components; "
-            "○ first iteration, ◆ last)",
-        ),
-        key=f"{key}_pca",
-        data=dyn,
-        file_name=f"{key}-latent-dynamics",
+    views = ["2-D", "3 projections", "3-D"]
+    dims = (
+        st.segmented_control(
+            "PCA",
+            views,
+            default="2-D",
+            key=f"{key}_dims",
+            help="2-D: the first two components; 3 projections: the first three, two at a time; 3-D: a "
+            "rotatable scene (WebGL: slow in a browser without a graphics card)",
+        )
+        or "2-D"
     )
+    title = "Latent trajectory across iterations (first principal components; ○ first iteration, ◆ last)"
+    if dims == "3 projections":
+        figure = charts.pca_projections(dyn, color_by=color_by, labels=labels, title=title)
+    else:
+        figure = charts.pca_trajectories(
+            dyn, 3 if dims == "3-D" else 2, color_by=color_by, labels=labels, title=title
+        )
+    ui.chart(figure, key=f"{key}_pca", data=dyn, file_name=f"{key}-latent-dynamics")
     st.caption(
         "Each trajectory is projected on its own principal components (computed per trajectory when "
         "it was recorded), so compare shapes — spirals, fixed points, cycles — rather than positions. "

@@ -119,7 +119,13 @@ class RunHandle:
 
 def runs_found() -> list[RunInfo]:
     """The runs in the runs folder, then the reference study's released Huginn-3.5B results."""
-    return [*data.find_runs(settings().runs), reference_info()]
+    return [*_listed_runs(str(settings().runs)), reference_info()]
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def _listed_runs(root: str) -> list[RunInfo]:
+    """The folder's runs, read at most every 2 s (the sidebar and the page both ask on every rerun)."""
+    return data.find_runs(root)
 
 
 def own_runs(runs: list[RunInfo]) -> list[RunInfo]:

@@ -28,7 +28,7 @@ def render() -> None:
     )
     session = sections.live_session("grid", run_prompts=_run_prompts(), choose_lenses=False)
     if session is not None:
-        sections.lens_grid_view(session, key="grid")
+        st.fragment(sections.lens_grid_view)(session, key="grid")  # the grid's widgets rerun only the grid
 
 
 ui.guarded(render)

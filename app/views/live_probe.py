@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import streamlit as st
+
 from app import live, sections, ui
 
 TABS = ["Rank trajectory", "Probability & entropy", "Lens grid", "Latent dynamics", "Adaptive exit"]
@@ -19,6 +21,13 @@ def render() -> None:
         return
     probe = session.probe
     sections.probe_summary(probe)
+    _views(session)
+
+
+@st.fragment
+def _views(session: sections.LiveSession) -> None:
+    """The probe's views in lazy tabs (a fragment: a tab or a widget in it reruns only this part)."""
+    probe = session.probe
     gated = session.model.layout.exit_gate
     tabs = sections.lazy_tabs(TABS + (["Exit gate"] if gated else []), key="live_tab")
     views = [

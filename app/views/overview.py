@@ -117,26 +117,10 @@ def _headline_metrics(head: dict, manifest: dict) -> None:
         )
 
 
-def render() -> None:
-    ui.page_header(
-        "Run overview",
-        "Runs read through DuckDB from the runs folder; figures rebuilt from the "
-        "run's tables (hover for values, drag to zoom, double-click to reset).",
-    )
-    runs = ui.runs_found()
-    own = ui.own_runs(runs)
-    if own:
-        with st.expander(f"All runs in `{ui.settings().runs}` ({len(own)})", expanded=len(own) > 1):
-            st.dataframe(_runs_table(runs), hide_index=True, width="stretch")
-    handle = ui.current_run(runs)
-    if handle is None:
-        return
+@st.fragment
+def _median_chart(handle: ui.RunHandle) -> None:
+    """The targets picker and the median-rank chart (a fragment: picking a target reruns only this)."""
     path, mtime = handle.path, handle.mtime
-    manifest = data.manifest(path, mtime)
-    st.subheader(handle.name)
-    head = data.headline(path, mtime)
-    _headline_metrics(head, manifest)
-
     medians = data.median_trajectories(path, mtime)
     kinds = [k for k in data.choices(path, mtime)["target_kinds"] if not k.startswith("digit_")]
     default = [k for k in ("final", "intermediate", "control") if k in kinds] or kinds[:3]
@@ -161,6 +145,29 @@ def render() -> None:
         data=shown,
         file_name=f"{handle.name}-median-rank",
     )
+
+
+def render() -> None:
+    ui.page_header(
+        "Run overview",
+        "Runs read through DuckDB from the runs folder; figures rebuilt from the "
+        "run's tables (hover for values, drag to zoom, double-click to reset).",
+    )
+    runs = ui.runs_found()
+    own = ui.own_runs(runs)
+    if own:
+        with st.expander(f"All runs in `{ui.settings().runs}` ({len(own)})", expanded=len(own) > 1):
+            st.dataframe(_runs_table(runs), hide_index=True, width="stretch")
+    handle = ui.current_run(runs)
+    if handle is None:
+        return
+    path, mtime = handle.path, handle.mtime
+    manifest = data.manifest(path, mtime)
+    st.subheader(handle.name)
+    head = data.headline(path, mtime)
+    _headline_metrics(head, manifest)
+
+    _median_chart(handle)
     gate = data.exit_gate_rows(path, mtime)
     if len(gate):
         st.subheader("Exit gate", divider="gray")
@@ -201,8 +208,10 @@ def render() -> None:
                     for v in sorted(set(verdicts["verdict"]), key=lambda v: (not v.startswith("fixed"), v))
                 )
             )
-    with st.expander("Manifest"):
-        _manifest_panel(manifest)
+    facts = st.expander("Manifest", key="overview_manifest", on_change="rerun")  # drawn only when open
+    if facts.open:
+        with facts:
+            _manifest_panel(manifest)
 
     prompts = data.prompt_table(path, mtime)
     st.subheader("Prompts", divider="gray")
@@ -239,18 +248,28 @@ def render() -> None:
 
     files = data.figure_files(path) if not is_reference(path) else {}
     if any(files.values()):
-        with st.expander(f"Figures saved by the study ({len(files['png'])} PNG, {len(files['html'])} HTML)"):
-            pngs = files["png"]
-            for start in range(0, len(pngs), 2):
-                for col, png in zip(st.columns(2), pngs[start : start + 2], strict=False):
-                    col.image(str(png), caption=png.name, width="stretch")
-            if files["damaged"]:
-                st.caption(
-                    "Not readable as PNG images (damaged or not images), left out: "
-                    + ", ".join(f"`figures/{p.name}`" for p in files["damaged"])
-                )
-            if files["html"]:
-                st.caption("Interactive HTML: " + ", ".join(f"`figures/{p.name}`" for p in files["html"]))
+        saved = st.expander(
+            f"Figures saved by the study ({len(files['png'])} PNG, {len(files['html'])} HTML)",
+            key="overview_figures",
+            on_change="rerun",  # lazy: the PNGs are read and sent only while it is open
+        )
+        if saved.open:
+            _saved_figures(saved, files)
+
+
+def _saved_figures(where, files: dict) -> None:
+    with where:
+        pngs = files["png"]
+        for start in range(0, len(pngs), 2):
+            for col, png in zip(st.columns(2), pngs[start : start + 2], strict=False):
+                col.image(str(png), caption=png.name, width="stretch")
+        if files["damaged"]:
+            st.caption(
+                "Not readable as PNG images (damaged or not images), left out: "
+                + ", ".join(f"`figures/{p.name}`" for p in files["damaged"])
+            )
+        if files["html"]:
+            st.caption("Interactive HTML: " + ", ".join(f"`figures/{p.name}`" for p in files["html"]))
 
 
 ui.guarded(render)

@@ -95,20 +95,27 @@ def render() -> None:
         )
 
     st.subheader("Top-5 tokens at every layer", divider="gray")
-    topk = data.prompt_topk(path, mtime, int(pid))
+    _topk_section(handle, int(pid), has_ranks=not ranks.empty)
+
+
+@st.fragment
+def _topk_section(handle: ui.RunHandle, pid: int, has_ranks: bool) -> None:
+    """The paper's qualitative table for one lens (a fragment: switching the lens reruns only this)."""
+    path, mtime = handle.path, handle.mtime
+    topk = data.prompt_topk(path, mtime, pid)
     if topk.empty:
         st.info(
             "No top-k decodings were recorded for this prompt"
             + (
                 " (the reference study released them for its 100 unfiltered problems, ids 0–99)."
-                if ranks.size
+                if has_ranks
                 else "."
             )
         )
         return
     lenses = lens_order(topk["lens"].unique())
     lens = st.segmented_control("Lens", lenses, default=lenses[0], key="prompt_lens") or lenses[0]
-    table = sections.topk_table(topk[topk["lens"] == lens], layout)
+    table = sections.topk_table(topk[topk["lens"] == lens], data.layout(path, mtime))
     st.caption(
         f"{lens} lens, prompt #{pid}: each row one layer in the order of the forward pass (prelude, core "
         "blocks iteration by iteration, the latent handed to the coda, coda, output); each cell a decoded "

@@ -81,6 +81,9 @@ def test_overview(monkeypatch, runs_dir, model_dir):
     assert "arith-small" in [s.value for s in at.subheader]
     assert at.sidebar.selectbox(key="run").value == "arith-small"
     assert len(at.dataframe) >= 2  # all runs, prompts (+ manifest facts)
+    assert not at.image  # the study's PNGs are read only when their expander is opened
+    at.session_state["overview_figures"] = True
+    at.run()
     assert at.image  # the study's PNG
 
 
@@ -635,6 +638,8 @@ def test_damaged_runs_are_shown_as_damaged_and_the_rest_stay_usable(monkeypatch,
         assert_clean(at)
         assert charts(at) >= 1, page
     goto(at, "overview")
+    at.session_state["overview_figures"] = True
+    at.run()
     assert at.image and "figures/notes.png" in texts(at)  # named, the real figure still shown
     for name in damages:
         at.sidebar.selectbox(key="run").set_value(name).run()

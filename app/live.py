@@ -483,15 +483,23 @@ class GenerationView:
 
 
 def generate_adaptive(
-    model: Any, prompt: str, max_new_tokens: int, num_steps: int, exit_criterion: str = "kl"
+    model: Any, prompt: str, max_new_tokens: int, num_steps: int, exit_criterion: str = "kl", seed: int = 0
 ) -> GenerationView:
-    """Greedy generation with an exit criterion; ``"none"`` runs every token at full depth."""
+    """Greedy generation with an exit criterion; ``"none"`` runs every token at full depth. The initial
+    state is drawn from ``seed`` as ``probes.adaptive.exit_trace`` draws it, so the first token exits where
+    the criterion's curve says it does."""
     if not prompt:
         raise InputError("The prompt is empty: type a prompt (or pick one) first.")
+    import torch
+
     started = time.perf_counter()
     crit = None if exit_criterion == "none" else exit_criterion
     res = model.generate(
-        [prompt], max_new_tokens=int(max_new_tokens), num_steps=int(num_steps), exit_criterion=crit
+        [prompt],
+        max_new_tokens=int(max_new_tokens),
+        num_steps=int(num_steps),
+        exit_criterion=crit,
+        generator=torch.Generator(device=model.device).manual_seed(seed),
     )
     tok = model.tokenizer
     new = res.tokens[0]

@@ -333,13 +333,22 @@ def test_prompt_and_answer_checks(model):
 
 def test_exit_trace_is_the_criterion_generation_uses(model):
     """The adaptive-exit curve: the KL the criterion reads at each iteration, and the exit it implies."""
+    import torch
+
     from probes.adaptive import exit_trace
 
     ids = model.tokenizer.encode("Question: What is (2 * 3) + 1?\nAnswer:")
     trace = exit_trace(model, ids, 12, "kl", threshold=1e-2)
     assert list(trace["iteration"]) == list(range(1, 13)) and np.isnan(trace["value"].iloc[0])
     assert (trace["exits"] == (trace["value"] < 1e-2)).all()
-    gen = model.generate([ids], max_new_tokens=1, num_steps=12, exit_criterion="kl", exit_threshold=1e-2)
+    gen = model.generate(
+        [ids],
+        max_new_tokens=1,
+        num_steps=12,
+        exit_criterion="kl",
+        exit_threshold=1e-2,
+        generator=torch.Generator().manual_seed(0),  # the initial state exit_trace draws (seed 0)
+    )
     first = int(trace.loc[trace["exits"], "iteration"].iloc[0]) if trace["exits"].any() else 12
     assert gen.steps_used[0][0] == first
     fig = charts.exit_trace_chart(trace, "kl")

@@ -1,7 +1,9 @@
 """looplens models: looped LMs (Huginn, retrofitted recurrence, Ouro) that stream every per-iteration state.
 
 >>> import lens
->>> model = lens.load_model("tiny-arith")  # doctest: +SKIP
+>>> model = lens.load_model("tiny-arith")  # the embedded default; or a checkpoint directory
+>>> model.layout.family, model.default_steps
+('huginn', 16)
 """
 
 from lens.cache import KVCache

@@ -1,8 +1,11 @@
 """looplens probes: lenses and analyzers that consume a model's state stream and emit tidy records.
 
->>> import probes
->>> result = probes.probe_prompts(model, prompts, targets={"final": ids}, num_steps=16)  # doctest: +SKIP
->>> run = probes.probe_dataset("prompts.jsonl", "tiny-arith", out="runs")  # doctest: +SKIP
+>>> import lens, probes
+>>> model = lens.load_model("tiny-arith")
+>>> ids = model.tokenizer.encode("Question: What is (2 * 3) + 1?\\nAnswer:")
+>>> result = probes.probe_prompts(model, [ids], targets={"final": model.tokenizer.encode(" 7")}, num_steps=16)
+>>> sorted(result.ranks["lens"].unique())  # every lens the family supports
+['coda', 'logit']
 """
 
 from probes.api import ProbeResult, probe_prompts

@@ -1,8 +1,13 @@
 """The probing API a study reads like: prompts in, tidy rank trajectories out.
 
->>> result = probe_prompts(model, prompts, targets={"final": answer_ids}, num_steps=16,
-...                        lenses=["logit", "coda"])                       # doctest: +SKIP
->>> result.ranks.query("lens == 'coda'").groupby("unrolled_index")["rank"].median()  # doctest: +SKIP
+>>> import lens
+>>> model = lens.load_model("tiny-arith")
+>>> prompts = ["Question: What is (2 * 3) + 1?\\nAnswer:", "Question: What is (4 + 4) - 5?\\nAnswer:"]
+>>> answers = [model.tokenizer.encode(" 7")[0], model.tokenizer.encode(" 3")[0]]
+>>> result = probe_prompts(model, prompts, targets={"final": answers}, num_steps=16, lenses=["logit", "coda"])
+>>> medians = result.ranks.query("lens == 'coda' and target_kind == 'final'").groupby("unrolled_index")["rank"]
+>>> len(medians.median()) == model.layout.at(16).n_unrolled  # one median per unrolled block layer
+True
 """
 
 from __future__ import annotations

@@ -7,9 +7,13 @@ patches the gate is seen too). The exit distribution is built with the model's o
 (:func:`lens.exit_gate.exit_distribution`): the last iteration run holds the remaining mass.
 
 Example:
-    >>> rec = ExitGateRecorder(model, positions="last")            # doctest: +SKIP
-    >>> out = model(ids, num_steps=4, consumers=[rec])             # doctest: +SKIP
-    >>> rec.finalize().groupby("iteration")["exit_prob"].mean()    # doctest: +SKIP
+    >>> import torch, lens
+    >>> model = lens.load_model("tests/data/fixtures/ouro-tiny/checkpoint")  # a tiny random Ouro
+    >>> rec = ExitGateRecorder(model, positions="last")
+    >>> out = model(torch.tensor([[5, 9, 100, 3]]), num_steps=4, consumers=[rec])
+    >>> rows = rec.finalize()
+    >>> len(rows), round(float(rows["exit_prob"].sum()), 5)  # 4 iterations; p_t sums to 1
+    (4, 1.0)
 """
 
 from __future__ import annotations

@@ -46,6 +46,10 @@ FRESH_FORM = f"{FRESH} button:has-text('Probe')"
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 
 
+#: The process id of each running explorer started here, by URL (for its CPU time).
+SERVER_PIDS: dict[str, int] = {}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -82,8 +86,10 @@ def explorer(
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, timeout)
+        SERVER_PIDS[url] = proc.pid
         yield url
     finally:
+        SERVER_PIDS.pop(url, None)
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -205,3 +211,33 @@ def timed_navigation(
     idle(page, timeout_ms)
     _all_drawn(page)
     return paint, time.perf_counter() - start
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds spent by the explorer's server process and the page's renderer process: what a view
+    costs whatever else the machine runs (the wall-clock timings grow with the load; these do not)."""
+
+    def __init__(self, page: Any, url: str) -> None:
+        self.pid = SERVER_PIDS[url]
+        self.cdp = page.context.new_cdp_session(page)
+        self.cdp.send("Performance.enable", {"timeDomain": "threadTicks"})
+
+    def _renderer(self) -> float:
+        metrics = self.cdp.send("Performance.getMetrics")["metrics"]
+        return next(m["value"] for m in metrics if m["name"] == "ProcessTime")
+
+    def snapshot(self) -> tuple[float, float]:
+        return process_cpu_seconds(self.pid), self._renderer()
+
+    def since(self, before: tuple[float, float]) -> dict[str, float]:
+        """``{"server_cpu", "browser_cpu"}`` seconds since ``before`` (a navigation that moved the page
+        to a new renderer process counts that process from its start)."""
+        server, renderer = self.snapshot()
+        spent = renderer - before[1] if renderer >= before[1] else renderer
+        return {"server_cpu": round(server - before[0], 3), "browser_cpu": round(spent, 3)}

@@ -1329,8 +1329,7 @@ def probability_entropy(
         rows=2,
         cols=1,
         shared_xaxes=True,
-        vertical_spacing=0.08,
-        subplot_titles=("probability of the target", "entropy of the lens distribution (nats)"),
+        vertical_spacing=0.06,  # no subplot titles: they would sit on the stage labels; the y axes say it
     )
     for lens in sorted(rows["lens"].unique(), key=lambda name: _series_order(name, "")[:2]):
         g = rows[rows["lens"] == lens].sort_values("unrolled_index")
@@ -1354,8 +1353,12 @@ def probability_entropy(
             )
     shapes, notes = _stage_shapes(layout, col=1)
     shapes += _stage_shapes(layout, col=2, labels=False)[0] if layout is not None else []
-    fig.update_yaxes(range=[-0.03, 1.03], title_text="p", row=1, col=1, gridcolor="rgba(0,0,0,0.08)")
-    fig.update_yaxes(title_text="nats", rangemode="tozero", row=2, col=1, gridcolor="rgba(0,0,0,0.08)")
+    fig.update_yaxes(
+        range=[-0.03, 1.03], title_text="p of the target", row=1, col=1, gridcolor="rgba(0,0,0,0.08)"
+    )
+    fig.update_yaxes(
+        title_text="entropy (nats)", rangemode="tozero", row=2, col=1, gridcolor="rgba(0,0,0,0.08)"
+    )
     fig.update_xaxes(title_text="unrolled layer", row=2, col=1, gridcolor="rgba(0,0,0,0.05)")
     fig.update_layout(
         shapes=shapes,

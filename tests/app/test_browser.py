@@ -200,6 +200,8 @@ def test_overview(session, shots, timings):
     assert "arith-small" in name.inner_text()
     assert name.evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # the run name is not cut
     assert downloads(page) >= len(figs) - 2  # heat maps side by side share one download
+    shot(page, shots, "overview_median", chart=0)
+    shot(page, shots, "overview_accuracy", chart=figs.index(accuracy))
     record(
         timings,
         "interaction",
@@ -293,7 +295,7 @@ def test_analyses_and_dynamics(session, shots, timings):
         "dynamics: PCA 3 projections",
         rerun(page, lambda: choice(page, "3 projections").click()),
     )
-    shot(page, shots, "dynamics_projections", chart=-1)
+    shot(page, shots, "dynamics_projections", chart=2)
 
 
 def test_live_probe_input_checks(session, shots):

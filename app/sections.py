@@ -429,6 +429,12 @@ def live_dynamics_view(probe: live.LiveProbe, key: str) -> None:
         or positions[-1:]
     )
     sub = dyn[dyn["position"].isin(chosen)]
+    if probe.num_steps < 2:
+        st.info(
+            "One iteration: the latent has taken no step yet, so there is no step size, cosine or path to "
+            "draw. Probe with 2 iterations or more."
+        )
+        return
     trajectory_views(
         sub, key=key, color_by="position", labels={p: charts.token_html(v) for p, v in labels.items()}
     )

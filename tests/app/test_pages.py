@@ -311,6 +311,8 @@ def test_live_probe_with_one_iteration(monkeypatch, runs_dir, model_dir):
         assert_clean(at)
     open_tab(at, "Lens grid")
     assert "the only one" in texts(at)
+    open_tab(at, "Latent dynamics")
+    assert "One iteration: the latent has taken no step yet" in texts(at)
     goto(at, "lens_grid")
     at.slider(key="grid_steps").set_value(1).run()
     probe(at)

@@ -29,8 +29,8 @@ from benchmarks import browser  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
-TIMEOUT_MS = 60_000
-COLD_TIMEOUT_MS = 180_000  # the first page also pays the server's imports and first queries
+TIMEOUT_MS = 120_000  # generous: the shared 2-core machine runs at load 10-17 at times
+COLD_TIMEOUT_MS = 240_000  # the first page also pays the server's imports and first queries
 TITLE = "looplens explorer"
 # (url path, page title, what its first paint waits for)
 PAGES = [

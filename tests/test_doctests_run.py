@@ -20,9 +20,6 @@ def test_no_docstring_example_is_skipped():
     assert not skipped, f"docstring examples that do not run: {skipped}"
 
 
-def test_every_package_is_collected_for_doctests():
-    import tomllib
-
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    assert "--doctest-modules" in config["addopts"]
-    assert set(PACKAGES) <= set(config["testpaths"])
+def test_every_package_is_collected_for_doctests(pytestconfig):
+    assert "--doctest-modules" in pytestconfig.getini("addopts")
+    assert set(PACKAGES) <= set(pytestconfig.getini("testpaths"))

@@ -12,7 +12,7 @@ Example:
     >>> model = lens.load_model("tiny-arith")
     >>> trace = exit_trace(model, model.tokenizer.encode("Question: What is (2 * 3) + 1?\\nAnswer:"), 8)
     >>> list(trace.columns), len(trace), float(trace["threshold"].iloc[0])
-    (['iteration', 'value', 'threshold', 'exits'], 8, 0.0005)
+    (['iteration', 'value', 'threshold', 'exits'], 8, 0.001)
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ class _Recording(ExitCriterion):
     stops: list[bool] = field(default_factory=list, init=False)
 
     def update(
-        self, latent: Tensor, logits: Tensor | None, gate: Tensor | None = None
+        self, latent: Tensor, logits: Tensor | None, gate: Tensor | None = None, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        value, stop = super().update(latent, logits, gate)
+        value, stop = super().update(latent, logits, gate, mask)
         self.values.append(float(value[0]))
         self.stops.append(bool(stop[0]))
         return value, torch.zeros_like(stop)

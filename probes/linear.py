@@ -1,13 +1,15 @@
 """Linear probes: does a latent encode a quantity (say, the intermediate result) even where no lens decodes it?
 
-``LatentCollector`` keeps one position's state per (site, iteration) for every prompt; ``linear_probe``
+``LatentCollector`` keeps one position's state per (site, iteration) for every prompt,
+``collect_at_positions`` each prompt's states at positions of its own (say, where a variable is
+assigned, which differs from prompt to prompt); ``linear_probe``
 fits a logistic-regression probe per (site, iteration) on a training split and reports held-out
 accuracy next to the majority-class baseline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,6 +19,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from lens.model import InitState
 from lens.stream import State
 
 
@@ -77,6 +80,77 @@ def linear_probe(
     return pd.DataFrame(rows)
 
 
+class PositionsCollector:
+    """Keeps, per (site, iteration), each prompt's state at named positions of its own (a consumer of
+    whole sequences: ``select(rows, columns)`` per name is set for each batch before the forward pass)."""
+
+    positions = "all"
+
+    def __init__(self, names: Sequence[str], sites: Sequence[str] | None = None) -> None:
+        self.sites = list(sites) if sites is not None else None
+        self.names = list(names)
+        self.columns: dict[str, torch.Tensor] = {}
+        self._store: dict[str, dict[tuple[str, int], list[np.ndarray]]] = {n: {} for n in self.names}
+
+    def __call__(self, state: State) -> None:
+        rows = torch.arange(state.tensor.shape[0], device=state.tensor.device)
+        for name in self.names:
+            picked = state.tensor[rows, self.columns[name].to(state.tensor.device)]
+            self._store[name].setdefault((state.site, state.iteration), []).append(
+                picked.detach().float().cpu().numpy()
+            )
+
+    def features(self) -> dict[str, dict[tuple[str, int], np.ndarray]]:
+        return {n: {k: np.concatenate(v) for k, v in store.items()} for n, store in self._store.items()}
+
+
+def collect_at_positions(
+    model,
+    prompts: Sequence[Sequence[int]],
+    positions: Mapping[str, Sequence[int]],
+    num_steps: int,
+    sites: Sequence[str] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    init_state: InitState = None,
+) -> dict[str, dict[tuple[str, int], np.ndarray]]:
+    """Features at named positions, one forward pass per batch: ``positions[name][i]`` indexes prompt
+    ``i``'s own tokens (negative from its end, so ``-1`` is its last token whatever the padding).
+
+    Returns ``{name: {(site, iteration): [n_prompts, d]}}`` for :func:`linear_probe`.
+    """
+    from lens.generation import pad_left
+
+    lengths = [len(p) for p in prompts]
+    for name, where in positions.items():
+        if len(where) != len(prompts):
+            raise ValueError(f"positions {name!r}: {len(where)} positions for {len(prompts)} prompts")
+        bad = [i for i, (p, n) in enumerate(zip(where, lengths, strict=True)) if not -n <= p < n]
+        if bad:
+            raise ValueError(f"positions {name!r}: prompt {bad[0]} has no position {where[bad[0]]}")
+    collector = PositionsCollector(list(positions), sites)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            ids, mask = pad_left(batch, model.config.pad_token_id or 0)
+            width = ids.shape[1]
+            for name, where in positions.items():
+                own = torch.tensor(where[start : start + batch_size])
+                length = torch.tensor(lengths[start : start + batch_size])
+                collector.columns[name] = width - length + own % length  # left padding shifts each prompt
+            model(
+                ids.to(model.device),
+                num_steps,
+                init_state,
+                attention_mask=mask.to(model.device),
+                consumers=[collector],
+                logits="none",
+                generator=gen,
+            )
+    return collector.features()
+
+
 def collect_for_probe(
     model,
     prompts: Sequence[Sequence[int]],
@@ -85,20 +159,6 @@ def collect_for_probe(
     batch_size: int = 64,
     seed: int = 0,
 ) -> dict[tuple[str, int], np.ndarray]:
-    """Run prompts (left-padded, so position -1 is each prompt's last token) and collect features."""
-    from lens.generation import pad_left
-
-    collector = LatentCollector(sites)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            ids, mask = pad_left(prompts[start : start + batch_size], model.config.pad_token_id or 0)
-            model(
-                ids.to(model.device),
-                num_steps,
-                attention_mask=mask.to(model.device),
-                consumers=[collector],
-                logits="none",
-                generator=gen,
-            )
-    return collector.features()
+    """Run prompts (left-padded) and collect each prompt's last-token state per (site, iteration)."""
+    last = {"last": [-1] * len(prompts)}
+    return collect_at_positions(model, prompts, last, num_steps, sites, batch_size, seed)["last"]

@@ -11,6 +11,7 @@ Tables (one row is …):
 - ``answers``: one prompt's generated answer and whether it is correct.
 - ``dynamics``: one latent state's movement (step norm, cosine to the last iteration, PCA).
 - ``prompts``: one prompt as it was built from a task.
+- ``linear_probes``: one linear probe's held-out accuracy at one site × iteration.
 
 Example:
     >>> table = to_table("prompts", [{"run": "r", "prompt_id": 0, "task": "add", "context": "2+3",
@@ -64,6 +65,7 @@ TABLE_DOCS: dict[str, str] = {
     "dynamics": "one latent state's movement across iterations",
     "prompts": "one prompt as built from its task",
     "verdicts": "one latent trajectory's classification (fixed point, cycle, drift)",
+    "linear_probes": "one linear probe: a target read from one site × iteration at one anchor position",
 }
 
 _FIELDS: dict[str, list[pa.Field]] = {
@@ -111,6 +113,24 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _POSITION,
         _SITE,
         _f("verdict", pa.string(), "fixed-point, cycle-k or drift"),
+    ],
+    "linear_probes": [
+        _RUN,
+        _TASK,
+        _f("target", pa.string(), "what the probe reads, e.g. value_2 (the chain's third value)"),
+        _f(
+            "anchor",
+            pa.string(),
+            "where in each prompt: last (token) or statement (of the target's variable)",
+        ),
+        _SITE,
+        _ITERATION,
+        _UNROLLED,
+        _f("train_accuracy", pa.float32(), "accuracy on the probe's training prompts"),
+        _f("test_accuracy", pa.float32(), "accuracy on held-out prompts"),
+        _f("majority_baseline", pa.float32(), "held-out accuracy of always answering the commonest label"),
+        _f("n_train", pa.int32(), "training prompts"),
+        _f("n_test", pa.int32(), "held-out prompts"),
     ],
     "prompts": [
         _RUN,

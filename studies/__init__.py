@@ -12,4 +12,11 @@ def _arithmetic(**kwargs: Any) -> Any:
     return run_arithmetic_study(**kwargs)
 
 
-STUDIES: dict[str, Callable[..., Any]] = {"arithmetic": _arithmetic}
+def _chains(**kwargs: Any) -> Any:
+    from studies.chains import run_chains_study
+
+    return run_chains_study(**kwargs)
+
+
+STUDIES: dict[str, Callable[..., Any]] = {"arithmetic": _arithmetic, "chains": _chains}
+"""Study name → its runner; every runner takes the options of ``looplens study`` as keywords."""

@@ -73,7 +73,7 @@ def control_token(tokenizer: Any) -> tuple[int, str]:
     raise ValueError("the tokenizer has no single-token control word")
 
 
-def _model_description(name: str, model: RecurrentDepthLM, device: str, dtype: torch.dtype | None) -> dict:
+def model_description(name: str, model: RecurrentDepthLM, device: str, dtype: torch.dtype | None) -> dict:
     return {
         "name": str(name),
         "config_name": model.config.name,
@@ -134,7 +134,7 @@ def run_arithmetic_study(
     }
     run_name = name or f"arithmetic-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
     manifest = {
-        "model": _model_description(model, net, device, dtype),
+        "model": model_description(model, net, device, dtype),
         "config": net.config.to_dict(),
         "prompt_template": prompt_template.to_dict(),
         "settings": settings,
@@ -225,10 +225,17 @@ def _tuned_lens(
     net: RecurrentDepthLM, run: Run, template: PromptTemplate, steps: int, seed: int
 ) -> TunedLens:
     """Train (once per run; reloaded on resume) a shared Tuned Lens on training-split prompts."""
+    problems = arithmetic.sample(TASK, 192, split="train", seed=seed + 1)
+    return tuned_lens_for_run(net, run, template, problems, steps, seed)
+
+
+def tuned_lens_for_run(
+    net: RecurrentDepthLM, run: Run, template: PromptTemplate, problems: Sequence[Any], steps: int, seed: int
+) -> TunedLens:
+    """A shared Tuned Lens fitted on ``problems`` (prompt + answer) once per run, reloaded on resume."""
     where = run.path / "tuned_lens"
     if (where / "tuned_lens.json").is_file():
         return TunedLens.load(where, net)
-    problems = arithmetic.sample(TASK, 192, split="train", seed=seed + 1)
     prompts = [
         net.tokenizer.encode(template.render(p.context, net.tokenizer) + p.completion) for p in problems
     ]

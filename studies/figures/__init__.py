@@ -13,7 +13,13 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 ``reference_overlay``       figures 1–3 for Huginn-3.5B (reference study) next to ours
 ==========================  =====================================================================
 
-:func:`render_all` draws every figure whose input tables are present.
+:func:`render_all` draws every figure whose input tables are present. The chains study adds
+:data:`CHAIN_FIGURES` (drawn with :func:`render_figure`):
+
+==========================  =====================================================================
+``chain_ranks``             rank of every value along a variable chain, per hops and lens
+``chain_probes``            linear-probe accuracy for every value of the chain, per hops and anchor
+==========================  =====================================================================
 
 Example:
     >>> sorted(FIGURES)[:3]
@@ -30,6 +36,8 @@ from pathlib import Path
 import pandas as pd
 
 from studies.figures import (
+    chain_probes,
+    chain_ranks,
     depth_scaling,
     intermediate_vs_final,
     latent_dynamics,
@@ -43,6 +51,7 @@ from studies.figures.layout import Layout
 from studies.figures.style import LENS_COLORS, save_html, save_png
 
 __all__ = [
+    "CHAIN_FIGURES",
     "FIGURES",
     "LENS_COLORS",
     "Figure",
@@ -68,6 +77,10 @@ FIGURES: dict[str, FigureSpec] = {
         reference_overlay.FIGURE,
     )
 }
+
+
+#: The chains study's own figures (``looplens study chains``).
+CHAIN_FIGURES: dict[str, FigureSpec] = {spec.name: spec for spec in (chain_ranks.FIGURE, chain_probes.FIGURE)}
 
 
 def render_figure(figure: Figure, tables: Tables, layout: Layout, out_dir: Path, title: str) -> dict | None:

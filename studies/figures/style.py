@@ -29,6 +29,7 @@ __all__ = [
     "TARGET_COLORS",
     "TARGET_LABELS",
     "TARGET_ORDER",
+    "VALUE_COLORS",
     "decorate_unrolled",
     "decorate_unrolled_plotly",
     "lens_order",
@@ -42,6 +43,7 @@ __all__ = [
     "rgba",
     "save_html",
     "save_png",
+    "value_color",
 ]
 
 DPI = 150
@@ -69,6 +71,16 @@ TARGET_DASH: dict[str, tuple[str, str]] = {  # (matplotlib linestyle, plotly das
     "control": (":", "dot"),
     "digit_baseline": ("--", "dash"),
 }
+
+#: Values along a variable chain (value_0 = the chain's constant, …): one colour per position in
+#: the chain, the same in every figure; the final answer keeps ``TARGET_COLORS["final"]``.
+VALUE_COLORS = ("#56B4E9", "#009E73", "#E69F00", "#CC79A7", "#0072B2", "#D55E00", "#999933")
+
+
+def value_color(index: int) -> str:
+    """Colour of the chain's ``index``-th value (0 = its constant)."""
+    return VALUE_COLORS[index % len(VALUE_COLORS)]
+
 
 _RC = {
     "font.size": 9,

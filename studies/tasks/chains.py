@@ -5,7 +5,7 @@ dependent assignments starting at a constant, mixed with distractor assignments;
 for the value at the end of the chain::
 
     chains_3hop:        "k=3;q=k+4;x=2;m=q-5;w=x+1;z=m+8;z=?"   →  " 0"
-    chains_3hop_trace:  "k=3;q=k+4;x=2;m=q-5;w=x+1;z=m+8;trace z:"  →  " k=3;q=7;m=2;z=0"
+    chains_3hop_trace:  "k=3;q=k+4;x=2;m=q-5;w=x+1;z=m+8;trace z:"  →  " k=3;q=7;x=2;m=2;w=3;z=0"
 
 - Every value is a digit and every operation is ``+ d`` or ``- d`` (d = 1..9) **modulo 10**, so each
   hop is a permutation of the digits: nothing but following the chain tells the answer (every digit
@@ -13,9 +13,10 @@ for the value at the end of the chain::
 - Statements appear in a dependency order (a variable is defined before it is used), with the
   chain's statements interleaved at random with 1–3 distractors: constants, or assignments derived
   from any earlier variable (chain or distractor), so the chain is found by name, not by position.
-- The long-answer form (``_trace``) asks for the chain's values in order, written as
-  ``name=value`` pairs: 4·hops + 4 tokens with the embedded tokenizer (16 tokens at three hops,
-  20 at four).
+- The long-answer form (``_trace``) asks for the program's values in order, up to the queried
+  variable, written as ``name=value`` pairs: an explicit chain of thought (each value follows from
+  one already written) whose last value is the answer; 4 tokens per statement with the embedded
+  tokenizer, so at least 16 tokens from three hops (the chain alone has four statements).
 - A problem's split is a salted hash of its program (the statements without the question), so the
   short and the long form of one program always share a split, whatever the task, seed or sample
   size: a model trained on the ``train`` split never saw a held-out program in either form.
@@ -23,9 +24,9 @@ for the value at the end of the chain::
 >>> p = chain_problem([("k", 3), ("q", "k", "+", 4)], "answer")
 >>> p.context, p.completion, p.values
 ('k=3;q=k+4;q=?', ' 7', (3, 7))
->>> trace = chain_problem([("k", 3), ("x", 5), ("q", "k", "-", 4)], "trace")
+>>> trace = chain_problem([("k", 3), ("x", 5), ("q", "k", "-", 4), ("w", "x", "+", 1)], "trace", "q")
 >>> trace.context, trace.completion, trace.names
-('k=3;x=5;q=k-4;trace q:', ' k=3;q=9', ('k', 'q'))
+('k=3;x=5;q=k-4;w=x+1;trace q:', ' k=3;x=5;q=9', ('k', 'q'))
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ HOPS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 """The difficulty knob: the number of dependent assignments from the constant to the queried variable."""
 
 FORMS: tuple[str, ...] = ("answer", "trace")
-"""``answer``: the final value (one token); ``trace``: every value of the chain in order."""
+"""``answer``: the final value (one token); ``trace``: every value of the program up to the query."""
 
 ANSWER_TASKS: tuple[str, ...] = tuple(f"chains_{h}hop" for h in HOPS)
 TRACE_TASKS: tuple[str, ...] = tuple(f"chains_{h}hop_trace" for h in HOPS)
@@ -176,7 +177,8 @@ def chain_problem(
         context, completion = f"{program}{query}=?", f" {chain_values[-1]}"
     else:
         context = f"{program}trace {query}:"
-        completion = " " + ";".join(f"{n}={v}" for n, v in zip(names, chain_values, strict=True))
+        upto = [st[0] for st in statements][: [st[0] for st in statements].index(query) + 1]
+        completion = " " + ";".join(f"{n}={values[n]}" for n in upto)
     intermediate = ",".join(str(v) for v in chain_values[:-1])
     return Problem(
         task_name(hops, form),

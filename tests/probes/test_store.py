@@ -55,7 +55,7 @@ def rank_rows(batch: int, prompts: int = 2, layers: int = 3) -> list[dict]:
 
 
 def test_schemas_name_the_tables_and_nullable_columns():
-    assert set(SCHEMAS) == {"ranks", "topk", "answers", "dynamics", "prompts", "verdicts"}
+    assert set(SCHEMAS) == {"ranks", "topk", "answers", "dynamics", "prompts", "verdicts", "linear_probes"}
     nullable = {name: sorted(f.name for f in s if f.nullable) for name, s in SCHEMAS.items()}
     assert nullable == {
         "ranks": ["kl_to_final"],
@@ -64,6 +64,7 @@ def test_schemas_name_the_tables_and_nullable_columns():
         "dynamics": ["pc1", "pc2", "pc3", "step_norm"],
         "prompts": ["intermediate"],
         "verdicts": [],
+        "linear_probes": [],
     }
     assert SCHEMAS["topk"].field("k").type == pa.int8()
     assert SCHEMAS["ranks"].field("position").type == pa.int32()

@@ -14,8 +14,9 @@ from studies.tasks import chains
 from studies.tiny_arith.tokenizer import build_tokenizer
 
 
-def interpret(context: str) -> tuple[str, list[tuple[str, int]]]:
-    """(form, [(name, value) along the queried chain]) from the text alone: its own parser and arithmetic."""
+def interpret(context: str) -> tuple[str, list[tuple[str, int]], list[tuple[str, int]]]:
+    """(form, [(name, value) along the queried chain], [(name, value) of every statement up to the
+    query]) from the text alone: its own parser and arithmetic."""
     *statements, query = context.split(";")
     env: dict[str, int] = {}
     source: dict[str, str | None] = {}
@@ -35,20 +36,26 @@ def interpret(context: str) -> tuple[str, list[tuple[str, int]]]:
     chain = [target]
     while source[chain[-1]] is not None:
         chain.append(source[chain[-1]])  # type: ignore[arg-type]
-    return form, [(n, env[n]) for n in reversed(chain)]
+    order = list(env)
+    return (
+        form,
+        [(n, env[n]) for n in reversed(chain)],
+        [(n, env[n]) for n in order[: order.index(target) + 1]],
+    )
 
 
 @pytest.mark.parametrize("task", chains.TASKS)
 def test_answers_match_an_independent_interpreter(task: str) -> None:
     hops, form = chains.parse_task(task)
     for p in chains.sample(task, 150, split="test", seed=3):
-        got_form, chain = interpret(p.context)
+        got_form, chain, executed = interpret(p.context)
         assert got_form == form == p.form and p.hops == hops == len(chain) - 1
         assert list(p.names) == [n for n, _ in chain] and list(p.values) == [v for _, v in chain]
         if form == "answer":
             assert p.completion == f" {chain[-1][1]}"
         else:
-            assert p.completion == " " + ";".join(f"{n}={v}" for n, v in chain)
+            assert p.completion == " " + ";".join(f"{n}={v}" for n, v in executed)
+            assert p.completion.endswith(f"{chain[-1][0]}={chain[-1][1]}")
         assert p.intermediate == ",".join(str(v) for _, v in chain[:-1])
         assert chains.parse_problem(task, p.context, p.completion) == p
 
@@ -103,7 +110,9 @@ def test_long_answers_have_at_least_16_tokens_from_three_hops() -> None:
     tok = build_tokenizer()
     for hops in chains.HOPS:
         for p in chains.sample(f"chains_{hops}hop_trace", 20, split="test", seed=0):
-            assert len(tok.encode(p.completion)) == 4 * hops + 4
+            statements = p.completion.count("=")
+            assert statements >= hops + 1 and len(tok.encode(p.completion)) == 4 * statements
+            assert hops < 3 or len(tok.encode(p.completion)) >= 16
             assert tok.decode(tok.encode(p.context + p.completion)) == p.context + p.completion
     for p in chains.sample("chains_4hop", 20, split="test", seed=0):
         assert len(tok.encode(p.completion)) == 1  # the short answer is one digit token

@@ -21,7 +21,7 @@ from lens.layers import precompute_freqs_cis
 from lens.model import RecurrentDepthLM
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
-EMBEDDED_MODELS = ("tiny-arith",)
+EMBEDDED_MODELS = ("tiny-arith", "tiny-chains")
 _WHOLE_FILE_LIMIT = 256 * 2**20  # larger weight files are fingerprinted from samples
 _SAMPLE_BYTES = 2**20
 

@@ -93,7 +93,7 @@ def run_chains_study(
     depths: Sequence[int] | None = None,
     depth_n: int = 60,
     probe_n: int = 240,
-    hops: Sequence[int] = chains.HOPS,
+    hops: Sequence[int] = tuple(h for h in chains.HOPS if h > 0),
     overwrite: bool = False,
     console: Console | None = None,
 ) -> Run:
@@ -162,7 +162,7 @@ def run_chains_study(
             _probe_hops(net, run, prompt_template, h, n, probe_n, steps, lenses, control_id, batch_size, seed)
         _depth_scaling(net, run, prompt_template, hops, depths, depth_n, seed)
         figures = _render(run, net, steps)
-    except Exception as err:
+    except BaseException as err:  # an interrupted run says so too; re-running resumes it
         run.mark_failed(f"{type(err).__name__}: {err}")
         raise
     run.mark_complete()

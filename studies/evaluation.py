@@ -24,7 +24,7 @@ from lens.generation import generate
 from lens.model import RecurrentDepthLM
 from lens.runtime import configure_threads
 from studies import tasks as task_registry
-from studies.tasks import arithmetic
+from studies.tasks import arithmetic, chains
 from studies.tasks.prompts import PromptTemplate, resolve_template
 
 CARD_BEGIN = "<!-- accuracy-table:begin -->"
@@ -79,21 +79,37 @@ def evaluate_answers(
 FAMILY_OF_MODEL: dict[str, str] = {"tiny-arith": "arithmetic", "tiny-chains": "chains"}
 """Task family a model is evaluated on, by its config name; other models get ``arithmetic``."""
 
-DEFAULT_N = 400
+CARD_TASKS: dict[str, tuple[str, ...]] = {
+    "arithmetic": arithmetic.TASKS,
+    "chains": tuple(f"chains_{h}hop" for h in chains.HOPS)
+    + tuple(f"chains_{h}hop_trace" for h in (1, 2, 3, 4)),
+}
+"""The rows of each family's card: every arithmetic format; chains of 0–6 hops with a short answer,
+and the long answer from one to four hops (longer traces run to 100+ tokens)."""
+
+DEFAULT_N: dict[str, int] = {"arithmetic": 400, "chains": 300}
 """Problems per task when ``n`` is not given (``arithmetic_1dc`` then uses its whole test split)."""
 
 
 def default_tasks(model: RecurrentDepthLM) -> tuple[str, ...]:
     """The tasks of the model's own family (its card's rows)."""
-    return task_registry.FAMILIES[FAMILY_OF_MODEL.get(model.config.name, "arithmetic")]
+    return CARD_TASKS[FAMILY_OF_MODEL.get(model.config.name, "arithmetic")]
 
 
 def problem_counts(tasks: Sequence[str], n: int | None) -> dict[str, int | None]:
-    """Problems per task: ``n`` for every task when given; else :data:`DEFAULT_N`, and ``None`` (the
-    whole held-out split, 1,870 problems) for one-digit composite, as the tiny-arith card measures it."""
+    """Problems per task: ``n`` for every task when given; else the family's :data:`DEFAULT_N`, and
+    ``None`` (the whole held-out split, 1,870 problems) for one-digit composite, as the tiny-arith card
+    measures it."""
     if n is not None and n < 1:
         raise InputError(f"--n must be >= 1, got {n}")
-    return {t: (n if n is not None else None if t == arithmetic.COMPOSITE else DEFAULT_N) for t in tasks}
+    return {
+        t: n
+        if n is not None
+        else None
+        if t == arithmetic.COMPOSITE
+        else DEFAULT_N[task_registry.family_of(t)]
+        for t in tasks
+    }
 
 
 def task_problems(task: str, count: int | None, split: str = "test", seed: int = 0) -> list[Any]:

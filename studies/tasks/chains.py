@@ -1,32 +1,37 @@
 """Multi-hop variable chains: a task whose answer takes one latent step per hop, and a long-answer form.
 
-A problem is a short program of single-letter assignments, one of which ends a chain of ``hops``
-dependent assignments starting at a constant, mixed with distractor assignments; the question asks
-for the value at the end of the chain::
+A problem is a short program of single-letter assignments made of two interleaved chains, each a
+constant followed by ``hops`` assignments that each use the previous variable of their chain; the
+question asks for the last value of the chain that starts first (the other one is the distractor)::
 
-    chains_3hop:        "k=3;q=k+4;x=2;m=q-5;w=x+1;z=m+8;z=?"   →  " 0"
-    chains_3hop_trace:  "k=3;q=k+4;x=2;m=q-5;w=x+1;z=m+8;trace z:"  →  " k=3;q=7;x=2;m=2;w=3;z=0"
+    chains_3hop:        "k=3;x=7;q=k+2;y=x-1;m=q-1;w=y+3;z=m+3;v=w-2;z=?"   →  " 7"
+    chains_3hop_trace:  "k=3;x=7;q=k+2;y=x-1;m=q-1;w=y+3;z=m+3;v=w-2;trace z:"
+                        →  " k=3;x=7;q=3+2;y=7-1;m=5-1;w=6+3;z=4+3=7"
 
-- Every value is a digit and every operation is ``+ d`` or ``- d`` (d = 1..9) **modulo 10**, so each
-  hop is a permutation of the digits: nothing but following the chain tells the answer (every digit
-  is equally likely given everything but the chain's constant), and consecutive values differ.
-- Statements appear in a dependency order (a variable is defined before it is used), with the
-  chain's statements interleaved at random with 1–3 distractors: constants, or assignments derived
-  from any earlier variable (chain or distractor), so the chain is found by name, not by position.
-- The long-answer form (``_trace``) asks for the program's values in order, up to the queried
-  variable, written as ``name=value`` pairs: an explicit chain of thought (each value follows from
-  one already written) whose last value is the answer; 4 tokens per statement with the embedded
-  tokenizer, so at least 16 tokens from three hops (the chain alone has four statements).
+- Every value is a digit and every operation is ``+ d`` or ``- d`` (d = 1, 2 or 3) **modulo 10**, so
+  each hop is a permutation of the digits: nothing but following the chain tells the answer (every
+  digit is equally likely given everything but the chain's constant), and consecutive values differ.
+  Small operands keep a value near its source's, which is what lets a small model start learning.
+- The chains alternate statement by statement, so each assignment's source is the statement two
+  before it, and the queried variable is always assigned second to last: fixed distances, as the
+  operands of the arithmetic formats sit at fixed places. The names are consistent but never needed:
+  with sources at random distances (or a question naming either chain), which only a match of names
+  finds, the 2 MB model did not learn even to look a constant up by its name within the CPU budget
+  (see the tiny-chains card). The distractor chain looks exactly like the queried one, so a model
+  that computes every assignment computes both.
+- The long-answer form (``_trace``) writes the program out again with every variable replaced by
+  its value, up to the queried assignment, and ends with that assignment's value: an explicit chain
+  of thought whose items line up with the statements (at least 16 tokens from one hop).
 - A problem's split is a salted hash of its program (the statements without the question), so the
   short and the long form of one program always share a split, whatever the task, seed or sample
   size: a model trained on the ``train`` split never saw a held-out program in either form.
 
->>> p = chain_problem([("k", 3), ("q", "k", "+", 4)], "answer")
+>>> p = chain_problem([("k", 3), ("x", 7), ("q", "k", "+", 2), ("y", "x", "-", 1)], "answer", "q")
 >>> p.context, p.completion, p.values
-('k=3;q=k+4;q=?', ' 7', (3, 7))
->>> trace = chain_problem([("k", 3), ("x", 5), ("q", "k", "-", 4), ("w", "x", "+", 1)], "trace", "q")
+('k=3;x=7;q=k+2;y=x-1;q=?', ' 5', (3, 5))
+>>> trace = chain_problem([("k", 3), ("x", 7), ("q", "k", "+", 2), ("y", "x", "-", 1)], "trace", "y")
 >>> trace.context, trace.completion, trace.names
-('k=3;x=5;q=k-4;w=x+1;trace q:', ' k=3;x=5;q=9', ('k', 'q'))
+('k=3;x=7;q=k+2;y=x-1;trace y:', ' k=3;x=7;q=3+2;y=7-1=6', ('x', 'y'))
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ from typing import Any, Literal
 
 from lens.errors import InputError
 
-HOPS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
-"""The difficulty knob: the number of dependent assignments from the constant to the queried variable."""
+HOPS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
+"""The difficulty knob: the number of dependent assignments from the constant to the queried variable
+(0: the queried variable is a constant, a plain lookup)."""
 
 FORMS: tuple[str, ...] = ("answer", "trace")
 """``answer``: the final value (one token); ``trace``: every value of the program up to the query."""
@@ -52,17 +58,17 @@ TRACE_TASKS: tuple[str, ...] = tuple(f"chains_{h}hop_trace" for h in HOPS)
 TASKS: tuple[str, ...] = ANSWER_TASKS + TRACE_TASKS
 """Every task name: ``chains_{hops}hop`` (short answer) and ``chains_{hops}hop_trace`` (long answer)."""
 
-DISTRACTORS: tuple[int, int] = (1, 3)
-"""Distractor assignments per problem, inclusive range."""
-
 MODULUS = 10
+OPERANDS: tuple[int, ...] = (1, 2, 3)
+"""The digits an assignment adds or subtracts: small, so a value stays near its source's value
+(what lets a model learn to look the source up before it has learned the whole sum)."""
 SPLITS: dict[str, tuple[int, int]] = {"train": (0, 70), "validation": (70, 80), "test": (80, 100)}
 """Split → half-open range of hash buckets out of 100 (70 / 10 / 20 %), as for arithmetic."""
 
 SPLIT_SALT = "looplens/chains/split/v1"
 NAMES = string.ascii_lowercase
 
-_TASK_RE = re.compile(r"chains_([1-9][0-9]*)hop(_trace)?")
+_TASK_RE = re.compile(r"chains_([0-9]+)hop(_trace)?")
 _STATEMENT_RE = re.compile(r"([a-z])=(?:([0-9])|([a-z])([-+])([0-9]))")
 
 Form = Literal["answer", "trace"]
@@ -128,6 +134,14 @@ def render_statement(statement: Statement) -> str:
     return f"{name}={source}{op}{operand}"
 
 
+def substituted(statement: Statement, values: dict[str, int]) -> str:
+    """``q=k+2`` with ``k``'s value written in: ``q=3+2`` (a constant stays as it is)."""
+    if len(statement) == 2:
+        return render_statement(statement)
+    name, source, op, operand = statement
+    return f"{name}={values[source]}{op}{operand}"
+
+
 def evaluate_program(statements: Sequence[Statement]) -> dict[str, int]:
     """Every variable's value (mod 10); an undefined or redefined variable is an error."""
     values: dict[str, int] = {}
@@ -177,8 +191,9 @@ def chain_problem(
         context, completion = f"{program}{query}=?", f" {chain_values[-1]}"
     else:
         context = f"{program}trace {query}:"
-        upto = [st[0] for st in statements][: [st[0] for st in statements].index(query) + 1]
-        completion = " " + ";".join(f"{n}={values[n]}" for n in upto)
+        order = [st[0] for st in statements]
+        items = [substituted(st, values) for st in statements[: order.index(query) + 1]]
+        completion = " " + ";".join(items) + (f"={chain_values[-1]}" if hops else "")
     intermediate = ",".join(str(v) for v in chain_values[:-1])
     return Problem(
         task_name(hops, form),
@@ -193,47 +208,23 @@ def chain_problem(
     )
 
 
-def random_program(
-    rng: random.Random, hops: int, distractors: tuple[int, int] = DISTRACTORS
-) -> tuple[list[Statement], str]:
-    """A program with one chain of ``hops`` dependent assignments and some distractors; returns the
-    statements and the chain's last variable.
-
-    The chain's statements keep their order; each distractor is inserted at a random point and is a
-    constant or derived from a variable defined before it.
-    """
-    lo, hi = distractors
-    n_distractors = rng.randint(lo, hi)
-    names = rng.sample(NAMES, hops + 1 + n_distractors)
-    chain_names, extra_names = names[: hops + 1], names[hops + 1 :]
-    chain: list[Statement] = [(chain_names[0], rng.randrange(MODULUS))]
-    for prev, name in zip(chain_names[:-1], chain_names[1:], strict=True):
-        chain.append((name, prev, rng.choice("+-"), rng.randint(1, 9)))
-    # the chain's statements and the distractors' slots, interleaved uniformly at random
-    slots = ["chain"] * len(chain) + ["extra"] * n_distractors
-    rng.shuffle(slots)
-    out: list[Statement] = []
-    chain_iter, extra_iter = iter(chain), iter(extra_names)
-    for slot in slots:
-        if slot == "chain":
-            out.append(next(chain_iter))
-            continue
-        name = next(extra_iter)
-        defined = [st[0] for st in out]
-        if defined and rng.random() < 0.6:
-            out.append((name, rng.choice(defined), rng.choice("+-"), rng.randint(1, 9)))
-        else:
-            out.append((name, rng.randrange(MODULUS)))
-    return out, chain_names[-1]
+def random_program(rng: random.Random, hops: int) -> tuple[list[Statement], str]:
+    """Two interleaved chains of ``hops`` hops with distinct random names; returns the statements and
+    the last variable of the chain that starts first (assigned second to last)."""
+    names = rng.sample(NAMES, 2 * (hops + 1))
+    chains_ = [names[: hops + 1], names[hops + 1 :]]
+    out: list[Statement] = [(chains_[0][0], rng.randrange(MODULUS)), (chains_[1][0], rng.randrange(MODULUS))]
+    for k in range(1, hops + 1):
+        for chain in chains_:
+            out.append((chain[k], chain[k - 1], rng.choice("+-"), rng.choice(OPERANDS)))
+    return out, chains_[0][-1]
 
 
-def generate(
-    rng: random.Random, hops: int, form: Form = "answer", distractors: tuple[int, int] = DISTRACTORS
-) -> Problem:
+def generate(rng: random.Random, hops: int, form: Form = "answer") -> Problem:
     """One random problem of ``hops`` hops in ``form``."""
     if hops not in HOPS:
         raise InputError(f"hops must be in {HOPS[0]}..{HOPS[-1]}, got {hops}")
-    statements, query = random_program(rng, hops, distractors)
+    statements, query = random_program(rng, hops)
     return chain_problem(statements, form, query)
 
 

@@ -4,6 +4,7 @@ the long-answer form's length, bad input."""
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -14,21 +15,24 @@ from studies.tasks import chains
 from studies.tiny_arith.tokenizer import build_tokenizer
 
 
-def interpret(context: str) -> tuple[str, list[tuple[str, int]], list[tuple[str, int]]]:
-    """(form, [(name, value) along the queried chain], [(name, value) of every statement up to the
-    query]) from the text alone: its own parser and arithmetic."""
+def interpret(context: str) -> tuple[str, list[tuple[str, int]], str]:
+    """(form, [(name, value) along the queried chain], the long answer) from the text alone: its own
+    parser and arithmetic."""
     *statements, query = context.split(";")
     env: dict[str, int] = {}
     source: dict[str, str | None] = {}
+    shown = []
     for st in statements:
         name, expr = st.split("=")
         assert name not in env, f"{name} assigned twice in {context!r}"
         if expr.isdigit():
             env[name], source[name] = int(expr), None
+            shown.append(st)
         else:
             var, op, digit = expr[0], expr[1], int(expr[2:])
             assert var in env, f"{var} used before assignment in {context!r}"
             env[name], source[name] = (env[var] + (digit if op == "+" else -digit)) % 10, var
+            shown.append(f"{name}={env[var]}{op}{digit}")
     if query.startswith("trace "):
         form, target = "trace", query.removeprefix("trace ").removesuffix(":")
     else:
@@ -36,56 +40,49 @@ def interpret(context: str) -> tuple[str, list[tuple[str, int]], list[tuple[str,
     chain = [target]
     while source[chain[-1]] is not None:
         chain.append(source[chain[-1]])  # type: ignore[arg-type]
-    order = list(env)
-    return (
-        form,
-        [(n, env[n]) for n in reversed(chain)],
-        [(n, env[n]) for n in order[: order.index(target) + 1]],
-    )
+    upto = list(env).index(target) + 1
+    long = " " + ";".join(shown[:upto]) + (f"={env[target]}" if source[target] is not None else "")
+    return form, [(n, env[n]) for n in reversed(chain)], long
 
 
 @pytest.mark.parametrize("task", chains.TASKS)
 def test_answers_match_an_independent_interpreter(task: str) -> None:
     hops, form = chains.parse_task(task)
     for p in chains.sample(task, 150, split="test", seed=3):
-        got_form, chain, executed = interpret(p.context)
+        got_form, chain, long = interpret(p.context)
         assert got_form == form == p.form and p.hops == hops == len(chain) - 1
         assert list(p.names) == [n for n, _ in chain] and list(p.values) == [v for _, v in chain]
         if form == "answer":
             assert p.completion == f" {chain[-1][1]}"
         else:
-            assert p.completion == " " + ";".join(f"{n}={v}" for n, v in executed)
-            assert p.completion.endswith(f"{chain[-1][0]}={chain[-1][1]}")
+            assert p.completion == long and p.completion.endswith(f"{chain[-1][1]}")
         assert p.intermediate == ",".join(str(v) for _, v in chain[:-1])
         assert chains.parse_problem(task, p.context, p.completion) == p
 
 
-def test_format_and_distractors() -> None:
-    p = chains.chain_problem([("k", 3), ("x", 7), ("q", "k", "+", 4), ("w", "q", "-", 1), ("m", "q", "-", 5)])
-    assert (p.context, p.completion, p.task) == ("k=3;x=7;q=k+4;w=q-1;m=q-5;m=?", " 2", "chains_2hop")
-    assert p.names == ("k", "q", "m") and p.values == (3, 7, 2) and p.intermediate == "3,7"
-    assert chains.chain_problem([("a", 8), ("b", "a", "+", 4)]).completion == " 2"  # modulo 10
-    assert chains.chain_problem([("a", 1), ("b", "a", "-", 4)]).completion == " 7"
-    counts = Counter()
+def test_format_and_the_distractor_chain() -> None:
+    p = chains.chain_problem([("k", 3), ("x", 7), ("q", "k", "+", 2), ("y", "x", "-", 1)], query="y")
+    assert (p.context, p.completion, p.task) == ("k=3;x=7;q=k+2;y=x-1;y=?", " 6", "chains_1hop")
+    assert p.names == ("x", "y") and p.values == (7, 6) and p.intermediate == "7"
+    assert chains.chain_problem([("a", 8), ("b", "a", "+", 3)]).completion == " 1"  # modulo 10
+    assert chains.chain_problem([("a", 1), ("b", "a", "-", 3)]).completion == " 8"
     for p in chains.sample("chains_4hop", 400, split="train", seed=0):
         statements = chains.parse_program(p.program)
-        extra = len(statements) - (p.hops + 1)
-        assert chains.DISTRACTORS[0] <= extra <= chains.DISTRACTORS[1]
-        counts["derived distractor"] += sum(len(s) == 4 and s[0] not in p.names for s in statements)
-        counts["chain not last"] += statements[-1][0] != p.names[-1]
-        counts["chain not first"] += statements[0][0] != p.names[0]
-        assert all(
-            a != b for a, b in zip(p.values[:-1], p.values[1:], strict=True)
-        )  # each hop changes the value
-    assert min(counts.values()) > 50, counts  # distractors are interleaved and sometimes derived
+        assert len(statements) == 2 * (p.hops + 1)  # the queried chain and a distractor chain as long
+        assert all(len(st) == 2 for st in statements[:2]) and all(len(st) == 4 for st in statements[2:])
+        assert all(st[1] == statements[i - 2][0] for i, st in enumerate(statements) if i >= 2)  # two back
+        assert len({st[0] for st in statements}) == len(statements)
+        assert statements[-2][0] == p.names[-1] and statements[0][0] == p.names[0]  # the first chain
+        assert all(a != b for a, b in zip(p.values[:-1], p.values[1:], strict=True))  # each hop changes it
 
 
 def test_answers_are_uniform_digits_whatever_the_last_operation() -> None:
     problems = chains.sample("chains_3hop", 2000, split="train", seed=1)
     by_digit = Counter(p.answer for p in problems)
     assert set(by_digit) == set(range(10)) and min(by_digit.values()) > 150
-    last_plus_nine = Counter(p.answer for p in problems if f"{p.names[-1]}={p.names[-2]}+9;" in p.program)
-    assert len(last_plus_nine) == 10  # "+9" does not narrow the answer: arithmetic is modulo 10
+    last_plus_three = Counter(p.answer for p in problems if f"{p.names[-1]}={p.names[-2]}+3;" in p.program)
+    assert len(last_plus_three) == 10  # "+3" does not narrow the answer: arithmetic is modulo 10
+    assert all(int(d) in chains.OPERANDS for p in problems for d in re.findall(r"[-+](\d)", p.program))
 
 
 def test_splits_are_disjoint_seeded_and_shared_by_both_forms() -> None:
@@ -102,17 +99,18 @@ def test_splits_are_disjoint_seeded_and_shared_by_both_forms() -> None:
         statements = chains.parse_program(p.program)
         trace = chains.chain_problem(statements, "trace", p.names[-1])
         assert trace.split == "test" and trace.values == p.values
-    shares = Counter(chains.split_of(f"a={i % 10};b=a+{1 + i % 9};c={i};") for i in range(3000))
+    shares = Counter(
+        chains.split_of(f"a={i % 10};b={i // 10 % 10};c=a+{1 + i % 3};d=b-{i // 100};") for i in range(3000)
+    )
     assert 0.65 < shares["train"] / 3000 < 0.75 and 0.16 < shares["test"] / 3000 < 0.24
 
 
-def test_long_answers_have_at_least_16_tokens_from_three_hops() -> None:
+def test_long_answers_have_at_least_16_tokens_from_one_hop() -> None:
     tok = build_tokenizer()
     for hops in chains.HOPS:
         for p in chains.sample(f"chains_{hops}hop_trace", 20, split="test", seed=0):
-            statements = p.completion.count("=")
-            assert statements >= hops + 1 and len(tok.encode(p.completion)) == 4 * statements
-            assert hops < 3 or len(tok.encode(p.completion)) >= 16
+            assert p.completion.count(";") >= 2 * hops
+            assert hops < 1 or len(tok.encode(p.completion)) >= 16
             assert tok.decode(tok.encode(p.context + p.completion)) == p.context + p.completion
     for p in chains.sample("chains_4hop", 20, split="test", seed=0):
         assert len(tok.encode(p.completion)) == 1  # the short answer is one digit token
@@ -142,8 +140,8 @@ def test_bad_input_is_one_clear_error() -> None:
         chains.parse_problem("chains_1hop", "a=1;b=a+1;b=?", " 3")
     with pytest.raises(InputError, match="not a chains_1hop_trace question"):
         chains.parse_problem("chains_1hop_trace", "a=1;b=a+1;b=?")
-    with pytest.raises(InputError, match="0 hops"):
-        chains.chain_problem([("a", 1)])
+    with pytest.raises(InputError, match="7 hops"):
+        chains.chain_problem([("a", 1)] + [(n, p, "+", 1) for p, n in zip("abcdefg", "bcdefgh", strict=True)])
     rng = random.Random(0)
     with pytest.raises(InputError, match="hops must be"):
-        chains.generate(rng, 0)
+        chains.generate(rng, 7)

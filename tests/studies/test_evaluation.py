@@ -53,7 +53,7 @@ def test_eval_writes_a_run_and_rewrites_the_card_table(checkpoint, tmp_path):
 
 def test_default_counts_are_the_cards_and_n_is_checked():
     counts = problem_counts(arithmetic.TASKS, None)
-    assert counts["arithmetic_1dc"] is None and counts["arithmetic_2da"] == DEFAULT_N
+    assert counts["arithmetic_1dc"] is None and counts["arithmetic_2da"] == DEFAULT_N["arithmetic"]
     assert len(task_problems("arithmetic_1dc", None)) == 1870  # the whole held-out split
     assert set(problem_counts(["chains_4hop", "arithmetic_1dc"], 7).values()) == {7}
     with pytest.raises(InputError, match="--n"):

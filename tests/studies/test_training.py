@@ -174,3 +174,19 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert [{k: r[k] for k in keys} for r in log] == [
         {k: r[k] for k in keys} for r in shipped_log("tiny-arith")[:8]
     ]
+
+
+def test_curriculum_phases_switch_the_task_mix():
+    cfg = TrainConfig(steps=100, task_mix={"chains_1hop": 1.0})
+    assert training.mix_at(cfg, 0) == {"chains_1hop": 1.0}
+    cfg.curriculum = [(0.0, {"chains_0hop": 1.0}), (0.5, {"chains_2hop": 1.0})]
+    assert [next(iter(training.mix_at(cfg, s))) for s in (0, 49, 50, 99)] == [
+        "chains_0hop",
+        "chains_0hop",
+        "chains_2hop",
+        "chains_2hop",
+    ]
+    tok = build_tokenizer()
+    cfg.batch_size = 4
+    prompts = [tok.decode(row) for row, _ in training.batch_rows(cfg, tok, 60)]
+    assert all(p.count(";") == 6 for p in prompts)  # two chains of two hops: six statements

@@ -72,7 +72,7 @@ def study(
         str | None,
         typer.Option(
             help="iterations for the depth-scaling figure (arithmetic: 1,2,4,8,16,32,64; chains: powers of "
-            "two, the default depth and 4x it)"
+            "two up to 4x the default depth, and the default depth)"
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
@@ -154,7 +154,8 @@ def evaluate(
     depths: Annotated[
         str,
         typer.Option(
-            help="iterations to evaluate (default: powers of two to 64, the model's default depth and 4x it)"
+            help="iterations to evaluate (default: powers of two up to 4x the model's default depth, and the "
+            "default depth)"
         ),
     ] = "",
     n: Annotated[

@@ -226,8 +226,10 @@ def write_card_table(card: Path, table_md: str) -> None:
 
 
 def default_depths(mean_recurrence: int) -> list[int]:
-    """Powers of two up to 64 plus the model's default depth and four times it."""
-    return sorted({1, 2, 4, 8, 16, 32, 64, mean_recurrence, 4 * mean_recurrence})
+    """Powers of two up to four times the model's default depth, and the default depth itself
+    (tiny-arith, default 16: 1 … 64; tiny-chains, default 8: 1 … 32)."""
+    top = 4 * mean_recurrence
+    return sorted({2**k for k in range(top.bit_length()) if 2**k <= top} | {mean_recurrence, top})
 
 
 def run_evaluation(

@@ -3,8 +3,11 @@
 Inputs follow the run tables (``probes.records``): rank rows have ``prompt_id, lens, target_kind,
 unrolled_index, site, iteration, block, rank``; hover tables map ``(lens, prompt_id, unrolled_index)``
 or ``(lens, unrolled_index)`` to an HTML string of decoded top tokens; dynamics rows have
-``prompt_id, position, iteration, step_norm, cos_to_last, pc1..pc3``. Every builder returns a
-``go.Figure`` and accepts empty input (an empty figure with a note).
+``prompt_id, position, iteration, step_norm, cos_to_last, pc1..pc3``; exit-gate rows have
+``prompt_id, position, iteration, gate_lambda, exit_prob, exit_cdf``. The stages along an unrolled
+axis come from the model's layout (:class:`lens.layout.Unrolled`: a run's manifest, or the live
+model), never from the rows. Every builder returns a ``go.Figure`` and accepts empty input (an empty
+figure with a note).
 
 Example:
     >>> import pandas as pd
@@ -20,21 +23,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from lens.layout import Unrolled
+from probes.palette import LENS_ORDER, TARGET_ORDER, lens_color, rgba, target_color
+
 __all__ = [
     "DASHES",
-    "LENS_COLORS",
-    "TARGET_ORDER",
-    "StageLayout",
     "accuracy_by_depth",
     "compare_trajectories",
     "empty_figure",
+    "exit_gate_curves",
+    "exit_gate_heatmap",
     "heatmap_grid",
     "layer_label",
     "lens_grid",
@@ -48,19 +52,9 @@ __all__ = [
     "verdict_bar",
 ]
 
-#: One colour per lens (targets are told apart by dash style).
-LENS_COLORS = {"logit": "#1f77b4", "coda": "#ff7f0e", "tuned": "#2ca02c"}
-_EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
-#: Order in which target kinds are listed; with several targets on one figure each gets the next dash.
-TARGET_ORDER = ("predicted", "final", "intermediate", "intermediate_alt", "control")
+#: With several targets on one figure each gets the next dash (lenses and targets keep the colours and
+#: the order of ``probes.palette``, the same as in the study figures).
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
-_TARGET_COLORS = {
-    "predicted": "#1f77b4",
-    "final": "#d62728",
-    "intermediate": "#2ca02c",
-    "intermediate_alt": "#98df8a",
-    "control": "#7f7f7f",
-}
 _FONT = dict(family="Inter, -apple-system, Segoe UI, Helvetica, Arial, sans-serif", size=13)
 _MARGIN = dict(l=60, r=20, t=60, b=50)
 _HOVER = dict(
@@ -90,19 +84,9 @@ def series_label(lens: str, target_kind: str) -> str:
 
 
 def _series_order(lens: str, kind: str) -> tuple:
-    lens_rank = list(LENS_COLORS).index(lens) if lens in LENS_COLORS else len(LENS_COLORS)
+    lens_rank = LENS_ORDER.index(lens) if lens in LENS_ORDER else len(LENS_ORDER)
     kind_rank = TARGET_ORDER.index(kind) if kind in TARGET_ORDER else len(TARGET_ORDER)
     return lens_rank, lens, kind_rank, kind
-
-
-def _lens_color(lens: str, index: int = 0) -> str:
-    return LENS_COLORS.get(lens, _EXTRA_COLORS[index % len(_EXTRA_COLORS)])
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    h = hex_color.lstrip("#")
-    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
-    return f"rgba({r},{g},{b},{alpha})"
 
 
 def empty_figure(message: str, height: int = 260) -> go.Figure:
@@ -127,41 +111,15 @@ def empty_figure(message: str, height: int = 260) -> go.Figure:
     return fig
 
 
-@dataclass(frozen=True)
-class StageLayout:
-    """Prelude / core / coda block counts and the number of iterations, read off rank rows."""
-
-    prelude: int
-    core: int
-    coda: int
-    steps: int
-
-    @property
-    def num_unrolled(self) -> int:
-        return self.prelude + self.core * self.steps + self.coda
-
-    @classmethod
-    def from_rows(cls, rows: pd.DataFrame) -> StageLayout:
-        sites = rows.drop_duplicates("unrolled_index")
-        kinds = sites["site"].astype(str).str.split(".").str[0]
-        core_rows = sites[kinds == "core"]
-        return cls(
-            prelude=int(sites.loc[kinds == "prelude", "site"].nunique()),
-            core=int(core_rows["site"].nunique()),
-            coda=int(sites.loc[kinds == "coda", "site"].nunique()),
-            steps=int(core_rows["iteration"].max()) if len(core_rows) else 0,
-        )
-
-
 def _stage_shapes(
-    layout: StageLayout, *, x_scale: float = 1.0, col: int | None = None, labels: bool = True
+    layout: Unrolled | None, *, x_scale: float = 1.0, col: int | None = None, labels: bool = True
 ) -> tuple[list[dict], list[dict]]:
     """Shapes shading prelude and coda and marking iteration boundaries, and annotations naming the
     stages along the top: plain dicts, set in one layout update by the caller (``add_vline`` per
-    line re-validates the whole layout and is slow with many iterations)."""
-    L, P, C, J, T = layout.num_unrolled, layout.prelude, layout.coda, layout.core, layout.steps
-    if L == 0:
+    line re-validates the whole layout and is slow with many iterations). No layout, no stages."""
+    if layout is None:
         return [], []
+    L, P, C, J, T = layout.n_unrolled, layout.prelude, layout.coda, layout.core, layout.steps
     xref = "x" if col in (None, 1) else f"x{col}"
     yref = xref.replace("x", "y") + " domain"
 
@@ -252,8 +210,8 @@ def _trajectory_traces(
         rows.groupby(["lens", "target_kind"], sort=False), key=lambda item: _series_order(*item[0])
     )
     kinds = sorted(rows["target_kind"].unique(), key=lambda k: _series_order("", k)[2:])
-    for i, ((lens, kind), group) in enumerate(groups):
-        color = _lens_color(lens, i) if color_by == "lens" else _TARGET_COLORS.get(kind, _EXTRA_COLORS[i % 6])
+    for (lens, kind), group in groups:
+        color = lens_color(lens) if color_by == "lens" else target_color(kind)
         dash = DASHES[kinds.index(kind) % len(DASHES)] if color_by == "lens" else "solid"  # one target: solid
         name = series_label(lens, kind)
         group = group.sort_values(["prompt_id", "unrolled_index"])
@@ -264,7 +222,7 @@ def _trajectory_traces(
                     x=x,
                     y=y,
                     mode="lines",
-                    line=dict(color=_rgba(color, 0.28), width=1),
+                    line=dict(color=rgba(color, 0.28), width=1),
                     name=f"{name} (prompts)",
                     legendgroup=name,
                     showlegend=False,
@@ -369,12 +327,14 @@ def rank_trajectory(
     y_range: tuple[float, float] | None = None,
     height: int = 440,
     color_by: str = "lens",
+    layout: Unrolled | None = None,
 ) -> go.Figure:
     """Rank of the target along the unrolled depth on a log axis: the median over prompts in bold,
-    each prompt as a thin line; hover shows the decoded top tokens at that layer."""
+    each prompt as a thin line; hover shows the decoded top tokens at that layer. ``layout`` (the
+    model's, at the run's depth) shades the prelude and coda and marks the iterations."""
     if rows is None or rows.empty:
         return empty_figure("no rank records for this selection")
-    layout = StageLayout.from_rows(rows)
+    width = layout.n_unrolled if layout is not None else int(rows["unrolled_index"].max()) + 1
     fig = go.Figure(_trajectory_traces(rows, hover, agg_hover, show_prompts=show_prompts, color_by=color_by))
     shapes, notes = _stage_shapes(layout)
     fig.update_layout(
@@ -391,7 +351,7 @@ def rank_trajectory(
         xaxis=dict(
             title="unrolled layer (prelude → core iterations → coda)",
             gridcolor="rgba(0,0,0,0.05)",
-            range=[-0.7, layout.num_unrolled - 0.3],
+            range=[-0.7, width - 0.3],
             zeroline=False,
         ),
         yaxis=_rank_axis(y_range or rank_range(rows)),
@@ -399,11 +359,14 @@ def rank_trajectory(
     return fig
 
 
-def heatmap_grid(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]]:
+def heatmap_grid(
+    rows: pd.DataFrame, layout: Unrolled | None = None
+) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Median rank per unrolled layer laid out as stage/iteration rows × block columns.
 
     Returns ``(cells, row_labels, col_labels)`` where ``cells`` has ``row, col, unrolled_index,
-    site, iteration, rank`` (rows: ``prelude``, ``t=1`` … ``t=T``, ``coda``; top to bottom).
+    site, iteration, rank`` (rows: ``prelude``, ``t=1`` … ``t=T``, ``coda``; top to bottom). With the
+    model's ``layout`` every stage row and block column is shown, recorded or not.
     """
     med = (
         rows.groupby("unrolled_index")
@@ -424,6 +387,13 @@ def heatmap_grid(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]
         + (["coda"] if (kind == "coda").any() else [])
     )
     width = int(med["block"].max()) + 1 if len(med) else 0
+    if layout is not None:
+        row_labels = (
+            (["prelude"] if layout.prelude else [])
+            + [f"t={t}" for t in range(1, layout.steps + 1)]
+            + (["coda"] if layout.coda else [])
+        )
+        width = max(layout.prelude, layout.core, layout.coda)
     med["col"] = med["block"].astype(int)
     return med, row_labels, [f"b{j}" for j in range(width)]
 
@@ -436,6 +406,7 @@ def rank_heatmap(
     z_range: tuple[float, float] | None = None,
     height: int | None = None,
     show_scale: bool = True,
+    layout: Unrolled | None = None,
 ) -> go.Figure:
     """Iteration × block heat map of the (median) rank of one lens and target, log colour scale.
 
@@ -443,7 +414,7 @@ def rank_heatmap(
     """
     if rows is None or rows.empty:
         return empty_figure("no rank records for this selection")
-    cells, row_labels, col_labels = heatmap_grid(rows)
+    cells, row_labels, col_labels = heatmap_grid(rows, layout)
     R, C = len(row_labels), len(col_labels)
     z = np.full((R, C), np.nan)
     text = np.full((R, C), "", dtype=object)
@@ -874,11 +845,12 @@ def compare_trajectories(
     relative_depth: bool = False,
     show_prompts: bool = True,
     height: int = 420,
+    layouts: Sequence[Unrolled | None] | None = None,
 ) -> go.Figure:
     """Rank trajectories side by side on one shared log y axis (two runs, or two lenses).
 
     With ``relative_depth`` the x axis is the fraction of the unrolled depth, so runs of different
-    depth (Huginn's 68 layers, a tiny model's 10) line up.
+    depth (Huginn's 68 layers, a tiny model's 10) line up. ``layouts`` gives each panel's model layout.
     """
     panels = [(t, r) for t, r in panels]
     fig = make_subplots(
@@ -889,6 +861,7 @@ def compare_trajectories(
         subplot_titles=[t for t, _ in panels],
     )
     hovers = list(hovers) if hovers is not None else [None] * len(panels)
+    layouts = list(layouts) if layouts is not None else [None] * len(panels)
     shapes: list[dict] = []
     notes: list[dict] = list(fig.layout.annotations)
     for col, ((_, rows), agg) in enumerate(zip(panels, hovers, strict=True), start=1):
@@ -904,8 +877,9 @@ def compare_trajectories(
                 )
             )
             continue
-        layout = StageLayout.from_rows(rows)
-        scale = 1.0 / max(layout.num_unrolled - 1, 1) if relative_depth else 1.0
+        layout = layouts[col - 1]
+        width = layout.n_unrolled if layout is not None else int(rows["unrolled_index"].max()) + 1
+        scale = 1.0 / max(width - 1, 1) if relative_depth else 1.0
         for trace in _trajectory_traces(
             rows, None, agg, show_prompts=show_prompts, x_scale=scale, legend=False
         ):  # the subplot titles name each side
@@ -943,16 +917,16 @@ def hover_by_layer(frame: pd.DataFrame | None, lens: str) -> pd.DataFrame | None
     return frame[frame["lens"] == lens][["unrolled_index", "top"]]
 
 
-def median_frame_to_rows(medians: pd.DataFrame) -> pd.DataFrame:
-    """A median-trajectory table (one row per lens × target × layer) as rank rows of one pseudo-prompt."""
-    return medians.rename(columns={"median": "rank"}).assign(prompt_id=-1)
-
-
 def overview_figure(
-    medians: pd.DataFrame, target_kinds: Sequence[str], *, height: int = 420, title: str | None = None
+    medians: pd.DataFrame,
+    target_kinds: Sequence[str],
+    *,
+    height: int = 420,
+    title: str | None = None,
+    layout: Unrolled | None = None,
 ) -> go.Figure:
-    """Median rank (with the interquartile band) of each target over all prompts, one colour per target,
-    one dash per lens: the run at a glance."""
+    """Median rank (with its 95 % bootstrap interval as a band) of each target over all prompts, one
+    colour per target, one dash per lens: the run at a glance."""
     data = medians[medians["target_kind"].isin(list(target_kinds))]
     if data.empty:
         return empty_figure("no rank records in this run yet")
@@ -962,16 +936,16 @@ def overview_figure(
     groups = sorted(
         data.groupby(["lens", "target_kind"], sort=False), key=lambda item: _series_order(*item[0])
     )
-    for i, ((lens, kind), g) in enumerate(groups):
+    for (lens, kind), g in groups:
         g = g.sort_values("unrolled_index")
-        color = _TARGET_COLORS.get(kind, _EXTRA_COLORS[i % len(_EXTRA_COLORS)])
+        color = target_color(kind)
         name = series_label(lens, kind)
         fig.add_trace(
             go.Scatter(
                 x=list(g["unrolled_index"]) + list(g["unrolled_index"][::-1]),
-                y=list(g["q75"]) + list(g["q25"][::-1]),
+                y=list(g["ci_high"]) + list(g["ci_low"][::-1]),
                 fill="toself",
-                fillcolor=_rgba(color, 0.10),
+                fillcolor=rgba(color, 0.10),
                 line=dict(width=0),
                 hoverinfo="skip",
                 showlegend=False,
@@ -991,7 +965,7 @@ def overview_figure(
                 hovertemplate=f"<b>{name}</b> · %{{customdata}}<br>median rank %{{y:,.0f}}<extra></extra>",
             )
         )
-    shapes, notes = _stage_shapes(StageLayout.from_rows(data))
+    shapes, notes = _stage_shapes(layout)
     fig.update_layout(
         shapes=shapes,
         annotations=notes,
@@ -1004,12 +978,147 @@ def overview_figure(
         hovermode="closest",
         legend=_LEGEND_BELOW,
         xaxis=dict(title="unrolled layer", gridcolor="rgba(0,0,0,0.05)", zeroline=False),
-        yaxis=_rank_axis((max(float(data["q25"].min()), 1), float(data["q75"].max()))),
+        yaxis=_rank_axis((max(float(data["ci_low"].min()), 1), float(data["ci_high"].max()))),
     )
     return fig
 
 
-def figure_summary(fig: go.Figure) -> Mapping[str, int]:
-    """Trace count and points (for tests and the benchmark)."""
-    points = sum(len(t.x) if getattr(t, "x", None) is not None else 0 for t in fig.data)
-    return {"traces": len(fig.data), "points": points}
+_GATE_COLORS = {"lambda": "#0072B2", "cdf": "#D55E00", "p": "#009E73"}
+
+
+def exit_gate_curves(rows: pd.DataFrame, *, threshold: float = 0.5, height: int = 380) -> go.Figure:
+    """The exit gate over a run's prompts: λ_t per prompt (thin) and its median, the cumulative exit
+    probability (median and quartiles) against the threshold, and the mean exit distribution p_t."""
+    if rows is None or rows.empty:
+        return empty_figure("no exit-gate readings (only families with an exit gate, Ouro, record them)")
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.1,
+        subplot_titles=("gate λ_t and P(exited by t)", "mean exit distribution p_t"),
+    )
+    for pid, g in rows.groupby("prompt_id", sort=True):
+        g = g.sort_values("iteration")
+        fig.add_trace(
+            go.Scatter(
+                x=g["iteration"],
+                y=g["gate_lambda"],
+                mode="lines",
+                line=dict(color=rgba(_GATE_COLORS["lambda"], 0.18), width=1),
+                hovertemplate=f"prompt #{pid} · t=%{{x}} · λ %{{y:.3f}}<extra></extra>",
+                showlegend=False,
+            ),
+            row=1,
+            col=1,
+        )
+    per_t = rows.groupby("iteration").agg(
+        lam=("gate_lambda", "median"),
+        cdf=("exit_cdf", "median"),
+        q25=("exit_cdf", lambda x: x.quantile(0.25)),
+        q75=("exit_cdf", lambda x: x.quantile(0.75)),
+        p=("exit_prob", "mean"),
+    )
+    t = per_t.index.tolist()
+    fig.add_trace(
+        go.Scatter(
+            x=t + t[::-1],
+            y=per_t["q75"].tolist() + per_t["q25"].tolist()[::-1],
+            fill="toself",
+            fillcolor=rgba(_GATE_COLORS["cdf"], 0.15),
+            line=dict(width=0),
+            hoverinfo="skip",
+            showlegend=False,
+        ),
+        row=1,
+        col=1,
+    )
+    for key, name in (("lam", "λ_t (median)"), ("cdf", "P(exited by t) (median, IQR)")):
+        color = _GATE_COLORS["lambda" if key == "lam" else "cdf"]
+        fig.add_trace(
+            go.Scatter(
+                x=t,
+                y=per_t[key],
+                mode="lines+markers",
+                name=name,
+                line=dict(color=color, width=2.5),
+                hovertemplate=f"t=%{{x}} · {name} %{{y:.3f}}<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
+    fig.add_trace(
+        go.Bar(x=t, y=per_t["p"], name="mean p_t", marker_color=_GATE_COLORS["p"]),
+        row=1,
+        col=2,
+    )
+    fig.add_hline(y=threshold, line=dict(color="#888", dash="dot", width=1), row=1, col=1)
+    fig.update_xaxes(title_text="iteration t", dtick=1)
+    fig.update_yaxes(range=[-0.02, 1.02])
+    fig.update_layout(
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN_LEGEND,
+        plot_bgcolor="white",
+        legend=_LEGEND_BELOW,
+    )
+    return fig
+
+
+def exit_gate_heatmap(
+    rows: pd.DataFrame, position_tokens: Sequence[str], *, threshold: float = 0.5
+) -> go.Figure:
+    """Iterations × positions: the cumulative exit probability of each token (text: λ_t), with the
+    iteration where a threshold exit would stop outlined: where each token would leave the loop."""
+    if rows is None or rows.empty:
+        return empty_figure("no exit-gate readings for this prompt")
+    grid = rows.pivot_table(index="iteration", columns="position", values="exit_cdf")
+    lam = rows.pivot_table(index="iteration", columns="position", values="gate_lambda").reindex_like(grid)
+    positions = list(grid.columns)
+    labels = [token_text(position_tokens[p]) if 0 <= p < len(position_tokens) else str(p) for p in positions]
+    exits = (grid >= threshold).idxmax().where((grid >= threshold).any(), grid.index.max())
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=list(range(len(positions))),
+            y=[f"t={t}" for t in grid.index],
+            text=np.vectorize(lambda v: f"{v:.2f}")(lam.to_numpy()),
+            texttemplate="%{text}",
+            customdata=np.array([[labels[j]] * len(grid.index) for j in range(len(positions))]).T,
+            hovertemplate="%{customdata} · %{y}<br>P(exited by t) %{z:.3f} · λ_t %{text}<extra></extra>",
+            zmin=0,
+            zmax=1,
+            colorscale="Oranges",
+            colorbar=dict(title=dict(text="P(exited)")),
+            xgap=1,
+            ygap=1,
+        )
+    )
+    rindex = {t: i for i, t in enumerate(grid.index)}
+    fig.update_layout(
+        shapes=[
+            dict(
+                type="rect",
+                x0=j - 0.5,
+                x1=j + 0.5,
+                y0=rindex[int(t)] - 0.5,
+                y1=rindex[int(t)] + 0.5,
+                line=dict(color="#222", width=2),
+            )
+            for j, t in enumerate(exits.tolist())
+        ],
+        height=max(240, 90 + 40 * len(grid.index)),
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=dict(l=60, r=20, t=30, b=80),
+        plot_bgcolor="white",
+        xaxis=dict(
+            tickmode="array",
+            tickvals=list(range(len(positions))),
+            ticktext=labels,
+            title=f"input token (outlined: where a threshold-{threshold} exit stops; text: λ_t)",
+            tickangle=0 if len(positions) <= 24 else -60,
+        ),
+        yaxis=dict(autorange="reversed", title=None),
+    )
+    return fig

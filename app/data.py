@@ -24,18 +24,24 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from lens.errors import LooplensError
+from lens.layout import Unrolled, UnrolledLayout
+from probes.dataset import last_position_sql
+from probes.palette import lens_order, target_order
 from probes.store import MANIFEST, Run, RunInfo, list_runs
+from probes.trajectory import summarize_samples
 
 __all__ = [
-    "TARGET_ORDER",
     "choices",
     "depth_accuracy",
     "dynamics_rows",
+    "exit_gate_rows",
     "figure_files",
     "find_runs",
     "headline",
     "hover_aggregate",
     "hover_per_prompt",
+    "layout",
     "median_trajectories",
     "open_run",
     "prompt_table",
@@ -44,16 +50,11 @@ __all__ = [
     "verdict_counts",
 ]
 
-#: Target kinds in the order a researcher looks at them; others follow alphabetically.
-TARGET_ORDER = ("predicted", "final", "intermediate", "control")
-
 # A token as hover text: HTML-escaped, spaces and newlines made visible.
 _TOKEN_SQL = (
     "replace(replace(replace(replace(replace(replace(token, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'), "
     "' ', '␣'), chr(10), '↵'), chr(9), '⇥')"
 )
-# Rows of the ranks/topk tables at the position a run recorded (-1 = last token, else the largest).
-_POSITION_SQL = "position = (SELECT CASE WHEN min(position) = -1 THEN -1 ELSE max(position) END FROM {table})"
 
 
 def _cached(fn: Any) -> Any:
@@ -61,19 +62,19 @@ def _cached(fn: Any) -> Any:
     return st.cache_data(show_spinner=False, max_entries=256)(fn)
 
 
-def _sql_str(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
+class _Params(list):
+    """Values bound to a query's ``?`` placeholders: picked lenses, targets and prompt ids come from the
+    run's data, so they are passed to DuckDB as parameters, never pasted into the SQL text."""
 
-
-def _in(column: str, values: Iterable[Any] | None, kind: type = str) -> str:
-    """``AND column IN (…)`` (ints or quoted strings), or nothing when ``values`` is None."""
-    if values is None:
-        return ""
-    vals = list(values)
-    if not vals:
-        return " AND FALSE"
-    items = [str(int(v)) for v in vals] if kind is int else [_sql_str(v) for v in vals]
-    return f" AND {column} IN ({', '.join(items)})"
+    def isin(self, column: str, values: Iterable[Any] | None, kind: type = str) -> str:
+        """``AND column IN (?, …)`` with the values bound, or nothing when ``values`` is None."""
+        if values is None:
+            return ""
+        vals = [kind(v) for v in values]
+        if not vals:
+            return " AND FALSE"
+        self.extend(vals)
+        return f" AND {column} IN ({', '.join('?' * len(vals))})"
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -97,8 +98,8 @@ def open_run(path: str, mtime: int) -> Run:
     return Run.open(path)
 
 
-def _query(path: str, mtime: int, sql: str) -> pd.DataFrame:
-    return open_run(path, mtime).query(sql)
+def _query(path: str, mtime: int, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+    return open_run(path, mtime).query(sql, params)
 
 
 def q_manifest(path: str, mtime: int) -> dict[str, Any]:
@@ -106,34 +107,55 @@ def q_manifest(path: str, mtime: int) -> dict[str, Any]:
     return open_run(path, mtime).manifest
 
 
+def q_layout(path: str, mtime: int) -> Unrolled | None:
+    """The model's unrolled layout as the run recorded it (``model.layout``), at the run's depth
+    (``settings.steps``); ``None`` for a run that records no layout or no depth (an evaluation run)."""
+    manifest = open_run(path, mtime).manifest
+    steps = (manifest.get("settings") or {}).get("steps")
+    try:
+        return UnrolledLayout.from_manifest(manifest).at(int(steps)) if steps else None
+    except (LooplensError, TypeError, ValueError):
+        return None
+
+
+def q_exit_gate_rows(path: str, mtime: int, prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
+    """Exit-gate readings (λ_t, p_t, cumulative) at the recorded position, one row per prompt × iteration."""
+    params = _Params()
+    sql = f"""
+    SELECT prompt_id, position, iteration, num_steps, gate_lambda, exit_prob, exit_cdf
+    FROM exit_gate WHERE {last_position_sql("exit_gate")} {params.isin("prompt_id", prompt_ids, int)}
+    ORDER BY prompt_id, iteration
+    """
+    return _query(path, mtime, sql, params)
+
+
 def q_choices(path: str, mtime: int) -> dict[str, list]:
     """Lenses, target kinds and the unrolled layers a run recorded (for the pickers)."""
     pairs = _query(path, mtime, "SELECT DISTINCT lens, target_kind FROM ranks")
-    lenses = sorted(pairs["lens"].unique(), key=lambda x: ({"logit": 0, "coda": 1, "tuned": 2}.get(x, 3), x))
-    kinds = sorted(
-        pairs["target_kind"].unique(),
-        key=lambda x: (TARGET_ORDER.index(x) if x in TARGET_ORDER else len(TARGET_ORDER), x),
-    )
+    lenses = lens_order(pairs["lens"])
+    kinds = target_order(pairs["target_kind"])
     if not lenses:
-        lenses = sorted(_query(path, mtime, "SELECT DISTINCT lens FROM topk")["lens"])
+        lenses = lens_order(_query(path, mtime, "SELECT DISTINCT lens FROM topk")["lens"])
     return {"lenses": list(lenses), "target_kinds": list(kinds)}
 
 
 def q_prompt_table(path: str, mtime: int) -> pd.DataFrame:
-    """One row per probed prompt: text, expected answer, intermediate, generated, correct, verdict."""
+    """One row per prompt: text, expected answer, intermediate, generated, correct, verdict, and the
+    reason a ``looplens probe`` prompt was not probed (``error``)."""
     sql = f"""
     WITH ids AS (SELECT prompt_id FROM ranks UNION SELECT prompt_id FROM dynamics UNION SELECT prompt_id FROM topk
                  UNION SELECT prompt_id FROM prompts),
     a AS (SELECT prompt_id, any_value(prompt) AS prompt, any_value(expected) AS expected,
                  any_value(generated) AS generated, bool_and(correct) AS correct,
                  any_value(intermediate) AS intermediate
-          FROM answers WHERE prompt_id IN (SELECT prompt_id FROM ids) GROUP BY prompt_id),
-    v AS (SELECT prompt_id, any_value(verdict) AS verdict FROM verdicts WHERE {_POSITION_SQL.format(table="verdicts")}
+          FROM answers WHERE purpose = 'probe' GROUP BY prompt_id),
+    v AS (SELECT prompt_id, any_value(verdict) AS verdict FROM verdicts WHERE {last_position_sql("verdicts")}
           GROUP BY prompt_id)
     SELECT ids.prompt_id, coalesce(p.prompt_text, a.prompt) AS prompt_text, p.context, p.task,
            coalesce(p.completion, a.expected) AS expected, coalesce(p.intermediate, a.intermediate) AS intermediate,
-           a.generated, a.correct, v.verdict
+           a.generated, a.correct, v.verdict, m.error
     FROM ids LEFT JOIN prompts p USING (prompt_id) LEFT JOIN a USING (prompt_id) LEFT JOIN v USING (prompt_id)
+         LEFT JOIN prompt_meta m USING (prompt_id)
     ORDER BY ids.prompt_id
     """
     frame = _query(path, mtime, sql)
@@ -158,84 +180,92 @@ def q_rank_rows(
     prompt_ids: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Rank of each target at every unrolled block output (one row per prompt × layer × lens × target)."""
+    params = _Params()
     sql = f"""
     SELECT prompt_id, lens, target_kind, unrolled_index, site, iteration, block, rank, logprob
     FROM ranks
-    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
-      {_in("lens", lenses)}{_in("target_kind", target_kinds)}{_in("prompt_id", prompt_ids, int)}
+    WHERE unrolled_index >= 0 AND {last_position_sql("ranks")}
+      {params.isin("lens", lenses)}{params.isin("target_kind", target_kinds)}
+      {params.isin("prompt_id", prompt_ids, int)}
     ORDER BY lens, target_kind, prompt_id, unrolled_index
     """
-    return _query(path, mtime, sql)
+    return _query(path, mtime, sql, params)
 
 
 def q_hover_per_prompt(
     path: str, mtime: int, lenses: Sequence[str], prompt_ids: Sequence[int] | None = None
 ) -> pd.DataFrame:
     """``lens, prompt_id, unrolled_index, top``: the decoded top-k tokens (with probabilities) as hover text."""
+    params = _Params()
     sql = f"""
     SELECT lens, prompt_id, unrolled_index,
            string_agg(printf('%d. %s  %.3f', k, {_TOKEN_SQL}, exp(logprob)), '<br>' ORDER BY k) AS top
     FROM topk
-    WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
-      {_in("lens", lenses)}{_in("prompt_id", prompt_ids, int)}
+    WHERE unrolled_index >= 0 AND {last_position_sql("topk")}
+      {params.isin("lens", lenses)}{params.isin("prompt_id", prompt_ids, int)}
     GROUP BY ALL
     """
-    return _query(path, mtime, sql)
+    return _query(path, mtime, sql, params)
 
 
 def q_hover_aggregate(
     path: str, mtime: int, lenses: Sequence[str], prompt_ids: Sequence[int] | None = None
 ) -> pd.DataFrame:
     """``lens, unrolled_index, top``: the most frequent top-1 tokens over the prompts, with their counts."""
+    params = _Params()
     sql = f"""
     WITH t AS (SELECT lens, unrolled_index, {_TOKEN_SQL} AS tok, count(*) AS n, avg(exp(logprob)) AS p
                FROM topk
-               WHERE k = 1 AND unrolled_index >= 0 AND {_POSITION_SQL.format(table="topk")}
-                 {_in("lens", lenses)}{_in("prompt_id", prompt_ids, int)}
+               WHERE k = 1 AND unrolled_index >= 0 AND {last_position_sql("topk")}
+                 {params.isin("lens", lenses)}{params.isin("prompt_id", prompt_ids, int)}
                GROUP BY ALL),
     r AS (SELECT *, row_number() OVER (PARTITION BY lens, unrolled_index ORDER BY n DESC, p DESC) AS i FROM t)
     SELECT lens, unrolled_index,
            string_agg(printf('%s ×%d (p̄ %.2f)', tok, n, p), '<br>' ORDER BY i) AS top
     FROM r WHERE i <= 5 GROUP BY ALL
     """
-    return _query(path, mtime, sql)
+    return _query(path, mtime, sql, params)
 
 
 def q_median_trajectories(path: str, mtime: int) -> pd.DataFrame:
-    """Median and quartiles of rank over all prompts, per lens × target × unrolled layer."""
+    """Median rank over all prompts with its 95 % bootstrap interval, per lens × target × unrolled layer.
+
+    DuckDB only collects each layer's ranks; the summary is ``probes.trajectory.summarize_samples``,
+    the one the study figures use, so the overview and ``figures/rank_trajectory.png`` agree exactly.
+    """
     sql = f"""
     SELECT lens, target_kind, unrolled_index, any_value(site) AS site, any_value(iteration) AS iteration,
-           any_value(block) AS block, median(rank) AS median, quantile_cont(rank, 0.25) AS q25,
-           quantile_cont(rank, 0.75) AS q75, count(*) AS n
-    FROM ranks WHERE unrolled_index >= 0 AND {_POSITION_SQL.format(table="ranks")}
+           any_value(block) AS block, list(rank) AS ranks
+    FROM ranks WHERE unrolled_index >= 0 AND {last_position_sql("ranks")}
     GROUP BY lens, target_kind, unrolled_index
     ORDER BY lens, target_kind, unrolled_index
     """
-    return _query(path, mtime, sql)
+    groups = _query(path, mtime, sql)
+    summary = summarize_samples(list(groups.pop("ranks")))
+    for name in ("median", "ci_low", "ci_high", "n"):
+        groups[name] = summary[name]
+    return groups
 
 
 def q_dynamics_rows(path: str, mtime: int, prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
     """Per-iteration latent rows (step norm, cosine to last, norm, PCs) with the trajectory's verdict."""
+    params = _Params()
     sql = f"""
     SELECT d.prompt_id, d.position, d.site, d.iteration, d.step_norm, d.cos_to_last, d.norm,
            d.pc1, d.pc2, d.pc3, v.verdict
     FROM dynamics d LEFT JOIN verdicts v USING (prompt_id, position, site)
-    WHERE TRUE {_in("d.prompt_id", prompt_ids, int)}
+    WHERE TRUE {params.isin("d.prompt_id", prompt_ids, int)}
     ORDER BY d.prompt_id, d.position, d.site, d.iteration
     """
-    return _query(path, mtime, sql)
+    return _query(path, mtime, sql, params)
 
 
 def q_depth_accuracy(path: str, mtime: int) -> pd.DataFrame:
-    """Accuracy per task and number of iterations: the depth-scaling answers (those of prompts that were
-    not probed), or every answer when the run probed nothing (an evaluation run)."""
+    """Accuracy per task and number of iterations: the answers generated to measure it (purpose
+    ``depth`` in a study, ``eval`` in an evaluation run), not those of the probed prompts."""
     sql = """
-    WITH probed AS (SELECT DISTINCT prompt_id FROM ranks),
-    kept AS (SELECT * FROM answers
-             WHERE prompt_id NOT IN (SELECT prompt_id FROM probed)
-                OR (SELECT count(*) FROM answers WHERE prompt_id NOT IN (SELECT prompt_id FROM probed)) = 0)
     SELECT task, num_steps, count(*) AS n, avg(CAST(correct AS DOUBLE)) AS accuracy
-    FROM kept GROUP BY task, num_steps ORDER BY task, num_steps
+    FROM answers WHERE purpose IN ('depth', 'eval') GROUP BY task, num_steps ORDER BY task, num_steps
     """
     return _query(path, mtime, sql)
 
@@ -252,8 +282,7 @@ def q_headline(path: str, mtime: int) -> dict[str, Any]:
         path,
         mtime,
         """
-        SELECT count(*) AS n, avg(CAST(correct AS DOUBLE)) AS accuracy FROM answers
-        WHERE prompt_id IN (SELECT prompt_id FROM ranks UNION SELECT prompt_id FROM prompts)""",
+        SELECT count(*) AS n, avg(CAST(correct AS DOUBLE)) AS accuracy FROM answers WHERE purpose = 'probe'""",
     )
     n_prompts = _query(path, mtime, "SELECT count(DISTINCT prompt_id) AS n FROM ranks")["n"].item()
     medians = q_median_trajectories(path, mtime)
@@ -290,17 +319,38 @@ def q_headline(path: str, mtime: int) -> dict[str, Any]:
 
 
 def figure_files(path: str | os.PathLike[str]) -> dict[str, list[Path]]:
-    """The study's saved figures by kind (``png``, ``html``, ``parquet``), sorted by name."""
+    """The study's saved figures by kind (``png``, ``html``, ``parquet``), sorted by name.
+
+    A ``.png`` that is not a readable PNG image (truncated, or another file under that name) is
+    listed under ``damaged`` instead, so the page shows the other figures and names that one.
+    """
     folder = Path(path) / "figures"
-    out: dict[str, list[Path]] = {"png": [], "html": [], "parquet": []}
+    out: dict[str, list[Path]] = {"png": [], "html": [], "parquet": [], "damaged": []}
     if folder.is_dir():
-        for kind in out:
-            out[kind] = sorted(folder.glob(f"*.{kind}"))
+        for kind in ("png", "html", "parquet"):
+            out[kind] = sorted(p for p in folder.glob(f"*.{kind}") if p.is_file())
+        out["damaged"] = [p for p in out["png"] if not _is_png(p)]
+        out["png"] = [p for p in out["png"] if p not in out["damaged"]]
     return out
+
+
+def _is_png(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return False
+            image.verify()
+        return True
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return False
 
 
 # The cached versions the pages call.
 manifest = _cached(q_manifest)
+layout = _cached(q_layout)
+exit_gate_rows = _cached(q_exit_gate_rows)
 choices = _cached(q_choices)
 prompt_table = _cached(q_prompt_table)
 rank_rows = _cached(q_rank_rows)
@@ -315,6 +365,8 @@ headline = _cached(q_headline)
 #: name → (uncached, cached) for the benchmark.
 QUERIES = {
     "manifest": (q_manifest, manifest),
+    "layout": (q_layout, layout),
+    "exit_gate_rows": (q_exit_gate_rows, exit_gate_rows),
     "choices": (q_choices, choices),
     "prompt_table": (q_prompt_table, prompt_table),
     "rank_rows": (q_rank_rows, rank_rows),

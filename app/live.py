@@ -33,6 +33,7 @@ __all__ = [
     "cached_generation",
     "cached_model",
     "cached_probe",
+    "exit_criteria",
     "generate_adaptive",
     "grid_cells",
     "load_model",
@@ -40,8 +41,15 @@ __all__ = [
     "render_question",
 ]
 
-#: Exit criteria ``model.generate`` accepts (Huginn's), the default first.
+#: Exit criteria ``model.generate`` accepts for every family (Huginn's), the default first.
 EXIT_CRITERIA = ("kl", "entropy-diff", "latent-diff", "argmax-stability", "cosine", "none")
+
+
+def exit_criteria(model: Any) -> tuple[str, ...]:
+    """The criteria that apply to ``model``: its learned exit gate first where it has one (Ouro)."""
+    return (("gate",) if model.layout.exit_gate else ()) + EXIT_CRITERIA
+
+
 MAX_PROMPT_TOKENS = 512
 
 
@@ -82,6 +90,8 @@ class LiveProbe:
     prediction_id: int
     targets: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    layout: Any = None  # the model's lens.layout.Unrolled at num_steps: stages of the unrolled axis
+    exit_gate: pd.DataFrame = field(default_factory=pd.DataFrame)  # λ_t, p_t, cumulative per position
 
     @property
     def last_position(self) -> int:
@@ -131,10 +141,9 @@ class LiveProbe:
         return out.rename(columns={"line": "top"}).assign(prompt_id=0)
 
     def target_kinds(self) -> list[str]:
-        from app.data import TARGET_ORDER
+        from probes.palette import target_order
 
-        kinds = list(dict.fromkeys(self.ranks["target_kind"]))
-        return sorted(kinds, key=lambda k: (TARGET_ORDER.index(k) if k in TARGET_ORDER else 9, k))
+        return target_order(self.ranks["target_kind"])
 
 
 def _prob(logprob: float) -> float:
@@ -175,16 +184,17 @@ def probe_text(
     model: Any,
     prompt: str,
     num_steps: int,
-    lenses: Sequence[str] = ("logit", "coda"),
+    lenses: Sequence[str] | None = None,
     targets: dict[str, str] | None = None,
     topk: int = 5,
 ) -> LiveProbe:
     """Probe ``prompt`` at ``num_steps`` iterations at every position.
 
     ``targets`` maps a target kind (``"final"``, ``"intermediate"``, …) to text whose first token is
-    tracked at every position besides the model's own prediction (``"predicted"``).
+    tracked at every position besides the model's own prediction (``"predicted"``). ``lenses``
+    defaults to every lens the model's family supports.
     """
-    from probes import probe_prompts
+    from probes import applicable_lenses, probe_prompts
 
     if not prompt:
         raise ValueError("type a prompt first")
@@ -198,6 +208,8 @@ def probe_text(
     limit = getattr(model.config, "block_size", None)
     if limit and len(ids) > limit:
         raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {limit}")
+    if lenses is None:
+        lenses = applicable_lenses(model)
     if not lenses:
         raise ValueError("choose at least one lens")
     wanted: dict[str, list[int]] = {}  # one target id per prompt; probe_prompts tracks it at every position
@@ -232,6 +244,8 @@ def probe_text(
         prediction_id=prediction_id,
         targets={k: v for k, v in (targets or {}).items() if k in wanted},
         seconds=seconds,
+        layout=model.layout.at(int(num_steps)),
+        exit_gate=result.exit_gate,
     )
 
 
@@ -264,12 +278,22 @@ def grid_cells(
     if df.empty:
         return pd.DataFrame(columns=["row", "position", "token", "prob", "hover"])
     kind = df["site"].str.split(".").str[0]
-    keep = kind.isin(["prelude", "coda", "latent", "final"]) | (
-        (kind == "core") & ((df["iteration"] == iteration) if iteration is not None else True)
+    per_iteration = {"core"}
+    if probe.layout is not None and probe.layout.layout.latent_per_iteration:
+        per_iteration.add("latent")  # Ouro: a latent after every iteration, shown with its iteration
+    this_iteration = (df["iteration"] == iteration) if iteration is not None else True
+    keep = (kind.isin(["prelude", "coda", "latent", "final"]) & ~kind.isin(per_iteration)) | (
+        kind.isin(per_iteration) & this_iteration
     )
     df = df[keep].copy()
     kind = df["site"].str.split(".").str[0]
     df["order"] = df["unrolled_index"].where(df["unrolled_index"] >= 0, 10**6 + (df["site"] == "final"))
+    if "latent" in per_iteration:  # right after the last block of its iteration
+        u, latent = probe.layout, kind == "latent"
+        df["order"] = df["order"].astype(float)
+        df.loc[latent, "order"] = [
+            u.unrolled_index("core", int(t), u.core - 1) + 0.5 for t in df.loc[latent, "iteration"]
+        ]
     df["row"] = [
         s if k not in ("core", "latent") else f"{s} · t={t}"
         for s, k, t in zip(df["site"], kind, df["iteration"], strict=True)
@@ -333,11 +357,11 @@ def cached_generation(
 
 
 def describe_model(model: Any, name: str) -> str:
-    """``tiny-arith · 1.2M parameters · prelude 1 · core 2 × 4 · coda 1``."""
-    cfg = model.config
+    """``tiny-arith · huginn · 1.2M parameters · prelude 1 · core 2 × T · coda 1 · T = 4 by default``."""
+    layout = model.layout
     params = model.num_parameters() if hasattr(model, "num_parameters") else 0
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     return (
-        f"{Path(str(name)).name} · {size} parameters · prelude {cfg.n_layers_in_prelude} · "
-        f"core {cfg.n_layers_in_recurrent_block} × {cfg.mean_recurrence} (default) · coda {cfg.n_layers_in_coda}"
+        f"{Path(str(name)).name} · {layout.family} · {size} parameters · {layout.describe()} · "
+        f"T = {model.default_steps} by default · lenses: {', '.join(layout.lenses())}"
     )

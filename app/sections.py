@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, live, ui
+from probes.lenses import applicable_lenses
 
 DEFAULT_PROMPT = "Question: What is (2 * 3) + 1?\nAnswer:"
 GRID_WINDOW = 24  # positions shown at once in the lens grid (a window slides over longer prompts)
@@ -91,11 +92,12 @@ def live_prompt_form(
             )
         c1, c2, c3 = st.columns([2, 2, 2]) if choose_lenses else (*st.columns([3, 3]), None)
         steps = c1.slider("Iterations", 1, max(64, 2 * default_steps), default_steps, key=f"{key}_steps")
-        lenses: list[str] = ["logit", "coda"]
+        available = applicable_lenses(model)  # the Coda Lens only where the family has a coda
+        lenses: list[str] = list(available)
         if choose_lenses:
-            lenses = c2.multiselect(
-                "Lenses", ["logit", "coda"], default=["logit", "coda"], key=f"{key}_lenses"
-            ) or ["coda"]
+            lenses = (
+                c2.multiselect("Lenses", available, default=available, key=f"{key}_lenses") or available[-1:]
+            )
         if source == TYPED:
             expected = (c3 or c2).text_input(
                 "Expected answer (optional)",
@@ -158,7 +160,9 @@ def live_rank_view(probe: live.LiveProbe, key: str) -> None:
         for k in chosen
     )
     ui.chart(
-        charts.rank_trajectory(rows, hover, title=f"Rank at position {pos} · {label}", height=440),
+        charts.rank_trajectory(
+            rows, hover, title=f"Rank at position {pos} · {label}", height=440, layout=probe.layout
+        ),
         key=f"{key}_traj",
     )
     st.caption(
@@ -171,6 +175,7 @@ def live_rank_view(probe: live.LiveProbe, key: str) -> None:
         chosen[0],
         lambda lens: hover[hover["lens"] == lens][["unrolled_index", "top"]],
         key=key,
+        layout=probe.layout,
     )
 
 
@@ -279,7 +284,28 @@ def trajectory_views(
     )
 
 
-def generation_view(model_name: str, prompt: str, default_steps: int, key: str) -> None:
+def exit_gate_view(probe: live.LiveProbe, key: str) -> None:
+    """Where each token of the prompt would leave the loop (families with an exit gate)."""
+    if probe.exit_gate is None or probe.exit_gate.empty:
+        st.info("This model has no exit gate.")
+        return
+    st.caption(
+        "Ouro's learned exit gate at every position: colour, the probability of having exited by "
+        "iteration t; text, λ_t (the chance to stop there if not stopped before); outlined, where the "
+        "threshold exit mode (0.5) stops each token. The p-weighted exit mixes every row's readout."
+    )
+    ui.chart(charts.exit_gate_heatmap(probe.exit_gate, probe.tokens), key=f"{key}_gate_map")
+    last = probe.exit_gate[probe.exit_gate["position"] == probe.last_position]
+    ui.chart(charts.exit_gate_curves(last.assign(prompt_id=0), height=340), key=f"{key}_gate_curves")
+
+
+def generation_view(
+    model_name: str,
+    prompt: str,
+    default_steps: int,
+    key: str,
+    criteria: tuple[str, ...] = live.EXIT_CRITERIA,
+) -> None:
     with st.form(f"{key}_gen_form", border=True):
         c1, c2, c3 = st.columns(3)
         max_new = c1.slider("New tokens", 1, 32, 6, key=f"{key}_gen_n")
@@ -294,9 +320,10 @@ def generation_view(model_name: str, prompt: str, default_steps: int, key: str) 
         )
         crit = c3.selectbox(
             "Exit criterion",
-            live.EXIT_CRITERIA,
+            criteria,
             key=f"{key}_gen_crit",
-            help="Huginn's adaptive-depth rules: stop iterating a token once KL between "
+            help="gate (exit-gated models): stop once the cumulative exit probability reaches 0.5; "
+            "Huginn's adaptive-depth rules: stop iterating a token once KL between "
             "successive iterations (or entropy, latent change, …) falls below a threshold",
         )
         go = st.form_submit_button("Generate", icon=":material/auto_awesome:")

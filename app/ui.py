@@ -225,8 +225,10 @@ def heatmaps(
     hover_for: Callable[[str], Any],
     key: str,
     z_range: tuple[float, float] | None = None,
+    layout: Any = None,
 ) -> None:
-    """One iteration × block heat map per lens, side by side, on a shared colour scale."""
+    """One iteration × block heat map per lens, side by side, on a shared colour scale (stages from
+    the model's ``layout``)."""
     from app import charts
 
     subset = rows[rows["target_kind"] == target_kind]
@@ -237,7 +239,7 @@ def heatmaps(
         med = subset.groupby(["lens", "unrolled_index"])["rank"].median()
         z_range = (1.0, float(max(med.max(), 10)))
     per_lens = {lens: subset[subset["lens"] == lens] for lens in lenses}
-    grid_rows = [len(charts.heatmap_grid(r)[1]) for r in per_lens.values() if len(r)]
+    grid_rows = [len(charts.heatmap_grid(r, layout)[1]) for r in per_lens.values() if len(r)]
     height = min(900, max(260, 70 + 26 * max(grid_rows, default=1)))  # side by side: one height
     cols = st.columns(len(lenses)) if lenses else []
     for col, lens in zip(cols, lenses, strict=True):
@@ -250,6 +252,7 @@ def heatmaps(
                     z_range=z_range,
                     show_scale=lens == lenses[-1],
                     height=height,
+                    layout=layout,
                 ),
                 key=f"{key}_heat_{lens}",
             )

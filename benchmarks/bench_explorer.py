@@ -59,7 +59,7 @@ def _ms(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
 
 
 def build_run(root: Path, prompts: int) -> Path:
-    from tests.app.runs import write_run
+    from studies.synthetic import write_run
 
     return write_run(
         root,
@@ -270,20 +270,9 @@ def _interactions(at: Any, page: str) -> list[tuple[str, Callable[[], Any]]]:
     return []
 
 
-def live_model(arg: str | None, scratch: Path) -> tuple[str, str]:
-    """The model for the live pages: ``--model``, else ``tiny-arith`` if shipped, else a small random one."""
-    import lens
-
-    if arg:
-        return arg, arg
-    try:
-        lens.load_model("tiny-arith")
-        return "tiny-arith", "tiny-arith (embedded)"
-    except (FileNotFoundError, ValueError):
-        from tests.app.conftest import write_model
-
-        path = write_model(scratch / "random-model")
-        return str(path), "random model, prelude 1 · core 2 × 4 · coda 1 (tiny-arith not shipped yet)"
+def live_model(arg: str | None) -> tuple[str, str]:
+    """The model for the live pages: ``--model``, else the embedded ``tiny-arith``."""
+    return (arg, arg) if arg else ("tiny-arith", "tiny-arith (embedded)")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -310,7 +299,7 @@ def main(argv: list[str] | None = None) -> Path:
 
         rows_per_table = Run.open(run_path).rows()
         console.print(f"built {run_path.name} in {built:.1f} s: {rows_per_table}")
-        model, model_desc = live_model(args.model, scratch)
+        model, model_desc = live_model(args.model)
         queries = bench_queries(run_path, args.repeats)
         pages, actions = bench_pages(scratch / "runs", model, args.repeats)
 

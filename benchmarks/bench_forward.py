@@ -1,10 +1,13 @@
-"""Forward pass of a recurrent-depth model at several depths, and the memory cost of streaming.
+"""Forward pass of a looped model at several depths, and the memory cost of streaming.
 
 CPU: a tiny-arith-sized and a wider random model at T = 1 … 64 (tokens/s), and the peak memory of
 64 iterations with a consumer that keeps one rank per state vs one that keeps every state (each in
-a fresh subprocess). GPU (when present): the real Huginn-3.5B shape in bf16 with random weights.
+a fresh subprocess). ``--families``: one row per family (Huginn, retrofitted recurrence, Ouro) at the
+same width and the same number of looped blocks per iteration, at several depths, plus Ouro's
+generation with real early exit against running every iteration. GPU (when present): the real
+Huginn-3.5B shape in bf16 with random weights.
 
-    python -m benchmarks.bench_forward [--quick]
+    python -m benchmarks.bench_forward [--quick] [--families]
 """
 
 from __future__ import annotations
@@ -62,12 +65,126 @@ def stream_memory(keep: bool) -> int:
     return peak_rss_in_subprocess(_STREAM.format(keep=keep))
 
 
+#: One model per family, same width (128), heads (4), MLP (320) and looped blocks per iteration (2);
+#: Huginn and the retrofit add one prelude and one coda block, Ouro loops its whole two-layer stack.
+FAMILY_SHAPES = {
+    "huginn": dict(n_embd=128, n_heads=4, intermediate_size=320, n_layers_in_prelude=1,
+                   n_layers_in_recurrent_block=2, n_layers_in_coda=1),
+    "retrofit": dict(n_embd=128, n_heads=4, num_key_value_heads=2, intermediate_size=320,
+                     n_layers_in_prelude=1, n_layers_in_recurrent_block=2, n_layers_in_coda=1),
+    "ouro": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=320,
+                 num_hidden_layers=2),
+}  # fmt: skip
+
+
+def family_model(family: str) -> lens.LoopedLM:
+    torch.manual_seed(0)
+    shape = FAMILY_SHAPES[family]
+    if family == "ouro":
+        return lens.OuroLM(
+            lens.OuroConfig(vocab_size=1024, max_position_embeddings=256, initializer_range=0.1, **shape)
+        ).eval()
+    cls, config = (
+        (lens.RetrofitLM, lens.RetrofitConfig)
+        if family == "retrofit"
+        else (lens.RecurrentDepthLM, lens.RecurrentDepthConfig)
+    )
+    return cls(config(vocab_size=1024, block_size=256, **shape)).eval()
+
+
+def families(depths: tuple[int, ...], rounds: int = 7) -> list[dict]:
+    """Forward pass per family at each depth, batch 8 × 64 tokens, float32; ratio to Huginn's time.
+
+    The families are timed interleaved (one call of each per round, after a warm-up), so a change of
+    load on a shared machine hits all three alike; the median over rounds is reported.
+    """
+    import statistics
+    import time
+
+    ids = torch.randint(0, 1024, (8, 64), generator=torch.Generator().manual_seed(0))
+    models = {family: family_model(family) for family in FAMILY_SHAPES}
+    kwargs = {family: {} if family == "ouro" else {"init_state": "zeros"} for family in FAMILY_SHAPES}
+    rows = []
+    for T in depths:
+        times: dict[str, list[float]] = {family: [] for family in models}
+        with torch.no_grad():
+            for family, model in models.items():  # warm-up
+                model(ids, num_steps=T, logits="last", **kwargs[family])
+            for _ in range(rounds):
+                for family, model in models.items():
+                    start = time.perf_counter()
+                    model(ids, num_steps=T, logits="last", **kwargs[family])
+                    times[family].append((time.perf_counter() - start) * 1000)
+        huginn = statistics.median(times["huginn"])
+        for family, model in models.items():
+            ms = statistics.median(times[family])
+            rows.append(
+                {
+                    "family": family,
+                    "layout": model.layout.describe(),
+                    "params_M": model.num_parameters() / 1e6,
+                    "iterations": T,
+                    "tokens": ids.numel(),
+                    "median_ms": ms,
+                    "min_ms": min(times[family]),
+                    "tokens_per_s": ids.numel() / (ms / 1000),
+                    "vs_huginn": ms / huginn,
+                }
+            )
+    return rows
+
+
+def ouro_early_exit(new_tokens: int = 24, T: int = 16, threshold: float = 0.5) -> list[dict]:
+    """Ouro greedy generation: real early exit (the gate criterion) against every token running all T
+    iterations (the authors' generation computes every step), batch 1, cached; block calls counted."""
+    model = family_model("ouro")
+    prompt = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(1))
+    calls = [0]
+    handles = [
+        b.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)) for b in model.stage("core")
+    ]
+    rows = []
+    try:
+        for name, kwargs in (
+            ("all T iterations", {}),
+            (f"early exit (gate ≥ {threshold})", {"exit_criterion": "gate", "exit_threshold": threshold}),
+        ):
+            run = lambda kw=kwargs: model.generate(prompt, new_tokens, T, stop_token_ids=[], **kw)  # noqa: E731
+            calls[0] = 0
+            res = run()
+            blocks = calls[0]
+            t = time_call(run, repeats=5)
+            rows.append(
+                {
+                    "generation": name,
+                    "max_iterations": T,
+                    "new_tokens": new_tokens,
+                    "mean_iterations": sum(res.steps_used[0]) / len(res.steps_used[0]),
+                    "block_calls": blocks,
+                    "median_ms": t["median_ms"],
+                    "tokens_per_s": new_tokens / (t["median_ms"] / 1000),
+                }
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    rows[1]["speedup"] = rows[0]["median_ms"] / rows[1]["median_ms"]
+    rows[0]["speedup"] = 1.0
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--families", action="store_true", help="only the per-family rows")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     depths = (1, 4, 16) if args.quick else (1, 4, 16, 64)
+    if args.families:
+        torch.set_num_threads(1)
+        report("forward_families", families(depths), args.out, "forward pass per family (CPU, 1 thread)")
+        report("ouro_early_exit", ouro_early_exit(), None, "Ouro generation: early exit vs all iterations")
+        return
     rows = []
     for name, shape in SHAPES.items():
         torch.manual_seed(0)
@@ -113,9 +230,7 @@ def main() -> None:
 
 def huginn_gpu(depths: tuple[int, ...]) -> list[dict]:
     """The real Huginn-3.5B shape, random weights, bf16 on the GPU."""
-    cfg = lens.RecurrentDepthConfig.from_json(
-        Path(__file__).resolve().parents[2] / "shared/huginn-0125/config.json"
-    )
+    cfg = lens.RecurrentDepthConfig.from_name("huginn-0125")
     with torch.device("cuda"):
         model = lens.RecurrentDepthLM(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, 65536, (1, 512), device="cuda")

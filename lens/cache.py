@@ -1,10 +1,12 @@
-"""Key/value cache kept per (layer or iteration) index, as Huginn keeps it.
+"""Key/value cache kept per (layer or iteration) index, as Huginn and Ouro keep it.
 
-Index layout: prelude blocks ``0 .. P-1``; core block ``j`` at iteration ``t`` (1-based) gets
-``P + (t - 1) * J + j``; coda blocks ``-1, -2, …``. Each recurrent iteration therefore attends to
-the keys that the same block produced at the same iteration for earlier tokens. When an earlier
-token ran fewer iterations (adaptive depth) an index is missing for it; the cache then uses the
-deepest iteration that token reached for the same block position, so lookups never misalign.
+The slots come from the model's layout (:meth:`lens.layout.UnrolledLayout.cache_index`): prelude
+blocks ``0 .. P-1``; core block ``j`` at iteration ``t`` (1-based) gets ``P + (t - 1) * J + j``; coda
+blocks ``-1, -2, …``. Each recurrent iteration therefore attends to the keys that the same block
+produced at the same iteration for earlier tokens. When an earlier token ran fewer iterations
+(adaptive depth, an exit gate) an index is missing for it; the cache then uses the deepest iteration
+that token reached for the same block position, exactly as if it had stopped computing there, so
+lookups never misalign.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lens.layout import UnrolledLayout
+
 
 class KVCache:
     """Per-index keys and values ``[B, H, S, D]`` plus the key padding mask ``[B, S]``."""
 
-    def __init__(self, prelude_layers: int, core_layers: int) -> None:
-        self.prelude_layers = prelude_layers
-        self.core_layers = core_layers
+    def __init__(self, layout: UnrolledLayout) -> None:
+        self.layout = layout
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         self.key_mask: Tensor | None = None
@@ -28,14 +31,13 @@ class KVCache:
     def _deepest_same_block(self, index: int, min_length: int = 0, below: int | None = None) -> int | None:
         """Deepest present core index of ``index``'s block position holding at least ``min_length`` tokens
         (and, with ``below``, earlier than it); None for prelude and coda indices."""
-        if index < self.prelude_layers:
+        block = self.layout.cache_core_block(index)
+        if block is None:
             return None
-        block = (index - self.prelude_layers) % self.core_layers
         candidates = [
             i
             for i, k in self.keys.items()
-            if i >= self.prelude_layers
-            and (i - self.prelude_layers) % self.core_layers == block
+            if self.layout.cache_core_block(i) == block
             and k.shape[2] >= min_length
             and (below is None or i < below)
         ]
@@ -95,6 +97,3 @@ class KVCache:
 
     def __len__(self) -> int:
         return self.seq_len
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())

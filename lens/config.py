@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from lens.errors import ConfigError, ConfigTypeError
+
+CONFIGS_DIR = Path(__file__).parent / "configs"  # released models' configs and tokenizers (no weights)
 
 # Fields whose value must equal what looplens implements: anything else would be a different model.
 _ARCHITECTURE_CHECKS: dict[str, tuple[Any, ...]] = {
@@ -97,6 +102,8 @@ class RecurrentDepthConfig:
         (16, 4, 8.0)
     """
 
+    family: ClassVar[str] = "huginn"
+
     n_embd: int = 128
     n_heads: int = 4
     num_key_value_heads: int | None = None
@@ -177,8 +184,10 @@ class RecurrentDepthConfig:
         }
 
     def unrolled_layers(self, num_steps: int) -> int:
-        """Number of block outputs in the unrolled order at ``num_steps`` iterations."""
-        return self.n_layers_in_prelude + num_steps * self.n_layers_in_recurrent_block + self.n_layers_in_coda
+        """Number of block outputs in the unrolled order at ``num_steps`` iterations (from the layout)."""
+        from lens.families.huginn import huginn_layout
+
+        return huginn_layout(self).num_unrolled(num_steps)
 
     # ---- validation ---------------------------------------------------------------------------
     def _check_types(self) -> None:
@@ -188,22 +197,22 @@ class RecurrentDepthConfig:
                 continue
             expected = f.type if isinstance(f.type, str) else str(f.type)
             if expected.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
-                raise TypeError(f"config field {f.name!r} must be an integer, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be an integer, got {value!r}")
             if expected.startswith("float") and (
                 not isinstance(value, (int, float)) or isinstance(value, bool)
             ):
-                raise TypeError(f"config field {f.name!r} must be a number, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be a number, got {value!r}")
             if expected.startswith("float"):
                 setattr(self, f.name, float(value))
             if expected.startswith("bool") and not isinstance(value, bool):
-                raise TypeError(f"config field {f.name!r} must be true or false, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be true or false, got {value!r}")
             if expected.startswith("str") and not isinstance(value, str):
-                raise TypeError(f"config field {f.name!r} must be a string, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be a string, got {value!r}")
             if expected.startswith("dict") and not isinstance(value, dict):
-                raise TypeError(f"config field {f.name!r} must be a mapping, got {value!r}")
+                raise ConfigTypeError(f"config field {f.name!r} must be a mapping, got {value!r}")
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for any inconsistent or unsupported setting."""
+        """Raise ``ConfigError`` naming the field for any inconsistent, non-finite or unsupported setting."""
         for name in (
             "n_embd",
             "n_heads",
@@ -215,34 +224,45 @@ class RecurrentDepthConfig:
             "n_layers_in_recurrent_block",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
         for name in ("n_layers_in_prelude", "n_layers_in_coda"):
             if getattr(self, name) < 0:
-                raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if self.n_heads * self.head_dim != self.n_embd:
-            raise ValueError(
+            raise ConfigError(
                 f"config fields 'n_heads' x 'head_dim' ({self.n_heads} x {self.head_dim}) must equal 'n_embd' ({self.n_embd})"
             )
         if self.n_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"config field 'num_key_value_heads' ({self.num_key_value_heads}) must divide 'n_heads' ({self.n_heads})"
             )
         if self.head_dim % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"config field 'head_dim' must be even for rotary embeddings, got {self.head_dim}"
             )
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError("config field 'padded_vocab_size' must be >= 'vocab_size'")
+            raise ConfigError("config field 'padded_vocab_size' must be >= 'vocab_size'")
         for key in ("std", "embed_scale"):
             if key not in self.init_values:
-                raise ValueError(f"config field 'init_values' lacks {key!r}")
+                raise ConfigError(f"config field 'init_values' lacks {key!r}")
         for name, allowed in _ARCHITECTURE_CHECKS.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise ConfigError(
                     f"config field {name!r} = {getattr(self, name)!r} is not supported (looplens implements {allowed[0]!r})"
                 )
+        positive = {"rope_base": self.rope_base, "norm_eps": self.norm_eps}
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"config field {name!r} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.test_time_noise) and self.test_time_noise >= 0):
+            raise ConfigError(
+                f"config field 'test_time_noise' must be finite and >= 0, got {self.test_time_noise!r}"
+            )
+        for key, value in self.init_values.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"config field 'init_values.{key}' must be a finite number, got {value!r}")
         if self.test_time_noise_type not in ("fixed", "geom", "sqrt", "line", "chi"):
-            raise ValueError(
+            raise ConfigError(
                 f"config field 'test_time_noise_type' = {self.test_time_noise_type!r} is unknown"
             )
 
@@ -256,7 +276,7 @@ class RecurrentDepthConfig:
             data["n_heads"] = data.pop("num_attention_heads")
         unknown = sorted(k for k in data if k not in known and k not in _HF_BOOKKEEPING)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown config field(s) {unknown}: not part of the recurrent-depth architecture"
             )
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -270,12 +290,26 @@ class RecurrentDepthConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is not valid UTF-8 JSON: {err}") from err
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
+            raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_dict(data)
+
+    @classmethod
+    def from_name(cls, name: str) -> RecurrentDepthConfig:
+        """A released model's configuration shipped with looplens (no weights): ``"huginn-0125"``.
+
+        Example:
+            >>> RecurrentDepthConfig.from_name("huginn-0125").unrolled_layers(16)
+            68
+        """
+        path = CONFIGS_DIR / name / "config.json"
+        if not path.is_file():
+            known = sorted(p.name for p in CONFIGS_DIR.iterdir() if (p / "config.json").is_file())
+            raise ConfigError(f"no shipped configuration named {name!r}; known: {', '.join(known)}")
+        return cls.from_json(path)
 
     def to_dict(self) -> dict[str, Any]:
         """Huginn-compatible mapping (also readable by Huginn's own config class)."""

@@ -22,6 +22,10 @@ class ConfigError(LooplensError, ValueError):
     """A model configuration that is invalid or describes an architecture looplens does not implement."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration field of the wrong type (``"n_heads": "four"``)."""
+
+
 class CheckpointError(LooplensError, ValueError):
     """A checkpoint that does not match its configuration's architecture, or is damaged."""
 
@@ -30,4 +34,11 @@ class ModelNotFoundError(LooplensError, FileNotFoundError):
     """Neither an embedded model's name nor a checkpoint directory."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "InputError", "LooplensError", "ModelNotFoundError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ConfigTypeError",
+    "InputError",
+    "LooplensError",
+    "ModelNotFoundError",
+]

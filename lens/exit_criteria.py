@@ -1,7 +1,10 @@
-"""Huginn's adaptive-depth exit criteria: when has a token's latent stopped changing enough?
+"""Adaptive-depth exit criteria: when may a token stop iterating?
 
-Each criterion sees the per-iteration output at the position being generated and returns, per
-sequence, whether it may stop. Thresholds default to the values Huginn's authors use.
+Huginn's criteria ask whether the latent (or the readout) has stopped changing enough; ``"gate"``
+asks a learned exit gate (Ouro's): stop once the cumulative exit probability reaches the threshold
+(:mod:`lens.exit_gate`). Each criterion sees the per-iteration output at the position being generated
+and returns, per sequence, whether it may stop. Thresholds default to the values the authors use
+(``gate``: 0.5, the point where stopping has become the likelier outcome).
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lens.errors import InputError
+from lens.exit_gate import ExitTracker
+
 DEFAULT_THRESHOLDS = {
     "kl": 5e-4,
     "entropy-diff": 1e-3,
     "latent-diff": 0.03,
     "argmax-stability": 5,
     "cosine": 0.999,
+    "gate": 0.5,
     "none": float("inf"),
 }
 
@@ -29,24 +36,36 @@ class ExitCriterion:
     name: str = "kl"
     threshold: float | None = None
     needs_logits: bool = field(init=False)
+    needs_gate: bool = field(init=False)
     _prev: Tensor | None = field(default=None, init=False, repr=False)
     _count: Tensor | None = field(default=None, init=False, repr=False)
+    _tracker: ExitTracker | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.name not in DEFAULT_THRESHOLDS:
-            raise ValueError(
+            raise InputError(
                 f"unknown exit criterion {self.name!r}; choose from {sorted(DEFAULT_THRESHOLDS)}"
             )
         if self.threshold is None:
             self.threshold = DEFAULT_THRESHOLDS[self.name]
         self.needs_logits = self.name in ("kl", "entropy-diff", "argmax-stability")
+        self.needs_gate = self.name == "gate"
 
     def reset(self) -> None:
-        self._prev, self._count = None, None
+        self._prev, self._count, self._tracker = None, None, None
 
-    def update(self, latent: Tensor, logits: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``latent`` ``[B, d]`` (raw core state at the position), ``logits`` ``[B, V]`` or None."""
+    def update(
+        self, latent: Tensor, logits: Tensor | None, gate: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``latent`` ``[B, d]`` (the state at the position), ``logits`` ``[B, V]`` or None, ``gate``
+        ``[B]`` (this iteration's exit-gate λ, for the ``gate`` criterion)."""
         name, thr = self.name, self.threshold
+        if name == "gate":
+            if gate is None:
+                raise InputError("the 'gate' exit criterion needs a model with an exit gate (Ouro)")
+            self._tracker = self._tracker or ExitTracker()
+            _, cdf = self._tracker.step(gate.float())
+            return cdf, cdf >= thr
         if name == "none":
             value = torch.full((latent.shape[0],), float("nan"), device=latent.device)
             return value, torch.zeros_like(value, dtype=torch.bool)

@@ -8,28 +8,40 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from lens.errors import InputError
 from lens.exit_criteria import ExitCriterion
-from lens.model import InitState, RecurrentDepthLM
+from lens.exit_gate import GateExit
+from lens.model import InitState, LoopedLM
+
+StopReason = Literal["eos", "stop_token", "stop_string", "max_new_tokens", "context"]
 
 
 @dataclass
 class GenerationResult:
-    """New tokens per sequence, iterations used per new token, and decoded text when a tokenizer exists."""
+    """New tokens per sequence, iterations used per new token, and decoded text when a tokenizer exists.
+
+    ``tokens`` keep every generated id (an end-of-text token included); ``texts`` are those tokens
+    decoded without special tokens and cut at a stop string. ``stopped`` says why each sequence ended:
+    ``"eos"``, ``"stop_token"``, ``"stop_string"``, ``"max_new_tokens"``, or ``"context"`` (the model's
+    context was full: what was generated so far is kept).
+    """
 
     tokens: list[list[int]]
     steps_used: list[list[int]]
     texts: list[str] | None = None
     prompts: list[list[int]] = field(default_factory=list)
+    stopped: list[StopReason] = field(default_factory=list)
 
 
 def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
     """Left-pad token lists into ``input_ids`` and an ``attention_mask`` (1 = token)."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -52,7 +64,7 @@ def sample_next(
     if not do_sample:
         return logits.argmax(dim=-1)
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise InputError(f"temperature must be > 0, got {temperature}")
     logits = logits / temperature
     if top_k and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -68,7 +80,7 @@ def sample_next(
 
 @torch.no_grad()
 def generate(
-    model: RecurrentDepthLM,
+    model: LoopedLM,
     prompts: Tensor | Sequence[Sequence[int]] | Sequence[str] | str,
     max_new_tokens: int = 16,
     num_steps: int | None = None,
@@ -85,19 +97,24 @@ def generate(
     stop_token_ids: Sequence[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    gate_exit: GateExit | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt (a batch is left-padded).
 
     ``num_steps`` fixes the depth, or caps it when ``exit_criterion`` (``"kl"``, ``"entropy-diff"``,
-    ``"latent-diff"``, ``"argmax-stability"``, ``"cosine"``) lets each token stop early.
+    ``"latent-diff"``, ``"argmax-stability"``, ``"cosine"``, or ``"gate"`` for an exit-gated family:
+    the cumulative exit probability reaches ``exit_threshold``) lets each token stop early; a stopped
+    token computes no further iterations, and later tokens read its keys of its exit iteration.
+    ``gate_exit`` (exit-gated families) decodes each token as one of Ouro's exit modes after running
+    every iteration, as the authors' code does.
     ``warm_start`` starts each new token's latent from the previous token's last latent
     (Huginn's continuous compute). Generation stops at an end-of-text token, a stop token,
-    a stop string, or the token budget.
+    a stop string, the token budget, or a full context (``result.stopped`` says which).
     """
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if warm_start and not use_cache:
-        raise ValueError("warm_start needs the key/value cache (use_cache=True)")
+        raise InputError("warm_start needs the key/value cache (use_cache=True)")
     token_lists = _as_token_lists(model, prompts)
     pad_id = model.config.pad_token_id or 0
     ids, mask = pad_left(token_lists, pad_id)
@@ -111,19 +128,21 @@ def generate(
             else ExitCriterion(exit_criterion, exit_threshold)
         )
     stops = set(stop_token_ids or ())
-    for special in (model.config.eos_token_id,):
-        if special is not None:
-            stops.add(special)
+    eos = model.config.eos_token_id
     tok = model.tokenizer
     B = ids.shape[0]
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     steps: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    stopped: list[StopReason | None] = [None] * B
     cache = model.new_cache() if use_cache else None
     step_input, step_mask = ids, mask if padded else None
     state_init: InitState = init_state
     full_ids, full_mask = ids, mask
-    for _ in range(max_new_tokens):
+    context = model.config.block_size
+    for step in range(max_new_tokens):
+        if full_ids.shape[1] > context:  # the last token cannot be fed back: the context is full
+            stopped = [reason or "context" for reason in stopped]
+            break
         if use_cache:
             out = model(
                 step_input,
@@ -134,6 +153,7 @@ def generate(
                 logits="last",
                 generator=generator,
                 exit_criterion=criterion,
+                gate_exit=gate_exit,
             )
         else:
             out = model(
@@ -144,29 +164,37 @@ def generate(
                 logits="last",
                 generator=generator,
                 exit_criterion=criterion,
+                gate_exit=gate_exit,
             )
         next_ids = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator).cpu()
         used = out.steps_used.cpu().tolist() if out.steps_used is not None else [out.num_steps] * B
         for b in range(B):
-            if not done[b]:
-                new_tokens[b].append(int(next_ids[b]))
-                steps[b].append(int(used[b]))
-                if int(next_ids[b]) in stops or _hit_stop_string(tok, new_tokens[b], stop_strings):
-                    done[b] = True
-        if bool(done.all()):
+            if stopped[b] is not None:
+                continue
+            token = int(next_ids[b])
+            new_tokens[b].append(token)
+            steps[b].append(int(used[b]))
+            if eos is not None and token == eos:
+                stopped[b] = "eos"
+            elif token in stops:
+                stopped[b] = "stop_token"
+            elif _hit_stop_string(tok, new_tokens[b], stop_strings):
+                stopped[b] = "stop_string"
+        if all(reason is not None for reason in stopped) or step == max_new_tokens - 1:
             break
         step_input = next_ids[:, None].to(model.device)
         step_mask = torch.ones_like(step_input) if padded else None
         full_ids = torch.cat([full_ids, step_input], 1)
         full_mask = torch.cat([full_mask, torch.ones_like(step_input)], 1)
         state_init = out.state[:, -1:] if warm_start else init_state
-    texts = [tok.decode(t) for t in new_tokens] if tok is not None else None
+    reasons: list[StopReason] = [reason or "max_new_tokens" for reason in stopped]
+    texts = [tok.decode(t, skip_special_tokens=True) for t in new_tokens] if tok is not None else None
     if texts is not None and stop_strings:
         texts = [_cut_at_stop(t, stop_strings) for t in texts]
-    return GenerationResult(new_tokens, steps, texts, [list(p) for p in token_lists])
+    return GenerationResult(new_tokens, steps, texts, [list(p) for p in token_lists], reasons)
 
 
-def _as_token_lists(model: RecurrentDepthLM, prompts: object) -> list[list[int]]:
+def _as_token_lists(model: LoopedLM, prompts: object) -> list[list[int]]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, Tensor):
@@ -176,7 +204,7 @@ def _as_token_lists(model: RecurrentDepthLM, prompts: object) -> list[list[int]]
     prompts = list(prompts)  # type: ignore[arg-type]
     if prompts and isinstance(prompts[0], str):
         if model.tokenizer is None:
-            raise ValueError("text prompts need a model with a tokenizer; pass token ids instead")
+            raise InputError("text prompts need a model with a tokenizer; pass token ids instead")
         return [model.tokenizer.encode(p) for p in prompts]
     return [list(map(int, p)) for p in prompts]
 

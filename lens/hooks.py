@@ -1,9 +1,11 @@
 """TransformerLens-style hook points, without the TransformerLens dependency.
 
-A ``HookPoint`` is an identity module placed on an activation; a hook ``fn(tensor, hook)`` may read it
-or return a replacement (an intervention). Names, ``run_with_hooks`` and the ``hooks()`` context
-manager follow TransformerLens, so code written for a ``HookedTransformer`` reads the same here. In a
-recurrent model one hook point fires once per iteration: ``hook.iteration`` tells which.
+A ``HookPoint`` is an identity module placed on an activation; a hook is called as TransformerLens
+calls it, ``fn(tensor, hook=hook_point)`` (so ``def f(act, *, hook)`` works), and may read the tensor or
+return a replacement (an intervention). Names, ``run_with_hooks``, ``run_with_cache`` and the ``hooks()``
+context manager follow TransformerLens, so code written for a ``HookedTransformer`` reads the same here.
+In a recurrent model one hook point fires once per iteration: ``hook.iteration`` tells which, and
+``run_with_cache`` stacks every iteration of a looped hook point on a leading axis.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-HookFunction = Callable[[Tensor, "HookPoint"], Tensor | None]
+HookFunction = Callable[..., Tensor | None]  # fn(tensor, *, hook: HookPoint) -> replacement or None
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
 class HookPoint(nn.Module):
@@ -28,12 +32,12 @@ class HookPoint(nn.Module):
         self._handles: list[tuple[Any, bool]] = []
 
     def add_hook(self, fn: HookFunction, dir: str = "fwd", is_permanent: bool = False) -> Any:
-        """Register ``fn(activation, hook)``; a non-None return value replaces the activation."""
+        """Register ``fn(activation, hook=self)``; a non-None return value replaces the activation."""
         if dir != "fwd":
             raise ValueError("only forward hooks are supported on recurrent hook points (dir='fwd')")
 
         def torch_hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-            return fn(output, self)
+            return fn(output, hook=self)
 
         handle = self.register_forward_hook(torch_hook)
         self._handles.append((handle, is_permanent))
@@ -121,3 +125,64 @@ class HookedModule(nn.Module):
         """Run ``forward`` with temporary hooks, as ``HookedTransformer.run_with_hooks`` does."""
         with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end):
             return self(*args, **kwargs)
+
+    def run_with_cache(
+        self,
+        *args: Any,
+        names_filter: NamesFilter = None,
+        device: str | Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache]:
+        """Run ``forward`` and cache activations by hook name, as ``HookedTransformer.run_with_cache`` does.
+
+        Returns ``(logits, cache)``. ``names_filter`` is a name, a list of names or a predicate (default:
+        every hook point). A hook point inside the loop fires once per iteration: its cache entry stacks
+        them, ``[T, *shape]`` in iteration order; hook points outside the loop keep their plain shape.
+
+        Example:
+            >>> import torch, lens
+            >>> model = lens.RecurrentDepthLM(lens.RecurrentDepthConfig(n_embd=32, n_heads=2, vocab_size=50))
+            >>> logits, cache = model.run_with_cache(
+            ...     torch.tensor([[1, 2, 3]]), num_steps=4, init_state="zeros",
+            ...     names_filter=lambda name: name.endswith("hook_resid_post"))
+            >>> tuple(cache["transformer.core_block.0.hook_resid_post"].shape)  # [T, B, S, d]
+            (4, 1, 3, 32)
+            >>> tuple(cache["transformer.prelude.0.hook_resid_post"].shape)
+            (1, 3, 32)
+        """
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if names_filter is None:
+            wanted = list(self.hook_dict)
+        elif callable(names_filter):
+            wanted = [n for n in self.hook_dict if names_filter(n)]
+        else:
+            wanted = list(names_filter)
+            for name in wanted:
+                self._resolve(name)  # an unknown name is an error, not an empty cache
+        seen: dict[str, list[tuple[int, Tensor]]] = {name: [] for name in wanted}
+
+        def keep(tensor: Tensor, *, hook: HookPoint) -> None:
+            kept = tensor.detach()
+            seen[hook.name or ""].append((hook.iteration, kept.to(device) if device is not None else kept))
+
+        with self.hooks([(name, keep) for name in wanted]):
+            out = self(*args, **kwargs)
+        cache = ActivationCache()
+        for name, items in seen.items():
+            if not items:
+                continue
+            looped = any(iteration > 0 for iteration, _ in items)
+            cache[name] = torch.stack([t for _, t in items]) if looped or len(items) > 1 else items[0][1]
+        return getattr(out, "logits", out), cache
+
+
+class ActivationCache(dict):
+    """Activations by hook name (a plain ``dict``), as ``run_with_cache`` returns them."""
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self:
+            raise KeyError(
+                f"{name!r} was not cached; cached: {sorted(self)[:8]}{' …' if len(self) > 8 else ''}"
+            )
+        return super().__getitem__(name)

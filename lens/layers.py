@@ -1,10 +1,21 @@
-"""Huginn's building blocks: RMSNorm, interleaved rotary embedding, attention, gated MLP, sandwich block.
+"""The blocks of every family: RMSNorm, both rotary layouts, attention, gated MLPs, and the blocks.
 
-Parameter names equal the checkpoint keys (``attn.Wqkv``, ``attn.qk_bias``, ``mlp.fc``, ``norm_1`` …)
-so a real checkpoint loads by name. Each block exposes TransformerLens-style hook points.
+- Huginn: fused ``Wqkv`` attention with qk bias and interleaved-pair RoPE, the sandwich block
+  (:class:`SandwichBlock`, four norms).
+- Retrofitted recurrence: the same parameter names, Llama's pre-norm block (:class:`PreNormBlock`,
+  ``norm_1``/``norm_2``) and rotate-half RoPE from ``rope_theta``.
+- Ouro: separate ``q/k/v/o_proj`` (:class:`SplitAttention`), sandwich norms around both sublayers
+  added to the residual (:class:`OuroBlock`), rotate-half RoPE.
+
+Parameter names equal each family's checkpoint keys so a real checkpoint loads by name. Every block
+is called as ``block(x, rope, cache_index, mask, cache)`` and exposes the same TransformerLens-style
+hook points (``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_out``, ``hook_resid_post``).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -12,7 +23,7 @@ from torch import Tensor, nn
 
 import kernels
 from lens.cache import KVCache
-from lens.config import RecurrentDepthConfig
+from lens.errors import ConfigError
 from lens.hooks import HookPoint
 
 
@@ -46,11 +57,41 @@ def apply_rotary(x: Float[Tensor, "B S H D"], freqs: Float[Tensor, "B S 1 P 2"])
     return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)
 
 
-class CausalSelfAttention(nn.Module):
-    """Fused ``Wqkv`` (rows q | k | v), optional qk bias before the rotary, grouped key/value heads."""
+def attend(
+    q: Float[Tensor, "B S H D"],
+    k: Float[Tensor, "B S K D"],
+    v: Float[Tensor, "B S K D"],
+    cache_index: int,
+    mask: Bool[Tensor, "B 1 S L"] | None,
+    cache: KVCache | None,
+) -> Float[Tensor, "B S HD"]:
+    """Causal scaled-dot-product attention after RoPE, shared by every family: the cache, grouped
+    key/value heads (query head ``h`` reads key/value head ``h // (H / K)``), the mask."""
+    B, S, n_head, _ = q.shape
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(cache_index, k, v)
+    if k.shape[1] != n_head:
+        repeat = n_head // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    if mask is None and k.shape[2] == S:
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        if mask is None:  # queries are the last S of the keys (cached decoding)
+            mask = causal_mask(S, k.shape[2], q.device)[None, None]
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, S, -1)
 
-    def __init__(self, config: RecurrentDepthConfig) -> None:
+
+class CausalSelfAttention(nn.Module):
+    """Fused ``Wqkv`` (rows q | k | v), optional qk bias before the rotary, grouped key/value heads.
+
+    ``rope_style`` is ``"interleaved"`` (Huginn) or ``"half"`` (retrofits, whose Llama layers rotate halves).
+    """
+
+    def __init__(self, config: Any, rope_style: str = "interleaved") -> None:
         super().__init__()
+        self.rope_style = rope_style
         self.n_head = config.n_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -81,20 +122,81 @@ class CausalSelfAttention(nn.Module):
                 raise NotImplementedError("qk_bias with grouped key/value heads is not part of Huginn")
             q_bias, k_bias = self.qk_bias.split(1, dim=0)
             q, k = (q + q_bias).to(q.dtype), (k + k_bias).to(q.dtype)
-        q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(cache_index, k, v)
-        if self.n_kv_heads != self.n_head:
-            repeat = self.n_head // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if mask is None and k.shape[2] == S:
-            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            if mask is None:  # queries are the last S of the keys (cached decoding)
-                mask = causal_mask(S, k.shape[2], x.device)[None, None]
-            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, S, -1))
+        rotate = apply_rotary if self.rope_style == "interleaved" else apply_rotary_half
+        q, k = rotate(q, freqs), rotate(k, freqs)
+        return self.proj(attend(q, k, v, cache_index, mask, cache))
+
+
+def apply_rotary_half(
+    x: Float[Tensor, "B S H D"], cos_sin: Float[Tensor, "B S 1 D 2"]
+) -> Float[Tensor, "B S H D"]:
+    """Llama's rotate-half RoPE: ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, in float32."""
+    h = x.float()
+    x1, x2 = h.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (h * cos_sin[..., 0] + rotated * cos_sin[..., 1]).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE angles from ``rope_theta`` (and ``rope_scaling``), as transformers' Llama computes them.
+
+    ``inv_freq`` is a non-persistent float32 buffer (not in checkpoints); ``forward(positions)`` returns
+    cos and sin stacked on the last axis, ``[B, S, 1, D, 2]``. Supported ``rope_scaling`` types:
+    default, ``linear`` and ``llama3`` (Llama-3.x conversions); anything else is a ``ConfigError``.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, float(theta), dict(scaling or {})
+        self.rope_type = str(self.scaling.get("rope_type", self.scaling.get("type", "default")))
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ConfigError(
+                f"rope_scaling type {self.rope_type!r} is not supported (looplens implements default, linear, llama3)"
+            )
+        self.attention_scaling = 1.0
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | str | None = None) -> Tensor:
+        d = self.head_dim
+        inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+        cfg = self.scaling
+        if self.rope_type == "linear":
+            inv = inv / float(cfg["factor"])
+        elif self.rope_type == "llama3":
+            try:
+                factor, low, high = (
+                    float(cfg["factor"]),
+                    float(cfg["low_freq_factor"]),
+                    float(cfg["high_freq_factor"]),
+                )
+                old = float(cfg["original_max_position_embeddings"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise ConfigError(f"rope_scaling of type llama3 lacks or mistypes a field: {err}") from err
+            low_wavelen, high_wavelen = old / low, old / high
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+            smooth = (old / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+            inv = torch.where(medium, smoothed, scaled)
+        return inv
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
+        """Keep the frequencies in float32 whatever dtype the weights are cast to."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            self.inv_freq = self.compute_inv_freq(self.inv_freq.device)
+        return self
+
+    def reset(self, device: torch.device | str | None = None) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after building the model on the meta device."""
+        self.inv_freq = self.compute_inv_freq(device)
+
+    def forward(self, positions: Tensor) -> Float[Tensor, "B S 1 D 2"]:
+        angles = positions.float()[..., None] * self.inv_freq  # [B, S, D/2]
+        emb = torch.cat((angles, angles), dim=-1)
+        cos_sin = torch.stack([emb.cos(), emb.sin()], dim=-1) * self.attention_scaling
+        return cos_sin[:, :, None]
 
 
 def causal_mask(queries: int, keys: int, device: torch.device) -> Bool[Tensor, "S K"]:
@@ -106,7 +208,7 @@ def causal_mask(queries: int, keys: int, device: torch.device) -> Bool[Tensor, "
 class GatedMLP(nn.Module):
     """Gated SiLU MLP with one fused input projection ``fc`` = [gate | up]."""
 
-    def __init__(self, config: RecurrentDepthConfig) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
         self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
@@ -118,7 +220,7 @@ class GatedMLP(nn.Module):
 class SandwichBlock(nn.Module):
     """``x = norm_2(attn(norm_1(x)) + x); x = norm_4(mlp(norm_3(x)) + x)``."""
 
-    def __init__(self, config: RecurrentDepthConfig) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.norm_1 = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
@@ -145,7 +247,118 @@ class SandwichBlock(nn.Module):
         return self.hook_resid_post(self.norm_4(mlp_out, residual=x))
 
 
-def init_block_(block: SandwichBlock, std: float, out_std: float) -> None:
+class PreNormBlock(nn.Module):
+    """Llama's pre-norm block under Huginn's names (retrofitted recurrence):
+    ``x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))``, rotate-half RoPE."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config, rope_style="half")
+        self.norm_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = GatedMLP(config)
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self,
+        x: Float[Tensor, "B S d"],
+        rope: Float[Tensor, "B S 1 D 2"],
+        cache_index: int,
+        mask: Bool[Tensor, "B 1 S K"] | None = None,
+        cache: KVCache | None = None,
+    ) -> Float[Tensor, "B S d"]:
+        attn_out = self.hook_attn_out(self.attn(self.norm_1(x), rope, cache_index, mask, cache))
+        x = self.hook_resid_mid(x + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.norm_2(x)))
+        return self.hook_resid_post(x + mlp_out)
+
+
+class SplitAttention(nn.Module):
+    """Separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` without biases, rotate-half RoPE, grouped
+    key/value heads (Ouro's, Qwen-style attention)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.n_head, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            hd,
+        )
+        self.q_proj = nn.Linear(d, self.n_head * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
+
+    def forward(
+        self,
+        x: Float[Tensor, "B S d"],
+        rope: Float[Tensor, "B S 1 D 2"],
+        cache_index: int,
+        mask: Bool[Tensor, "B 1 S K"] | None,
+        cache: KVCache | None,
+    ) -> Float[Tensor, "B S d"]:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_half(q, rope), apply_rotary_half(k, rope)
+        return self.o_proj(attend(q, k, v, cache_index, mask, cache))
+
+
+class SplitMLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` (Ouro's, Llama-style MLP)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        d, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, inner, bias=False)
+        self.up_proj = nn.Linear(d, inner, bias=False)
+        self.down_proj = nn.Linear(inner, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class OuroBlock(nn.Module):
+    """Ouro's decoder layer: a norm before and after each sublayer, inside the residual.
+
+    ``x = x + input_layernorm_2(attn(input_layernorm(x)))``;
+    ``x = x + post_attention_layernorm_2(mlp(post_attention_layernorm(x)))``.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(d, eps=eps)
+        self.self_attn = SplitAttention(config)
+        self.input_layernorm_2 = RMSNorm(d, eps=eps)
+        self.post_attention_layernorm = RMSNorm(d, eps=eps)
+        self.mlp = SplitMLP(config)
+        self.post_attention_layernorm_2 = RMSNorm(d, eps=eps)
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self,
+        x: Float[Tensor, "B S d"],
+        rope: Float[Tensor, "B S 1 D 2"],
+        cache_index: int,
+        mask: Bool[Tensor, "B 1 S K"] | None = None,
+        cache: KVCache | None = None,
+    ) -> Float[Tensor, "B S d"]:
+        attn_out = self.hook_attn_out(self.self_attn(self.input_layernorm(x), rope, cache_index, mask, cache))
+        x = self.hook_resid_mid(x + self.input_layernorm_2(attn_out))
+        mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
+        return self.hook_resid_post(x + self.post_attention_layernorm_2(mlp_out))
+
+
+def init_block_(block: nn.Module, std: float, out_std: float) -> None:
     """Huginn's "takase" initialisation: normal(std) inputs, normal(out_std) output projections, unit norms."""
     for name, param in block.named_parameters():
         if name.startswith("norm_"):
@@ -162,9 +375,16 @@ __all__ = [
     "RMSNorm",
     "CausalSelfAttention",
     "GatedMLP",
+    "OuroBlock",
+    "PreNormBlock",
+    "RotaryEmbedding",
     "SandwichBlock",
-    "precompute_freqs_cis",
+    "SplitAttention",
+    "SplitMLP",
     "apply_rotary",
+    "apply_rotary_half",
+    "attend",
     "causal_mask",
     "init_block_",
+    "precompute_freqs_cis",
 ]

@@ -1,7 +1,9 @@
-"""Loading and saving recurrent-depth checkpoints: safetensors only, strict, with errors that name the culprit.
+"""Loading and saving looped-model checkpoints: safetensors only, strict, with errors that name the culprit.
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
-``model.safetensors.index.json`` (Huginn's layout), plus optionally the tokenizer files. Names in
+``model.safetensors.index.json``, plus optionally the tokenizer files. The family (Huginn, a
+retrofitted-recurrence model, Ouro) is recognised from ``config.json`` and the weight names
+(:mod:`lens.families`); every weight must match the family's module tree by name and shape. Names in
 ``EMBEDDED_MODELS`` resolve to model directories shipped inside the package.
 """
 
@@ -15,10 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lens.config import RecurrentDepthConfig
-from lens.errors import CheckpointError, ModelNotFoundError
-from lens.layers import precompute_freqs_cis
-from lens.model import RecurrentDepthLM
+from lens.errors import CheckpointError, ConfigError, InputError, ModelNotFoundError
+from lens.families import Family, detect_family
+from lens.looped import LoopedLM
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED_MODELS = ("tiny-arith", "tiny-chains")
@@ -54,6 +55,19 @@ def _weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        for name in weight_map.values():
+            # a shard is a file beside the index: a path elsewhere ("../../x", "/etc/x") is refused
+            if (
+                not isinstance(name, str)
+                or name in ("", ".", "..")
+                or Path(name).name != name
+                or "\\" in name
+            ):
+                raise CheckpointError(
+                    f"{index}: shard {name!r} is not a file name in the checkpoint directory {path}"
+                )
         files = sorted({path / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -100,6 +114,12 @@ def read_state_dict(
                     if key in tensors:
                         raise CheckpointError(f"key {key!r} appears in more than one shard ({file.name})")
                     t = f.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad = int((~torch.isfinite(t)).sum())
+                        raise CheckpointError(
+                            f"{file.name}: tensor {key!r} holds {bad} NaN/Inf value(s); a damaged or diverged "
+                            "checkpoint gives meaningless lens ranks, so it is refused"
+                        )
                     if dtype is not None and t.is_floating_point() and key != "freqs_cis":
                         t = t.to(dtype)
                     tensors[key] = t.to(device) if device is not None else t
@@ -112,26 +132,91 @@ def read_state_dict(
     return tensors
 
 
+def weight_names(path: Path) -> list[str]:
+    """The tensor names of a checkpoint directory, read from the safetensors headers (no tensor is loaded)."""
+    names: list[str] = []
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                names += list(f.keys())
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{file} is not a readable safetensors file (truncated or corrupt?): {err}"
+            ) from err
+        except OSError as err:
+            raise CheckpointError(f"{file} could not be read: {err}") from err
+    return names
+
+
+def read_config(path: Path) -> dict:
+    """``config.json`` of a checkpoint directory as a mapping (a clear error when absent or broken)."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json at {file}")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object")
+    return data
+
+
+def checkpoint_family(name_or_path: str | Path) -> Family:
+    """The family a checkpoint belongs to, from its config and weight names (nothing is loaded)."""
+    path = resolve_model_path(name_or_path)
+    return detect_family(read_config(path), weight_names(path), str(path))
+
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating dtype, or its name (``"bfloat16"``, ``"bf16"``, ``"float32"``, ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise InputError(
+        f"dtype {dtype!r} is not a floating dtype; use one of {', '.join(DTYPES)} or a torch.dtype"
+    )
+
+
 def load_model(
     name_or_path: str | Path,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-) -> RecurrentDepthLM:
-    """Load a recurrent-depth model (and its tokenizer, when present) strictly by parameter name.
+) -> LoopedLM:
+    """Load a looped model of any family (and its tokenizer, when present) strictly by parameter name.
+
+    ``dtype`` is a torch dtype or its name (``"bfloat16"``); ``device`` anything torch accepts.
 
     Example:
         >>> import lens
-        >>> model = lens.load_model("tiny-arith")  # doctest: +SKIP
+        >>> model = lens.load_model("tiny-arith", dtype="float32")
+        >>> model.layout.family, model.layout.describe()
+        ('huginn', 'prelude 1 · core 1 × T · coda 1')
     """
+    dtype = resolve_dtype(dtype)
     path = resolve_model_path(name_or_path)
-    config = RecurrentDepthConfig.from_json(path / "config.json")
+    data = read_config(path)
+    family = detect_family(data, weight_names(path), str(path))
+    config = family.config_from_dict(data)
     with torch.device("meta"):
-        model = RecurrentDepthLM(config)
+        model = family.model_class(config)
     state = read_state_dict(path, dtype=dtype, device=device)
     expected = model.state_dict()
-    tied = config.tie_embeddings
-    if tied and "lm_head.weight" not in state and "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+    tied = model.tied_weights()
+    for key, source in tied.items():
+        if key not in state and source in state:
+            state[key] = state[source]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -140,19 +225,22 @@ def load_model(
             parts.append(f"missing key(s) {missing[:8]}{' …' if len(missing) > 8 else ''}")
         if unexpected:
             parts.append(f"unexpected key(s) {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
-        raise CheckpointError(f"checkpoint {path} does not match its config: " + "; ".join(parts))
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config ({family.name} family): " + "; ".join(parts)
+        )
     for key, ref in expected.items():
         if tuple(state[key].shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"shape mismatch for {key!r}: checkpoint has {tuple(state[key].shape)}, "
                 f"the config implies {tuple(ref.shape)}"
             )
-    state.pop("freqs_cis")  # recomputed in float32 below, as Huginn does at construction
+    state.pop("freqs_cis", None)  # Huginn's rotary table is recomputed in float32, as Huginn does
     model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.transformer.wte.weight
-    target = torch.device(device) if device is not None else model.transformer.wte.weight.device
-    model.freqs_cis = precompute_freqs_cis(config.head_dim, config.block_size, config.rope_base).to(target)
+    for key, source in tied.items():
+        owner, _, attr = key.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
+    target = torch.device(device) if device is not None else model.lm_head.weight.device
+    model.reset_buffers(target)
     model.eval()
     if (path / "tokenizer.json").is_file():
         from lens.tokenizer import Tokenizer
@@ -161,7 +249,7 @@ def load_model(
     return model
 
 
-def save_model(model: RecurrentDepthLM, directory: str | Path) -> Path:
+def save_model(model: LoopedLM, directory: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ tokenizer files) that ``load_model`` reads back."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

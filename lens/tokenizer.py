@@ -7,8 +7,9 @@ without depending on ``transformers``, and renders chat templates the way ``tran
 a sandboxed Jinja environment with ``trim_blocks``/``lstrip_blocks`` and support for the
 transformers-only ``{% generation %}`` tag that Huginn's template uses.
 
->>> tok = Tokenizer.from_dir("path/to/huginn-0125")  # doctest: +SKIP
->>> tok.encode("7"), tok.decode([55])  # doctest: +SKIP
+>>> from lens.config import CONFIGS_DIR
+>>> tok = Tokenizer.from_dir(CONFIGS_DIR / "huginn-0125")  # Huginn-3.5B's tokenizer, shipped with looplens
+>>> tok.encode("7"), tok.decode([55])
 ([55], '7')
 """
 

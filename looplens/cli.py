@@ -1,17 +1,24 @@
 """The ``looplens`` command line: studies, training and evaluation of the embedded model, the explorer.
 
-Every command prints a short summary and exits non-zero with one clear line on bad input.
+Every command prints a short summary and exits with status 2 and one clear line on bad input: a
+``lens.errors.LooplensError`` (the common base of looplens's user errors) or an operating-system error on
+a path the user gave (a read-only ``--out``, a missing file). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from lens.errors import LooplensError
 
 app = typer.Typer(
     add_completion=False,
@@ -21,33 +28,60 @@ app = typer.Typer(
 )
 console = Console()
 
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"looplens {importlib.metadata.version('looplens')}")
+        raise typer.Exit()
 
 
-def _dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise typer.BadParameter(f"unknown dtype {name!r}; choose from {sorted(set(DTYPES.values()))}")
-    return getattr(torch, DTYPES[name])
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """looplens: probe latent reasoning in recurrent-depth language models."""
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", soft_wrap=True)  # one line; the terminal wraps it
+    from rich.markup import escape
+
+    # one line, never wrapped; messages may hold brackets (looplens[scale]) that are not markup
+    console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
-@app.command()
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """One line for a user error (bad input, a damaged file, a path that cannot be written); bugs keep
+    their traceback. ``ValueError`` is still caught while the library's last plain ``ValueError``s are
+    converted to ``LooplensError`` subclasses."""
+    try:
+        yield
+    except (LooplensError, ValueError) as err:
+        _fail(err)
+    except OSError as err:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        _fail(OSError(f"{err.strerror or err}{where}"))
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from lens.errors import InputError
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu"
+        )
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise InputError(f"--device {device!r}: use cpu or cuda (cuda:N)")
+
+
+@app.command(context_settings={"allow_extra_args": True})
 def study(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="the study to run: arithmetic or chains")] = "arithmetic",
     model: Annotated[
         str | None,
@@ -76,34 +110,209 @@ def study(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="run shards on Ray: a local cluster, or the address given after --ray"),
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU)")
+    ] = None,
 ) -> None:
     """Run a batch study and write its run (tables + figures)."""
-    from lens.errors import LooplensError
     from studies import STUDIES
 
     if name not in STUDIES:
         _fail(ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}"))
     given = {"model": model, "n": n, "steps": steps, "batch_size": batch_size}
-    if depths is not None:
-        try:
-            given["depths"] = [int(x) for x in depths.split(",") if x.strip()]
-        except ValueError:
-            _fail(ValueError(f"--depths must be integers separated by commas, got {depths!r}"))
-    try:
+    with _user_errors():
+        from lens.loading import resolve_dtype
+
+        if depths is not None:
+            try:
+                given["depths"] = [int(x) for x in depths.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"--depths must be integers separated by commas, got {depths!r}") from None
+        _check_device(device)
+        address, _ = _ray_address(ray, list(ctx.args))
         STUDIES[name](
             **{k: v for k, v in given.items() if v is not None},
             seed=seed,
             out=out,
             name=run_name,
             device=device,
-            dtype=_dtype(dtype),
+            dtype=resolve_dtype(dtype),
             template=template,
             tuned_lens=tuned_lens,
             overwrite=overwrite,
             console=console,
+            ray=address,
+            num_workers=workers,
         )
-    except (LooplensError, ValueError, FileNotFoundError, NotADirectoryError) as err:
-        _fail(err)
+
+
+def _ray_address(ray: bool, extra: list[str], prompts: str | None = None) -> tuple[str | None, str | None]:
+    """``--ray`` alone is a local cluster; an argument right after it is the cluster's address."""
+    if extra and not ray:
+        raise typer.BadParameter(f"unexpected argument(s) {extra}")
+    if len(extra) > 1:
+        raise typer.BadParameter(f"--ray takes at most one address, got {extra}")
+    if not ray:
+        return None, prompts
+    if not extra:
+        return "local", prompts
+    address = extra[0]
+    if prompts is not None and not Path(prompts).exists() and Path(address).exists():
+        address, prompts = prompts, address  # `--ray ADDRESS PROMPTS`
+    return address, prompts
+
+
+def _print_probe_summary(run, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"probe: {run.name}", show_lines=False)
+    for col in (
+        "lens",
+        "target",
+        "median rank (last layer)",
+        "top-1 share",
+        "median rank 1 from layer",
+        "prompts",
+    ):
+        table.add_column(col)
+    for row in summary["ranks"]:
+        first = row["first_layer_median_rank_1"]
+        table.add_row(
+            row["lens"],
+            row["target_kind"],
+            f"{row['median_rank_last_layer']:g}",
+            f"{row['top1_share_last_layer']:.1%}",
+            "never" if first is None else f"{first + 1} of {row['layers']}",
+            str(row["prompts"]),
+        )
+    console.print(table)
+    console.print(
+        f"prompts: {summary['prompts']} ({summary['probed']} probed, {summary['errors']} with an error)"
+        + (
+            f"  ·  mean iterations used: {summary['mean_steps_used']}"
+            if summary.get("mean_steps_used")
+            else ""
+        )
+    )
+    for err in summary["first_errors"]:
+        console.print(f"  prompt {err['prompt_id']}: {err['error']}")
+    shards = summary["shards"]
+    console.print(
+        f"shards: {shards['computed']} computed, {shards['resumed']} resumed  ·  "
+        f"{shards['workers']} worker(s) ({shards['backend']})  ·  time: {summary['seconds']:.0f} s"
+    )
+    if summary["figures"]:
+        console.print(f"figures: {run.figures_dir}")
+    console.print(f"explore: looplens explore {run.path.parent}")
+
+
+def _split_list(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _parse_positions(text: str) -> str | list[int]:
+    if text in ("last", "all"):
+        return text
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"--positions is last, all or a comma-separated list of ints, not {text!r}"
+        ) from None
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def probe(
+    ctx: typer.Context,
+    prompts: Annotated[
+        str,
+        typer.Argument(help="prompt file (.jsonl, .json, .csv, .parquet) or a saved Hugging Face dataset"),
+    ],
+    model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
+    lens: Annotated[
+        list[str] | None,
+        typer.Option("--lens", help="lenses: logit, coda, tuned=DIR (repeat or comma-separate)"),
+    ] = None,
+    site: Annotated[
+        list[str] | None, typer.Option("--site", help="sites to decode (default: every block, latent, final)")
+    ] = None,
+    positions: Annotated[str, typer.Option(help="last, all, or positions within each prompt: 0,-1")] = "last",
+    steps: Annotated[int | None, typer.Option(help="recurrent iterations (the cap with --adaptive)")] = None,
+    adaptive: Annotated[
+        str | None,
+        typer.Option(help="adaptive depth: exit criterion kl, cosine, latent-diff, entropy-diff, …"),
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="the exit criterion's threshold")] = None,
+    chat: Annotated[bool, typer.Option(help="wrap each prompt in the model's chat template")] = False,
+    system: Annotated[str | None, typer.Option(help="system message with --chat")] = None,
+    topk: Annotated[int, typer.Option(help="best tokens kept per lens and layer (0-10)")] = 5,
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    shard_size: Annotated[
+        int, typer.Option(help="prompts per shard (the unit of resume and of a Ray task)")
+    ] = 256,
+    seed: Annotated[int, typer.Option(help="seed of the random initial states")] = 0,
+    init_state: Annotated[str | None, typer.Option(help="random (default) or zeros")] = None,
+    dynamics: Annotated[bool, typer.Option(help="record latent dynamics")] = True,
+    prompt_column: Annotated[str, typer.Option(help="column holding the prompt text")] = "prompt",
+    split: Annotated[str | None, typer.Option(help="split of a saved DatasetDict")] = None,
+    out: Annotated[Path, typer.Option(help="directory holding runs")] = Path("runs"),
+    run_name: Annotated[str | None, typer.Option("--name", help="run name (default: derived)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16")] = None,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="run shards on Ray: a local cluster, or the address given after --ray"),
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU)")
+    ] = None,
+    figures: Annotated[bool, typer.Option(help="draw the standard figures")] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
+) -> None:
+    """Probe your own prompts: rank trajectories, top-k, dynamics and figures in a resumable run."""
+    from probes.dataset import probe_dataset
+    from studies.figures.runs import render_probe_figures
+
+    with _user_errors():
+        _check_device(device)
+        address, prompts = _ray_address(ray, list(ctx.args), prompts)
+        run = probe_dataset(
+            prompts,
+            model,
+            out=out,
+            name=run_name,
+            lenses=_split_list(lens) or ["logit", "coda"],
+            sites=_split_list(site),
+            positions=_parse_positions(positions),
+            num_steps=steps,
+            exit_criterion=adaptive,
+            exit_threshold=threshold,
+            chat=chat,
+            system=system,
+            topk=topk,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            seed=seed,
+            init_state=init_state,
+            dynamics=dynamics,
+            prompt_column=prompt_column,
+            split=split,
+            device=device,
+            dtype=dtype,
+            ray=address,
+            num_workers=workers,
+            overwrite=overwrite,
+            figures=render_probe_figures if figures else None,
+        )
+    import json
+
+    _print_probe_summary(run, json.loads((run.path / "summary.json").read_text(encoding="utf-8")))
 
 
 @app.command()
@@ -125,26 +334,24 @@ def train(
 
     tiny-arith took 29.8 min and tiny-chains about 60 min, one thread each, on a 2-core CPU machine.
     """
-    from lens.errors import LooplensError
     from studies.training import TrainingInterrupted, preset
     from studies.training import train as run_training
 
     out = out or Path("checkpoints") / model
-    try:
-        cfg = preset(model, seed=seed, steps=steps)
-        run_training(cfg, out, export)
-    except TrainingInterrupted as stop:
-        console.print(f"[bold yellow]stopped:[/] {stop}")
-        console.print(
-            f"resume: looplens train --model {model} --out {out} --seed {seed}"
-            + (f" --steps {steps}" if steps is not None else "")
-        )
-        raise typer.Exit(code=130) from None
-    except KeyboardInterrupt:
-        console.print("[bold yellow]stopped[/] before the first training step; nothing to save")
-        raise typer.Exit(code=130) from None
-    except LooplensError as err:
-        _fail(err)
+    with _user_errors():  # a mismatched --out, a read-only folder: one line
+        try:
+            run_training(preset(model, seed=seed, steps=steps), out, export)
+        except TrainingInterrupted as stop:
+            console.print(f"[bold yellow]stopped:[/] {stop}", soft_wrap=True)
+            console.print(
+                f"resume: looplens train --model {model} --out {out} --seed {seed}"
+                + (f" --steps {steps}" if steps is not None else ""),
+                soft_wrap=True,
+            )
+            raise typer.Exit(code=130) from None
+        except KeyboardInterrupt:
+            console.print("[bold yellow]stopped[/] before the first training step; nothing to save")
+            raise typer.Exit(code=130) from None
     console.print(f"model written to {out / 'model'}")
 
 
@@ -177,11 +384,10 @@ def evaluate(
     card: Annotated[bool, typer.Option(help="rewrite the accuracy table of the model card")] = False,
 ) -> None:
     """Exact-match accuracy per task format and number of iterations, written as a run with a figure."""
-    from lens.errors import LooplensError
     from studies.evaluation import run_evaluation
     from studies.tasks import resolve_tasks
 
-    try:
+    with _user_errors():
         run_evaluation(
             model,
             [int(x) for x in depths.split(",") if x.strip()] or None,
@@ -192,36 +398,35 @@ def evaluate(
             console=console,
             tasks=resolve_tasks(tasks) if tasks else None,
         )
-    except (LooplensError, ValueError, FileNotFoundError) as err:
-        _fail(err)
 
 
 @app.command("tuned-lens")
 def tuned_lens_cmd(
-    model: Annotated[str, typer.Option()] = "tiny-arith",
+    model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
     steps: Annotated[int, typer.Option(help="recurrent iterations")] = 16,
     n: Annotated[int, typer.Option(help="prompts (a quarter held out)")] = 200,
-    epochs: Annotated[int, typer.Option()] = 30,
+    epochs: Annotated[int, typer.Option(help="passes over the training prompts")] = 30,
     save: Annotated[Path | None, typer.Option(help="directory to save the lenses")] = None,
 ) -> None:
     """Train Tuned Lenses (shared and per-iteration) and print held-out KL against the Logit Lens."""
     from studies.tuned import train_tuned_lenses
 
-    try:
+    with _user_errors():
         train_tuned_lenses(model, steps, n, epochs, save, console)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
 
 
 @app.command()
 def explore(
     runs: Annotated[Path, typer.Argument(help="directory holding runs")] = Path("runs"),
     model: Annotated[str, typer.Option(help="model for the live probe")] = "tiny-arith",
-    port: Annotated[int, typer.Option()] = 8501,
+    port: Annotated[int, typer.Option(help="TCP port of the server", min=1, max=65535)] = 8501,
     host: Annotated[str, typer.Option(help="bind address (localhost only by default)")] = "127.0.0.1",
 ) -> None:
     """Start the Streamlit explorer on localhost."""
     from importlib.util import find_spec
+
+    if not runs.is_dir():
+        _fail(FileNotFoundError(f"runs folder {runs} does not exist (run a study first, or pass the folder)"))
 
     spec = find_spec("app.main")
     script = Path(spec.origin)  # type: ignore[union-attr, arg-type]
@@ -256,19 +461,26 @@ def explore(
 def info(
     model: Annotated[str, typer.Argument(help="embedded model name or checkpoint directory")] = "tiny-arith",
 ) -> None:
-    """Print a model's architecture and size."""
+    """Print a model's family, unrolled layout, size and the lenses that apply."""
     import lens
 
-    try:
+    with _user_errors():
         m = lens.load_model(model)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        _fail(err)
-    cfg = m.config
-    console.print(f"{cfg.name}: {m.num_parameters():,} parameters, width {cfg.n_embd}, {cfg.n_heads} heads")
+    cfg, layout = m.config, m.layout
     console.print(
-        f"prelude {cfg.n_layers_in_prelude} · core {cfg.n_layers_in_recurrent_block} × "
-        f"{cfg.mean_recurrence} (mean) · coda {cfg.n_layers_in_coda}; vocabulary {cfg.vocab_size}"
+        f"{cfg.name} ({layout.family} family): {m.num_parameters():,} parameters, width {cfg.n_embd}, "
+        f"{cfg.n_heads} heads; vocabulary {cfg.vocab_size}"
     )
+    console.print(f"layout: {layout.describe()}, T = {m.default_steps} by default")
+    console.print(f"sites: {layout.describe_sites()}")
+    decode = "final norm → head" if not layout.coda else "coda → final norm → head"
+    if layout.coda and layout.latent_norm:
+        decode = "final norm → " + decode
+    console.print(f"decoding a state: {decode}; fed back between iterations: {layout.feedback}")
+    missing = "" if layout.coda else " (no coda: the Coda Lens does not apply)"
+    console.print(f"lenses that apply: {', '.join(layout.lenses())}{missing}")
+    if layout.exit_gate:
+        console.print("exit gate: λ_t recorded per iteration; exit modes threshold / step / weighted")
 
 
 if __name__ == "__main__":

@@ -18,22 +18,35 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from torch import Tensor
 
+from lens.errors import InputError
 from lens.model import InitState
-from lens.stream import State
+from lens.stream import Positions, State
+from probes.batching import Batch, forward_batches, select_positions
 
 
 class LatentCollector:
-    """Keeps ``[B, d]`` at one position per (site, iteration); call ``features()`` after the runs."""
+    """Keeps ``[B, d]`` at one position per (site, iteration); call ``features()`` after the runs.
+
+    ``position`` counts within each prompt's own tokens (``0`` its first, ``-1`` its last); set
+    ``attention_mask`` to the batch's mask before a padded batch (``collect_for_probe`` does).
+    """
 
     def __init__(self, sites: Sequence[str] | None = None, position: int = -1) -> None:
         self.sites = list(sites) if sites is not None else None
-        self.positions = [position]
+        self.position = int(position)
+        self.positions: Positions = "last" if self.position == -1 else "all"
+        self.attention_mask: Tensor | None = None
         self._store: dict[tuple[str, int], list[np.ndarray]] = {}
 
     def __call__(self, state: State) -> None:
+        tensor = state.tensor
+        if self.positions == "all":
+            selection = select_positions([self.position], self.attention_mask, *tensor.shape[:2])
+            tensor = selection.gather(tensor)
         self._store.setdefault((state.site, state.iteration), []).append(
-            state.tensor[:, 0].detach().float().cpu().numpy()
+            tensor[:, 0].detach().float().cpu().numpy()
         )
 
     def features(self) -> dict[tuple[str, int], np.ndarray]:
@@ -114,40 +127,40 @@ def collect_at_positions(
     seed: int = 0,
     init_state: InitState = None,
 ) -> dict[str, dict[tuple[str, int], np.ndarray]]:
-    """Features at named positions, one forward pass per batch: ``positions[name][i]`` indexes prompt
-    ``i``'s own tokens (negative from its end, so ``-1`` is its last token whatever the padding).
+    """Features at named positions, one forward pass per batch (:func:`~probes.batching.forward_batches`):
+    ``positions[name][i]`` indexes prompt ``i``'s own tokens (negative from its end, so ``-1`` is its last
+    token whatever the padding).
 
     Returns ``{name: {(site, iteration): [n_prompts, d]}}`` for :func:`linear_probe`.
     """
-    from lens.generation import pad_left
-
     lengths = [len(p) for p in prompts]
     for name, where in positions.items():
         if len(where) != len(prompts):
-            raise ValueError(f"positions {name!r}: {len(where)} positions for {len(prompts)} prompts")
+            raise InputError(f"positions {name!r}: {len(where)} positions for {len(prompts)} prompts")
         bad = [i for i, (p, n) in enumerate(zip(where, lengths, strict=True)) if not -n <= p < n]
         if bad:
-            raise ValueError(f"positions {name!r}: prompt {bad[0]} has no position {where[bad[0]]}")
+            raise InputError(f"positions {name!r}: prompt {bad[0]} has no position {where[bad[0]]}")
     collector = PositionsCollector(list(positions), sites)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            ids, mask = pad_left(batch, model.config.pad_token_id or 0)
-            width = ids.shape[1]
-            for name, where in positions.items():
-                own = torch.tensor(where[start : start + batch_size])
-                length = torch.tensor(lengths[start : start + batch_size])
-                collector.columns[name] = width - length + own % length  # left padding shifts each prompt
-            model(
-                ids.to(model.device),
-                num_steps,
-                init_state,
-                attention_mask=mask.to(model.device),
-                consumers=[collector],
-                logits="none",
-                generator=gen,
-            )
+
+    def consumers(batch: Batch) -> list:
+        width = batch.input_ids.shape[1]
+        length = torch.tensor(batch.lengths)
+        for name, where in positions.items():
+            own = torch.tensor([where[i] for i in batch.indices])
+            collector.columns[name] = width - length + own % length  # left padding shifts each prompt
+        return [collector]
+
+    for _ in forward_batches(
+        model,
+        prompts,
+        consumers,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        init_state=init_state,
+        seed=seed,
+        logits="none",
+    ):
+        pass
     return collector.features()
 
 
@@ -158,7 +171,25 @@ def collect_for_probe(
     sites: Sequence[str] | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    position: int = -1,
+    init_state: InitState = None,
 ) -> dict[tuple[str, int], np.ndarray]:
-    """Run prompts (left-padded) and collect each prompt's last-token state per (site, iteration)."""
-    last = {"last": [-1] * len(prompts)}
-    return collect_at_positions(model, prompts, last, num_steps, sites, batch_size, seed)["last"]
+    """Run prompts and collect features at ``position`` of each prompt's own tokens (-1: its last)."""
+    collector = LatentCollector(sites, position)
+
+    def consumers(batch: Batch) -> list:
+        collector.attention_mask = batch.attention_mask
+        return [collector]
+
+    for _ in forward_batches(
+        model,
+        prompts,
+        consumers,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        init_state=init_state,
+        seed=seed,
+        logits="none",
+    ):
+        pass
+    return collector.features()

@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lens.model import RecurrentDepthLM
+from lens.model import LoopedLM
 from lens.stream import Positions, State, Trace
+from probes.batching import PositionSelection, select_positions
 from probes.lenses.base import Lens
 from probes.statistics import check_token_ids, final_logprobs, token_statistics
 
@@ -34,7 +35,7 @@ class _Entry:
     normalize: bool
 
 
-def default_sites(model: RecurrentDepthLM) -> list[str]:
+def default_sites(model: LoopedLM) -> list[str]:
     """Every block output plus ``latent`` and ``final``: the unrolled trajectory."""
     return model.layout.block_sites() + ["latent", "final"]
 
@@ -48,7 +49,7 @@ class LensRecorder:
 
     def __init__(
         self,
-        model: RecurrentDepthLM,
+        model: LoopedLM,
         lenses: Sequence[Lens],
         sites: Sequence[str] | None = None,
         positions: Positions = "last",
@@ -70,6 +71,8 @@ class LensRecorder:
         self.positions: Positions = "all"  # we select ourselves: the Coda Lens needs whole sequences
         if isinstance(positions, str) and positions not in ("all", "last"):
             raise ValueError(f"positions must be 'all', 'last' or a list of ints, got {positions!r}")
+        if not isinstance(positions, str) and len(positions) == 0:
+            raise ValueError("positions=[] selects no token; give at least one position, 'last' or 'all'")
         self.targets = {k: torch.as_tensor(v, dtype=torch.long) for k, v in (targets or {}).items()}
         for kind, ids in self.targets.items():
             check_token_ids(ids, model.config.padded_vocab_size, f"{kind!r} target")
@@ -81,26 +84,17 @@ class LensRecorder:
         self.coda_batch = coda_batch
         self.entries: list[_Entry] = []
         self._pending: dict[str, list[State]] = {}
-        self._index: Tensor | None = None
+        self._selection: PositionSelection | None = None
 
     # ---- streaming ---------------------------------------------------------------------------------
-    def _position_index(self, seq_len: int) -> Tensor:
-        if self._index is None:
-            pos = self.wanted_positions
-            if pos == "all":
-                index = torch.arange(seq_len)
-            elif pos == "last":
-                index = torch.tensor([seq_len - 1])
-            else:
-                index = torch.as_tensor(list(pos), dtype=torch.long)
-                if index.numel() and (index.min() < -seq_len or index.max() >= seq_len):
-                    raise IndexError(f"positions {list(pos)} out of range for a sequence of {seq_len} tokens")
-                index = index % seq_len
-            self._index = index
-        return self._index
+    def _select(self, batch: int, seq_len: int) -> PositionSelection:
+        """Positions relative to each prompt's own tokens (left padding is never decoded)."""
+        if self._selection is None:
+            self._selection = select_positions(self.wanted_positions, self.attention_mask, batch, seq_len)
+        return self._selection
 
     def __call__(self, state: State) -> None:
-        index = self._position_index(state.tensor.shape[1])
+        selection = self._select(state.tensor.shape[0], state.tensor.shape[1])
         with torch.no_grad():
             for lens in self.lenses:
                 if not lens.supports(state.site):
@@ -111,9 +105,7 @@ class LensRecorder:
                     if len(queue) >= self.coda_batch:
                         self._flush(lens)
                     continue
-                h = lens.transform_hidden(
-                    state.tensor[:, index.to(state.tensor.device)], state.site, state.iteration
-                )
+                h = lens.transform_hidden(selection.gather(state.tensor), state.site, state.iteration)
                 self._add(lens, state, h)
 
     def _add(self, lens: Lens, state: State, hidden: Tensor) -> None:
@@ -143,9 +135,9 @@ class LensRecorder:
             if self.attention_mask is not None:
                 mask = self.attention_mask.repeat(len(states), 1)
             out = lens.transform_hidden(stacked, site, states[0].iteration, mask)
-            index = self._position_index(stacked.shape[1]).to(out.device)
-            for i, part in enumerate(out.chunk(len(states), dim=0)):
-                self._add(lens, states[i], part[:, index])
+            selected = self._select(states[0].tensor.shape[0], stacked.shape[1]).gather(out)
+            for i, part in enumerate(selected.chunk(len(states), dim=0)):
+                self._add(lens, states[i], part)
 
     def replay(self, trace: Trace, num_steps: int) -> LensRecorder:
         """Apply the lenses to a cached trace after the fact (same records as streaming)."""
@@ -173,23 +165,19 @@ class LensRecorder:
         if not self.entries:
             raise ValueError("nothing was recorded: no subscribed site was produced")
         B, P, _ = self.entries[0].hidden.shape
-        index = self._index
+        selection = self._selection
+        assert selection is not None
+        rows = None
+        if final_logits is not None:
+            last_only = final_logits.shape[1] == 1 and self.wanted_positions == "last"
+            rows = final_logits[:, -1:] if last_only else selection.gather(final_logits)
         if predicted_target is not None:
-            if final_logits is None:
+            if rows is None:
                 raise ValueError("predicted_target needs the final logits")
-            rows = (
-                final_logits[:, -1:]
-                if final_logits.shape[1] == 1
-                else final_logits[:, index.to(final_logits.device)]
-            )
             self.targets = {predicted_target: rows.argmax(-1).cpu(), **self.targets}
         targets, kinds = self._target_matrix(B, P)
         ref = None
-        if self.kl_to_final and final_logits is not None:
-            if final_logits.shape[1] == 1 and P == 1:
-                rows = final_logits[:, -1:]
-            else:
-                rows = final_logits[:, index.to(final_logits.device)]
+        if self.kl_to_final and rows is not None:
             ref = final_logprobs(rows.reshape(B * P, -1))
         rank_frames, topk_frames = [], []
         for normalize in (True, False):
@@ -214,6 +202,13 @@ class LensRecorder:
                 topk_frames.append(self._topk_frame(group, stats, B, P))
         ranks = pd.concat(rank_frames, ignore_index=True)
         topk = pd.concat(topk_frames, ignore_index=True) if topk_frames else pd.DataFrame()
+        if not bool(selection.valid.all()):  # a shorter prompt's padding under positions="all"
+            ranks = ranks[ranks.pop("_valid")].reset_index(drop=True)
+            if len(topk):
+                topk = topk[topk.pop("_valid")].reset_index(drop=True)
+        else:
+            ranks = ranks.drop(columns="_valid")
+            topk = topk.drop(columns="_valid", errors="ignore")
         return ranks, topk
 
     def _target_matrix(self, B: int, P: int) -> tuple[Tensor | None, list[str]]:
@@ -235,15 +230,17 @@ class LensRecorder:
     def _meta(self, group: list[_Entry], B: int, P: int) -> dict[str, np.ndarray]:
         """Per-row identifiers, rows ordered entry-major, then prompt, then position."""
         reps = B * P
-        positions = self._index.numpy()
+        selection = self._selection
+        assert selection is not None
         return {
             "prompt_index": np.tile(np.repeat(np.arange(B), P), len(group)),
-            "position": np.tile(np.tile(positions, B), len(group)).astype(np.int32),
+            "position": np.tile(selection.own.reshape(-1).numpy(), len(group)).astype(np.int32),
             "site": np.repeat([e.site for e in group], reps),
             "iteration": np.repeat([e.iteration for e in group], reps).astype(np.int32),
             "block": np.repeat([e.block for e in group], reps).astype(np.int32),
             "unrolled_index": np.repeat([e.unrolled_index for e in group], reps).astype(np.int32),
             "lens": np.repeat([e.lens for e in group], reps),
+            "_valid": np.tile(selection.valid.reshape(-1).numpy(), len(group)),
         }
 
     def _rank_frame(

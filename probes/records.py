@@ -8,31 +8,45 @@ Tables (one row is …):
 
 - ``ranks``: one prompt × position × site × iteration × lens × target token.
 - ``topk``: one of the ``k`` best tokens of a lens at one prompt × position × site × iteration.
-- ``answers``: one prompt's generated answer and whether it is correct.
+- ``answers``: one prompt's generated answer and whether it is correct; ``purpose`` says why it was
+  generated (``probe``: a probed prompt at the probed depth, ``depth``: the depth-scaling sample,
+  ``eval``: an evaluation run), so no reader decodes it from prompt ids.
 - ``dynamics``: one latent state's movement (step norm, cosine to the last iteration, PCA).
 - ``prompts``: one prompt as it was built from a task.
 - ``linear_probes``: one linear probe's held-out accuracy at one site × iteration.
+- ``exit_gate``: one exit-gate reading (λ_t, p_t, cumulative) at one prompt × position × iteration
+  (exit-gated families: Ouro).
+- ``prompt_meta``: one input prompt of ``looplens probe``: its token count, depth, targets and
+  metadata as given, or why it could not be probed.
+
+Records are checked where they are made (``records``: the probes, the answer evaluation and the
+studies return frames that passed it) and again when a run stores them (``to_table``).
 
 Example:
     >>> table = to_table("prompts", [{"run": "r", "prompt_id": 0, "task": "add", "context": "2+3",
     ...                               "completion": "5", "prompt_text": "Q: 2+3\\nA:"}])
     >>> table.num_rows, table.schema.field("intermediate").nullable
     (1, True)
+    >>> records("prompts", [{"prompt_id": 0, "task": "add", "context": "2+3", "completion": "5",
+    ...                      "prompt_text": "Q: 2+3\\nA:"}]).dtypes["prompt_id"]
+    dtype('int64')
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["SCHEMAS", "SITE_PATTERN", "TABLE_DOCS", "to_table"]
+from lens.layout import SITE_PATTERN
 
-#: Site names as the model emits them (same grammar as ``lens.stream``).
-SITE_PATTERN = r"^(embed|adapter|latent|final|(prelude|core|coda)\.[0-9]+)$"
+__all__ = ["PURPOSES", "SCHEMAS", "SITE_PATTERN", "TABLE_DOCS", "records", "to_table"]
+
+#: Why an answer was generated (the ``purpose`` column of ``answers``).
+PURPOSES = ("probe", "depth", "eval")
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -66,6 +80,8 @@ TABLE_DOCS: dict[str, str] = {
     "prompts": "one prompt as built from its task",
     "verdicts": "one latent trajectory's classification (fixed point, cycle, drift)",
     "linear_probes": "one linear probe: a target read from one site × iteration at one anchor position",
+    "exit_gate": "one exit-gate reading at one prompt × position × iteration",
+    "prompt_meta": "one input prompt's token count, depth, targets and metadata, or why it was not probed",
 }
 
 _FIELDS: dict[str, list[pa.Field]] = {
@@ -90,6 +106,7 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _RUN,
         _PROMPT,
         _TASK,
+        _f("purpose", pa.string(), "probe (a probed prompt), depth (depth-scaling sample) or eval"),
         _f("num_steps", pa.int32(), "recurrent iterations used for generation"),
         _f("prompt", pa.string(), "the prompt text fed to the model"),
         _f("expected", pa.string(), "the correct answer"),
@@ -132,6 +149,18 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("n_train", pa.int32(), "training prompts"),
         _f("n_test", pa.int32(), "held-out prompts"),
     ],
+    "exit_gate": [
+        _RUN,
+        _PROMPT,
+        _POSITION,
+        _ITERATION,
+        _f("num_steps", pa.int32(), "iterations run (T): the last one holds the remaining exit mass"),
+        _f(
+            "gate_lambda", pa.float32(), "λ_t = sigmoid(gate(h_t)): chance to stop at t if not stopped before"
+        ),
+        _f("exit_prob", pa.float32(), "p_t = λ_t · Π_{j<t}(1 − λ_j); p_T = the remaining mass"),
+        _f("exit_cdf", pa.float32(), "Σ_{j≤t} p_j: probability of having exited by iteration t"),
+    ],
     "prompts": [
         _RUN,
         _PROMPT,
@@ -140,6 +169,15 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("completion", pa.string(), "the expected completion"),
         _INTERMEDIATE,
         _f("prompt_text", pa.string(), "the full prompt after templating"),
+    ],
+    "prompt_meta": [
+        _RUN,
+        _PROMPT,
+        _f("n_tokens", pa.int32(), "tokens of the prompt as fed to the model"),
+        _f("steps_used", pa.int32(), "recurrent iterations run (below the cap with adaptive depth)", True),
+        _f("error", pa.string(), "why the prompt was not probed (null when it was)", nullable=True),
+        _f("targets", pa.string(), "the given targets as JSON, kind -> text or token id", nullable=True),
+        _f("metadata", pa.string(), "the input row's other columns as JSON", nullable=True),
     ],
 }
 
@@ -156,9 +194,15 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("position", lambda a: pc.greater_equal(a, -1), "position must be >= 0, or -1 for the last token"),
     ("iteration", lambda a: pc.greater_equal(a, 0), "iteration must be >= 0"),
     ("site", lambda a: pc.match_substring_regex(a, SITE_PATTERN), "site must match " + SITE_PATTERN),
+    (
+        "gate_lambda",
+        lambda a: pc.and_(pc.greater_equal(a, 0), pc.less_equal(a, 1)),
+        "gate_lambda must be a probability in [0, 1]",
+    ),
+    ("purpose", lambda a: pc.is_in(a, value_set=pa.array(PURPOSES)), f"purpose must be one of {PURPOSES}"),
 ]
 
-Data = pa.Table | pd.DataFrame | Sequence[Mapping[str, Any]]
+Data: TypeAlias = pa.Table | pd.DataFrame | Sequence[Mapping[str, Any]]
 
 
 def _compatible(src: pa.DataType, dst: pa.DataType) -> bool:
@@ -264,3 +308,18 @@ def to_table(name: str, data: Data, *, run: str | None = None) -> pa.Table:
                 bad = pc.filter(table.column(col), pc.invert(ok))[0].as_py()
                 raise ValueError(f"table {name!r}, column {col!r}: {message} (found {bad!r})")
     return table
+
+
+def records(name: str, data: Data) -> pd.DataFrame:
+    """``data`` checked as rows of table ``name`` where they are made, before a run is known.
+
+    The same checks as ``to_table`` (columns, types, nulls, invariants; ``ValueError`` naming the
+    table and column); returns a DataFrame with the schema's columns in order and its types, without
+    the ``run`` column unless ``data`` has one (the store fills it when the rows are written).
+    """
+    has_run = isinstance(data, pa.Table | pd.DataFrame) and "run" in data.columns
+    if not isinstance(data, pa.Table | pd.DataFrame) and isinstance(data, Sequence):
+        has_run = any(isinstance(row, Mapping) and "run" in row for row in data)
+    table = to_table(name, data, run=None if has_run else "")
+    frame = table.to_pandas()
+    return frame if has_run else frame.drop(columns="run")

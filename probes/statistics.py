@@ -6,7 +6,8 @@ materialised beyond one vocabulary chunk (CPU) or tile (GPU).
 
 Rank convention: ``rank = 1 + #(logits strictly greater than the target's logit)``, counted on float32
 logits (bf16 logits tie often at V = 65536, which would make ranks meaningless). 1 is the top token;
-tied tokens share the better rank.
+tied tokens share the better rank. A NaN logit compares false with everything, so it would read as
+rank 1 at every layer: non-finite states or logits raise ``lens.errors.InputError`` instead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 import kernels
-from lens.model import RecurrentDepthLM
+from lens.errors import InputError
+from lens.model import LoopedLM
 
 MAX_TARGETS = 8
 
@@ -36,7 +38,7 @@ def check_token_ids(ids: Tensor, vocab_size: int, what: str = "target") -> None:
 
 @torch.no_grad()
 def token_statistics(
-    model: RecurrentDepthLM,
+    model: LoopedLM,
     hidden: Float[Tensor, "N d"],
     normalize: bool = True,
     targets: Int[Tensor, "N K"] | None = None,
@@ -44,7 +46,8 @@ def token_statistics(
     ref_logprobs: Float[Tensor, "R V"] | None = None,
     ref_index: Int[Tensor, " N"] | None = None,
 ) -> kernels.LensStatistics:
-    """Statistics of ``lm_head(ln_f(hidden))`` (or ``lm_head(hidden)`` when ``normalize`` is False).
+    """Statistics of ``lm_head(norm(hidden))`` (or ``lm_head(hidden)`` when ``normalize`` is False), with
+    the model's final norm (Huginn's ``ln_f``, Ouro's ``model.norm``).
 
     Not differentiable: these are measurements (train lenses on materialised logits instead).
     """
@@ -70,8 +73,11 @@ def token_statistics(
                 target_ranks=torch.cat([p.target_ranks for p in parts], 1),
                 target_logprobs=torch.cat([p.target_logprobs for p in parts], 1),
             )
-    norm = model.transformer.ln_f
-    return kernels.lens_statistics(
+    if not bool(torch.isfinite(hidden).all()):
+        bad = int((~torch.isfinite(hidden)).flatten(1).any(-1).sum())
+        raise InputError(f"{bad} of {hidden.shape[0]} hidden states hold NaN/Inf: no rank can be computed")
+    norm = model.final_norm_layer
+    stats = kernels.lens_statistics(
         hidden,
         model.lm_head.weight,
         norm_weight=norm.weight if normalize else None,
@@ -81,6 +87,10 @@ def token_statistics(
         ref_logprobs=ref_logprobs,
         ref_index=ref_index,
     )
+    if not bool(torch.isfinite(stats.logsumexp).all()):
+        bad = int((~torch.isfinite(stats.logsumexp)).sum())
+        raise InputError(f"{bad} of {hidden.shape[0]} states have NaN/Inf logits (a non-finite unembedding?)")
+    return stats
 
 
 def final_logprobs(logits: Float[Tensor, "N V"]) -> Float[Tensor, "N V"]:

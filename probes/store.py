@@ -15,6 +15,15 @@ it, together with its row count and SHA-256. Readers go through the manifest, ne
 listing, so a half-written or stray file is never read. Everything is JSON and Parquet, never
 pickle. One writer per run at a time.
 
+What a run was made with is what it is: every entry the study passes to ``Run.create`` (model and
+weights, config, prompt template, settings, ...) is compared when the run is resumed, and any
+difference is one ``RunMismatchError`` naming the keys, so a run never mixes results of two setups.
+
+A run folder is untrusted input (it may come from anyone): a manifest is validated when it is read
+(table names against ``probes.records.SCHEMAS``, shard ids against the shard grammar, record fields by
+type), so a crafted manifest is a ``CorruptRunError``, never a path outside the run or a piece of SQL.
+Tables are registered with DuckDB through its relation API, so no SQL is ever built from file contents.
+
 Example:
     >>> import tempfile
     >>> root = tempfile.mkdtemp()
@@ -39,7 +48,8 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -60,7 +70,10 @@ __all__ = [
     "RunInfo",
     "RunMismatchError",
     "ShardExistsError",
+    "StagedShard",
+    "atomic_write",
     "list_runs",
+    "stage_shard",
 ]
 
 MANIFEST = "manifest.json"
@@ -68,6 +81,9 @@ FORMAT = "looplens-run/1"
 _RESERVED = {"format", "name", "created", "status", "finished", "error", "versions", "history", "shards"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")  # ".<final name>.<pid>.tmp"
+_SHARD_RE = re.compile(r"^shard-[A-Za-z0-9_.=+-]+$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_STATUSES = ("running", "complete", "failed")
 
 
 class RunMismatchError(LooplensError, ValueError):
@@ -88,7 +104,11 @@ class ShardExistsError(LooplensError, FileExistsError):
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What ``list_runs`` knows about a run from its manifest alone (no Parquet is read)."""
+    """What ``list_runs`` knows about a run from its manifest alone (no Parquet is read).
+
+    ``name`` is the run's folder name, unique under its root (a copied folder keeps the manifest's
+    name of the original: that one is ``manifest_name``).
+    """
 
     name: str
     path: Path
@@ -96,6 +116,7 @@ class RunInfo:
     created: str
     rows: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    manifest_name: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -159,7 +180,7 @@ def _diff(stored: Any, new: Any, where: str) -> list[str]:
     if isinstance(stored, dict) and isinstance(new, dict):
         keys: list[str] = []
         for key in sorted(set(stored) | set(new)):
-            sub = f"{where}.{key}"
+            sub = f"{where}.{key}" if where else key
             if key not in stored or key not in new:
                 keys.append(sub)
             else:
@@ -189,8 +210,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    A failed write (a full disk, an interrupt) removes its temp file and leaves ``path`` as it was.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -237,12 +262,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+def _parquet_payload(table: str, data: Any, run_name: str) -> tuple[pa.Table, bytes]:
+    """Validate ``data`` as ``table`` and serialise it as one zstd Parquet file."""
+    arrow = to_table(table, data, run=run_name)
+    sink = pa.BufferOutputStream()
+    pq.write_table(arrow, sink, compression="zstd")
+    return arrow, sink.getvalue().to_pybytes()
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:
-    """Read ``path/manifest.json``; a missing one is FileNotFoundError, a broken one CorruptRunError."""
+    """Read and validate ``path/manifest.json``; a missing one is FileNotFoundError, a broken or
+    crafted one CorruptRunError naming what is wrong."""
     file = path / MANIFEST
     if not path.is_dir():
         raise FileNotFoundError(f"run directory not found: {path}")
@@ -252,13 +282,66 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptRunError(f"{file}: {MANIFEST} is not valid JSON ({exc})") from exc
-    if (
-        not isinstance(manifest, dict)
-        or not isinstance(manifest.get("shards"), dict)
-        or "name" not in manifest
-    ):
-        raise CorruptRunError(f"{file}: {MANIFEST} lacks the 'name' and 'shards' entries of a looplens run")
+    except OSError as exc:
+        raise CorruptRunError(f"{file}: {MANIFEST} cannot be read ({exc})") from exc
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise CorruptRunError(f"{file}: {problem}")
     return manifest
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _manifest_problem(doc: Any) -> str | None:
+    """What makes ``doc`` not a manifest this store wrote, or None.
+
+    Every name that later becomes a path or a DuckDB view is checked here: tables must be in
+    ``SCHEMAS``, shard ids must follow the shard grammar (one path component, no ``..``), and the
+    fields read by ``list_runs`` and the explorer must have their types.
+    """
+    if not isinstance(doc, dict):
+        return f"{MANIFEST} holds a {type(doc).__name__}, not the object of a looplens run"
+    if "name" not in doc or not isinstance(doc.get("shards"), dict):
+        return f"{MANIFEST} lacks the 'name' and 'shards' entries of a looplens run"
+    if not isinstance(doc["name"], str) or not _NAME_RE.match(doc["name"]):
+        return f"run name {_short(doc['name'])} is not a run name (letters, digits and _.=+-)"
+    if "status" in doc and doc["status"] not in _STATUSES:
+        return f"status {_short(doc['status'])} is none of {list(_STATUSES)}"
+    for key in ("created", "finished", "format"):
+        if key in doc and not isinstance(doc[key], str):
+            return f"{key!r} must be a string, not {_short(doc[key])}"
+    if doc.get("error") is not None and not isinstance(doc["error"], str):
+        return f"'error' must be a string, not {_short(doc['error'])}"
+    for key in ("model", "config", "settings", "versions"):
+        if key in doc and not isinstance(doc[key], dict):
+            return f"{key!r} must be an object, not a {type(doc[key]).__name__}"
+    if "prompt_template" in doc and not isinstance(doc["prompt_template"], dict | str | type(None)):
+        return f"'prompt_template' must be an object, not a {type(doc['prompt_template']).__name__}"
+    if "history" in doc and not isinstance(doc["history"], list):
+        return f"'history' must be a list, not a {type(doc['history']).__name__}"
+    for table, shards in doc["shards"].items():
+        if table not in SCHEMAS:
+            return f"unknown table {_short(table)} in 'shards' (tables are {sorted(SCHEMAS)})"
+        if not isinstance(shards, dict):
+            return f"shards of {table!r} must be an object, not a {type(shards).__name__}"
+        for shard_id, record in shards.items():
+            if not _SHARD_RE.match(shard_id) or shard_id.endswith(".tmp"):
+                return f"shard id {_short(shard_id)} of {table!r} is not a shard id (shard-<letters, digits, _.=+->)"
+            if not isinstance(record, dict):
+                return f"record of {table}/{shard_id} must be an object, not a {type(record).__name__}"
+            rows = record.get("rows")
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+                return f"rows of {table}/{shard_id} must be a count, not {_short(rows)}"
+            sha = record.get("sha256")
+            if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+                return f"sha256 of {table}/{shard_id} must be 64 hex digits, not {_short(sha)}"
+            size = record.get("bytes", 0)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                return f"bytes of {table}/{shard_id} must be a count, not {_short(size)}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -269,9 +352,6 @@ class Run:
 
     Make one with ``Run.create`` (writable) or ``Run.open`` (read-only); the constructor is internal.
     """
-
-    #: Manifest entries that must be equal for ``Run.create(..., resume=True)`` to reopen a run.
-    RESUME_KEYS: tuple[str, ...] = ("model", "settings")
 
     def __init__(self, path: Path, manifest: dict[str, Any], *, read_only: bool) -> None:
         self.path = Path(path)
@@ -294,9 +374,11 @@ class Run:
         """Start run ``root/name``, or reopen it to resume an interrupted study.
 
         ``manifest`` holds ``model``, ``settings``, ``prompt_template``, ``config`` and any other
-        JSON-able description. An existing run is reopened when ``resume`` is true and its
-        ``RESUME_KEYS`` entries are equal (else ``RunMismatchError`` names the keys that differ);
-        with ``resume=False`` an existing non-empty run raises ``FileExistsError``. ``overwrite=True``
+        JSON-able description of what the results depend on. An existing run is reopened when
+        ``resume`` is true and **every** one of these entries equals the stored one (else
+        ``RunMismatchError`` names each key that differs, nothing on disk changes); so a study records
+        every setting that changes its numbers here, once, and resuming checks them all. With
+        ``resume=False`` an existing non-empty run raises ``FileExistsError``. ``overwrite=True``
         discards an existing run and starts afresh. A folder that is not a run is never deleted.
         """
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -350,12 +432,16 @@ class Run:
 
     @classmethod
     def _reopen(cls, path: Path, stored: dict[str, Any], user: dict[str, Any]) -> Run:
-        keys = [k for key in cls.RESUME_KEYS for k in _diff(stored.get(key, {}), user[key], key)]
+        recorded = {k: v for k, v in stored.items() if k not in _RESERVED}
+        keys = _diff(recorded, user, "")
         if keys:
-            details = "; ".join(f"{k}: stored {_lookup(stored, k)!r}, new {_lookup(user, k)!r}" for k in keys)
+            details = "; ".join(
+                f"{k}: stored {_short(_lookup(stored, k), 80)}, new {_short(_lookup(user, k), 80)}"
+                for k in keys
+            )
             raise RunMismatchError(
                 f"run {path} was made with a different {' / '.join(sorted({k.split('.')[0] for k in keys}))}"
-                f" ({details}); choose another name, or pass overwrite=True to start over",
+                f" ({details}); choose another run name (--name), or start over with overwrite=True (--overwrite)",
                 keys,
             )
         run = cls(path, stored, read_only=False)
@@ -430,7 +516,7 @@ class Run:
 
     def _save(self) -> None:
         data = json.dumps(self._manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-        _atomic_write(self.path / MANIFEST, data.encode("utf-8"))
+        atomic_write(self.path / MANIFEST, data.encode("utf-8"))
 
     def _shard_path(self, table: str, shard_id: str) -> Path:
         return self.path / table / f"{shard_id}.parquet"
@@ -457,17 +543,14 @@ class Run:
                 f"{table}/{shard_id} is already written in run {self.name!r}; "
                 "check has_shard() first, or pass replace=True"
             )
-        arrow = to_table(table, data, run=self.name)
-        sink = pa.BufferOutputStream()
-        pq.write_table(arrow, sink, compression="zstd")
-        payload = sink.getvalue().to_pybytes()
+        arrow, payload = _parquet_payload(table, data, self.name)
 
         if shard_id in recorded:  # forget the old shard first: a crash now means "not written"
             del recorded[shard_id]
             self._save()
         path = self._shard_path(table, shard_id)
         path.parent.mkdir(exist_ok=True)
-        _atomic_write(path, payload)
+        atomic_write(path, payload)
         stat = path.stat()
         record = {
             "rows": arrow.num_rows,
@@ -479,6 +562,83 @@ class Run:
         self._save()
         self._checked[path] = (stat.st_size, stat.st_mtime_ns, record["sha256"])
         return dict(record)
+
+    # -- shards written by other processes (workers of a cluster) ---------------------------------------
+    #
+    # A worker cannot write the manifest (one writer per run), so it stages its shard file with
+    # ``stage_shard`` and hands the returned ``StagedShard`` to the driver, which commits it here: the
+    # checksum is verified, the file moved into place and recorded. A staged file nobody commits (a
+    # worker that died, a duplicate of a retried task) is never read and ``discard_staged`` removes it.
+
+    def commit_shard(self, staged: StagedShard, *, replace: bool = False) -> dict[str, Any]:
+        """Record a shard a worker staged; returns its record (as ``write_shard`` does)."""
+        self._writable()
+        if staged.table not in SCHEMAS:
+            raise ValueError(f"unknown table {staged.table!r}; tables are {sorted(SCHEMAS)}")
+        shard_id = _shard_id(staged.shard_id)
+        source = self._staged_path(staged)
+        recorded = self._manifest["shards"].get(staged.table, {})
+        if shard_id in recorded and not replace:
+            raise ShardExistsError(
+                f"{staged.table}/{shard_id} is already written in run {self.name!r}; "
+                "check has_shard() first, or pass replace=True"
+            )
+        try:
+            actual = _sha256(source)
+        except FileNotFoundError:
+            raise CorruptRunError(f"staged shard {source} is missing") from None
+        if actual != staged.sha256:
+            raise CorruptRunError(f"staged shard {source}: checksum mismatch (incomplete copy?)")
+        if shard_id in recorded:  # forget the old shard first: a crash now means "not written"
+            del recorded[shard_id]
+            self._save()
+        path = self._shard_path(staged.table, shard_id)
+        path.parent.mkdir(exist_ok=True)
+        os.replace(source, path)
+        _fsync_dir(path.parent)
+        stat = path.stat()
+        record = {"rows": staged.rows, "bytes": staged.bytes, "sha256": staged.sha256, "written": _now()}
+        self._manifest["shards"].setdefault(staged.table, {})[shard_id] = record
+        self._save()
+        self._checked[path] = (stat.st_size, stat.st_mtime_ns, record["sha256"])
+        return dict(record)
+
+    def write_file(self, name: str, data: bytes) -> Path:
+        """Write a run-level file (``summary.json``, …) atomically; ``name`` is one plain file name."""
+        self._writable()
+        if not _NAME_RE.match(name) or name == MANIFEST or name.endswith(".tmp"):
+            raise ValueError(
+                f"file name {name!r} must be one plain name (letters, digits, _.=+-), not the manifest"
+            )
+        path = self.path / name
+        atomic_write(path, data)
+        return path
+
+    def _staged_path(self, staged: StagedShard) -> Path:
+        """Where ``stage_shard`` put it; anything else (a crafted name or token) is refused."""
+        name = _staged_name(staged.table, _shard_id(staged.shard_id), staged.token)
+        if (
+            staged.table not in SCHEMAS
+            or not re.fullmatch(r"[0-9a-f]{32}", staged.token)
+            or staged.file != name
+        ):
+            raise CorruptRunError(f"staged shard file name {staged.file!r} is not one stage_shard writes")
+        return self.path / STAGING / name
+
+    def discard_staged(self, staged: StagedShard | None = None) -> int:
+        """Delete one staged file, or every staged file when no worker is running; returns how many."""
+        self._writable()
+        folder = self.path / STAGING
+        if staged is not None:
+            files = [self._staged_path(staged)]
+        else:
+            files = list(folder.iterdir()) if folder.is_dir() else []
+        removed = 0
+        for file in files:
+            if file.is_file():
+                file.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def _set_status(self, status: str, **extra: Any) -> None:
         self._writable()
@@ -510,15 +670,14 @@ class Run:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def _files(self, table: str, *, verify: bool = True) -> list[Path]:
+    def _files(self, table: str) -> list[Path]:
         """Recorded shard files of ``table``, each checked against its manifest checksum."""
-        if table not in SCHEMAS and table not in self._manifest["shards"]:
+        if table not in SCHEMAS:
             raise ValueError(f"unknown table {table!r}; tables are {sorted(SCHEMAS)}")
         shards = self._manifest["shards"].get(table, {})
         paths = [self._shard_path(table, s) for s in sorted(shards)]
-        if verify:
-            for path, shard_id in zip(paths, sorted(shards), strict=True):
-                self._check_file(path, shards[shard_id]["sha256"])
+        for path, shard_id in zip(paths, sorted(shards), strict=True):
+            self._check_file(path, shards[shard_id]["sha256"])
         return paths
 
     def _check_file(self, path: Path, sha256: str, *, force: bool = False) -> None:
@@ -541,24 +700,35 @@ class Run:
         """All recorded shards of table ``name`` as one DataFrame (an empty one if none)."""
         paths = self._files(name)
         if not paths:
-            return SCHEMAS[name].empty_table().to_pandas() if name in SCHEMAS else pd.DataFrame()
+            return SCHEMAS[name].empty_table().to_pandas()
         with duckdb.connect() as con:
             try:
-                return con.execute(f"SELECT * FROM read_parquet({_sql_list(paths)})").df()
+                return _relation(con, name, paths).df()
             except duckdb.Error as exc:
                 raise CorruptRunError(f"cannot read table {name!r} of run {self.path}: {exc}") from exc
 
-    def query(self, sql: str) -> pd.DataFrame:
-        """Run DuckDB ``sql`` with every table registered as a view over its recorded shards."""
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        """Run DuckDB ``sql`` (``?`` placeholders bound to ``params``) with every table it names
+        registered as a view over its recorded shards.
+
+        Only the tables ``sql`` names are registered (their shards verified against the manifest). Each
+        view has exactly the columns of ``SCHEMAS[table]`` (a column a run from an older version lacks
+        reads as NULL). The views are made with DuckDB's relation API: ``sql`` is the only statement
+        this runs.
+        """
         with duckdb.connect() as con:
-            for table in sorted(set(SCHEMAS) | set(self._manifest["shards"])):
-                used = re.search(rf"\b{re.escape(table)}\b", sql, flags=re.IGNORECASE) is not None
-                paths = self._files(table, verify=used)
-                if paths:
-                    con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet({_sql_list(paths)})')
-                elif table in SCHEMAS:
+            for table in sorted(SCHEMAS):
+                if re.search(rf"\b{re.escape(table)}\b", sql, flags=re.IGNORECASE) is None:
+                    continue  # a table the query does not name is neither read nor verified
+                paths = self._files(table)
+                if not paths:
                     con.register(table, SCHEMAS[table].empty_table())
-            return con.execute(sql).df()
+                    continue
+                try:
+                    _relation(con, table, paths).create_view(table)
+                except duckdb.Error as exc:
+                    raise CorruptRunError(f"cannot read table {table!r} of run {self.path}: {exc}") from exc
+            return con.execute(sql, list(params)).df()
 
     def verify(self) -> dict[str, int]:
         """Re-hash and re-read every recorded shard; returns rows per table or raises ``CorruptRunError``.
@@ -591,6 +761,74 @@ class Run:
         return self.rows()
 
 
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int8(): "TINYINT",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+}
+
+
+def _relation(con: duckdb.DuckDBPyConnection, table: str, paths: list[Path]) -> duckdb.DuckDBPyRelation:
+    """The shards of ``table`` as one relation with exactly the columns of ``SCHEMAS[table]``.
+
+    Built with DuckDB's relation and expression API from file paths and schema names only (no SQL
+    text); a column that older shards lack reads as NULL of its type.
+    """
+    rel = con.read_parquet([str(p) for p in paths], union_by_name=len(paths) > 1)
+    present = set(rel.columns)
+    columns = [
+        duckdb.ColumnExpression(f.name)
+        if f.name in present
+        else duckdb.ConstantExpression(None).cast(duckdb.sqltype(_DUCKDB_TYPES[f.type])).alias(f.name)
+        for f in SCHEMAS[table]
+    ]
+    return rel.select(*columns)
+
+
+STAGING = ".staging"
+
+
+def _staged_name(table: str, shard_id: str, token: str) -> str:
+    return f"{table}.{shard_id}.{token}.parquet"
+
+
+@dataclass(frozen=True)
+class StagedShard:
+    """A validated shard file a worker wrote into ``RUN/.staging/``, waiting for ``Run.commit_shard``."""
+
+    table: str
+    shard_id: str
+    token: str
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def stage_shard(
+    run_path: str | os.PathLike[str], run_name: str, table: str, shard: str | int, data: Any
+) -> StagedShard:
+    """Validate ``data`` as ``table`` and write it into the run's staging folder (from any process).
+
+    The file is written atomically under a unique name, so two attempts at the same shard never
+    collide; only the driver's ``Run.commit_shard`` makes it part of the run.
+    """
+    shard_id = _shard_id(shard)
+    arrow, payload = _parquet_payload(table, data, run_name)
+    folder = Path(run_path) / STAGING
+    folder.mkdir(exist_ok=True)
+    token = uuid.uuid4().hex
+    name = _staged_name(table, shard_id, token)
+    atomic_write(folder / name, payload)
+    return StagedShard(
+        table, shard_id, token, name, arrow.num_rows, len(payload), hashlib.sha256(payload).hexdigest()
+    )
+
+
 def _is_temp(name: str) -> bool:
     return _TMP_RE.match(name) is not None
 
@@ -618,10 +856,11 @@ def _clean_temp_files(path: Path) -> None:
 
 
 def list_runs(root: str | os.PathLike[str]) -> list[RunInfo]:
-    """Runs under ``root`` sorted by name, from their manifests; folders without one are skipped.
+    """Runs under ``root`` sorted by folder name, from their manifests; folders without one are skipped.
 
-    A run whose manifest is corrupt is listed with status ``"corrupt"`` and the error, so that an
-    explorer can show it rather than fail.
+    A run whose manifest is unreadable, damaged or crafted is listed with status ``"corrupt"`` and the
+    reason, so that an explorer can show it as damaged and keep every other run usable. Each run is
+    named by its folder (unique under ``root``), even when a copied manifest names another run.
     """
     root = Path(root)
     if not root.is_dir():
@@ -632,20 +871,19 @@ def list_runs(root: str | os.PathLike[str]) -> list[RunInfo]:
             continue
         try:
             manifest = _load_manifest(path)
-        except CorruptRunError as exc:
+        except (CorruptRunError, OSError) as exc:
             infos.append(RunInfo(name=path.name, path=path, status="corrupt", created="", error=str(exc)))
             continue
-        rows = {
-            t: sum(int(s.get("rows", 0)) for s in shards.values()) for t, shards in manifest["shards"].items()
-        }
+        rows = {t: sum(s["rows"] for s in shards.values()) for t, shards in manifest["shards"].items()}
         infos.append(
             RunInfo(
-                name=manifest["name"],
+                name=path.name,
                 path=path,
                 status=manifest.get("status", "running"),
                 created=manifest.get("created", ""),
                 rows=rows,
                 error=manifest.get("error"),
+                manifest_name=manifest["name"],
             )
         )
     return infos

@@ -1,19 +1,35 @@
-"""Plot-ready rank trajectories: the rank of one target token along the unrolled depth, per prompt.
+"""Rank summaries: the median rank over prompts with its bootstrap interval, and rank trajectories.
+
+Ranks span 1 … |V| with a long upper tail, so every rank figure, table and explorer page shows the
+**median** over prompts with a percentile-bootstrap interval, plus the geometric mean and the share
+of top-1. ``median_interval`` and ``summarize_ranks`` are the one implementation of that summary;
+the study figures and the explorer call them.
+
+The bootstrap is deterministic: a group of ``n`` values is resampled with the ``n_boot × n`` index
+matrix drawn from ``numpy.random.default_rng(seed)``, applied to the group's values in sorted order.
+So a group's interval depends only on its own values (not on which other groups are summarised with
+it), and the median of a resample is read off two order statistics of its indices, which makes
+thousands of groups cheap.
 
 A ``RankTrajectory`` is built from a ``ranks`` table (see ``probes.records``) for one lens and one
-target kind, checks its shapes on construction, and knows its summary statistics (median over
-prompts with a bootstrap confidence interval, geometric mean) and how to draw itself.
+target kind, checks its shapes on construction, and knows its summary statistics and how to draw
+itself.
 
 Example:
     >>> import numpy as np
     >>> traj = RankTrajectory(unrolled_index=np.arange(3), ranks=np.array([[9, 3, 1], [7, 2, 1]]))
     >>> traj.median().tolist()
     [8.0, 2.5, 1.0]
+    >>> med, low, high = median_interval([np.array([1, 2, 3, 4, 100])])
+    >>> float(med[0]), bool(low[0] <= med[0] <= high[0])
+    (3.0, True)
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +37,134 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
-__all__ = ["RankTrajectory"]
+__all__ = [
+    "LEVEL",
+    "N_BOOT",
+    "SUMMARY_COLUMNS",
+    "RankTrajectory",
+    "median_interval",
+    "summarize_ranks",
+    "summarize_samples",
+]
+
+#: Bootstrap resamples and interval level of every rank summary.
+N_BOOT = 1000
+LEVEL = 0.95
+#: Columns ``summarize_ranks`` adds to the group keys.
+SUMMARY_COLUMNS = ("median", "ci_low", "ci_high", "geo_mean", "top1", "n")
+
+
+@functools.lru_cache(maxsize=64)
+def _resample_middles(n: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``n_boot`` resamples of ``n`` positions: its two middle order statistics."""
+    rng = np.random.default_rng(seed)
+    low_k, high_k = (n - 1) // 2, n // 2
+    lows, highs = [], []
+    chunk = max(1, 4_000_000 // n)
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
+        idx.partition(sorted({low_k, high_k}), axis=1)
+        lows.append(idx[:, low_k])
+        highs.append(idx[:, high_k])
+    low, high = np.concatenate(lows), np.concatenate(highs)
+    low.flags.writeable = high.flags.writeable = False
+    return low, high
+
+
+def _check_bootstrap(n_boot: int, level: float) -> None:
+    if not isinstance(n_boot, int | np.integer) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+
+
+def _grouped_summary(
+    values: np.ndarray, codes: np.ndarray, groups: int, n_boot: int, level: float, seed: int
+) -> dict[str, np.ndarray]:
+    """The rank summary of each group: ``values[i]`` belongs to group ``codes[i]`` (0 .. groups - 1).
+
+    The one implementation behind ``median_interval``, ``summarize_ranks`` and ``summarize_samples``.
+    Vectorised: values are sorted once by (group, value); groups of equal size share one resampling
+    matrix (the same seed for every group), so the cost does not grow with a Python loop per group.
+    """
+    _check_bootstrap(n_boot, level)
+    values = np.asarray(values, dtype=np.float64).ravel()
+    codes = np.asarray(codes, dtype=np.int64).ravel()
+    keep = np.isfinite(values)
+    values, codes = values[keep], codes[keep]
+    order = np.lexsort((values, codes))
+    values, codes = values[order], codes[order]
+    sizes = np.bincount(codes, minlength=groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out = {name: np.full(groups, np.nan) for name in ("median", "ci_low", "ci_high", "geo_mean", "top1")}
+    out["n"] = sizes
+    alpha = (1.0 - level) / 2.0
+    for n in np.unique(sizes[sizes > 0]).tolist():
+        members = np.flatnonzero(sizes == n)
+        grid = values[starts[members][:, None] + np.arange(n)]  # [G, n], each row ascending
+        med = (grid[:, (n - 1) // 2] + grid[:, n // 2]) / 2.0
+        if n == 1:
+            lo = hi = med
+        else:
+            low_k, high_k = _resample_middles(n, int(n_boot), int(seed))
+            boots = (grid[:, low_k] + grid[:, high_k]) / 2.0  # [G, n_boot]: each resample's median
+            lo, hi = np.quantile(boots, [alpha, 1.0 - alpha], axis=1)
+            lo, hi = np.minimum(lo, med), np.maximum(hi, med)
+        out["median"][members], out["ci_low"][members], out["ci_high"][members] = med, lo, hi
+        out["geo_mean"][members] = np.exp(np.log(np.maximum(grid, 1.0)).mean(axis=1))
+        out["top1"][members] = (grid <= 1.0).mean(axis=1)
+    return out
+
+
+def median_interval(
+    samples: Sequence[np.ndarray], n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(median, low, high)`` per sample: the median and its percentile-bootstrap interval.
+
+    Non-finite values are ignored; an empty sample gives NaN, one value gives that value three times.
+    The interval is widened, if ever needed, to contain the median (a percentile interval of a
+    discrete statistic can miss it by a hair in ties).
+    """
+    summary = summarize_samples(samples, n_boot=n_boot, level=level, seed=seed)
+    return summary["median"], summary["ci_low"], summary["ci_high"]
+
+
+def summarize_samples(
+    samples: Sequence[np.ndarray], *, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """The rank summary (``SUMMARY_COLUMNS``, each an array over the samples) of each sample."""
+    arrays = [np.asarray(x, dtype=np.float64).ravel() for x in samples]
+    sizes = np.array([x.size for x in arrays], dtype=np.int64)
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    codes = np.repeat(np.arange(len(arrays)), sizes)
+    return _grouped_summary(values, codes, len(arrays), n_boot, level, seed)
+
+
+def summarize_ranks(
+    frame: pd.DataFrame,
+    keys: Sequence[str],
+    value: str = "rank",
+    *,
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per group of ``keys`` (sorted): ``median``, bootstrap ``ci_low``/``ci_high``, ``geo_mean``,
+    ``top1`` (share of rank 1) and ``n`` (finite values) of column ``value``."""
+    keys = list(keys)
+    columns = [*keys, *SUMMARY_COLUMNS]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = frame.groupby(keys, sort=True, dropna=False)[value]
+    index = grouped.size().index
+    codes = grouped.ngroup().to_numpy()
+    summary = _grouped_summary(
+        frame[value].to_numpy(dtype=np.float64), codes, len(index), n_boot, level, seed
+    )
+    out = index.to_frame(index=False) if isinstance(index, pd.MultiIndex) else pd.DataFrame({keys[0]: index})
+    for name in SUMMARY_COLUMNS:
+        out[name] = summary[name]
+    return out[columns]
 
 
 def _nanmedian(x: np.ndarray, axis: int) -> np.ndarray:
@@ -134,30 +277,16 @@ class RankTrajectory:
             return np.exp(np.nanmean(np.log(self.ranks), axis=0))
 
     def bootstrap_ci(
-        self, n: int = 1000, alpha: float = 0.05, seed: int = 0
+        self, n: int = N_BOOT, alpha: float = 1 - LEVEL, seed: int = 0
     ) -> tuple[Float[np.ndarray, " L"], Float[np.ndarray, " L"]]:
-        """Percentile bootstrap ``(low, high)`` of the median over prompts, resampling prompts.
-
-        Deterministic for a given ``seed``; resamples are drawn in chunks so memory stays bounded.
-        """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        """Percentile bootstrap ``(low, high)`` of the median over prompts at each unrolled index
+        (``median_interval`` with ``n`` resamples at level ``1 - alpha``; deterministic per ``seed``)."""
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        rng = np.random.default_rng(seed)
-        P, L = self.ranks.shape
-        chunk = max(1, min(n, 4_000_000 // max(1, P * L)))
-        medians = []
-        for start in range(0, n, chunk):
-            idx = rng.integers(0, P, size=(min(chunk, n - start), P))
-            medians.append(_nanmedian(self.ranks[idx], axis=1))
-        boot = np.concatenate(medians)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            low, high = np.nanquantile(boot, [alpha / 2, 1 - alpha / 2], axis=0)
+        _, low, high = median_interval(list(self.ranks.T), n_boot=n, level=1 - alpha, seed=seed)
         return low, high
 
-    def summary(self, n: int = 1000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
+    def summary(self, n: int = N_BOOT, alpha: float = 1 - LEVEL, seed: int = 0) -> pd.DataFrame:
         """One row per unrolled index: median, CI, geometric mean (ready for plotly / Streamlit)."""
         low, high = self.bootstrap_ci(n=n, alpha=alpha, seed=seed)
         frame = pd.DataFrame(

@@ -31,19 +31,20 @@ from tqdm import tqdm
 
 import lens
 from lens.errors import InputError
-from lens.model import RecurrentDepthLM
+from lens.model import LoopedLM
 from lens.runtime import configure_threads
 from probes.api import probe_prompts
+from probes.dataset import model_description
 from probes.linear import collect_at_positions, linear_probe
 from probes.store import Run
-from studies.arithmetic import control_token, model_description, single_token, tuned_lens_for_run
+from studies.arithmetic import TUNED_LENS_TRAINING, control_token, single_token, tuned_lens_for_run
 from studies.evaluation import accuracy_table, default_depths, evaluate_answers, evaluate_tasks
 from studies.tasks import chains
 from studies.tasks.prompts import PromptTemplate, resolve_template
 
 DEPTH_ID_OFFSET = 1_000_000
-"""Prompt ids of the depth-scaling answers start here (``DEPTH_ID_OFFSET × depth + …``), below are
-the probed problems (``100_000 × hops + i``)."""
+"""Prompt ids of the depth-scaling answers start at ``DEPTH_ID_OFFSET × depth`` (unique within the run;
+the ``purpose`` column says what they are), the probed problems' at ``100_000 × hops``."""
 
 
 def study_problems(hops: int, n: int, seed: int) -> list[chains.Problem]:
@@ -96,13 +97,20 @@ def run_chains_study(
     hops: Sequence[int] = tuple(h for h in chains.HOPS if h > 0),
     overwrite: bool = False,
     console: Console | None = None,
+    ray: str | None = None,
+    num_workers: int | None = None,
 ) -> Run:
     """Run (or resume) the study; returns the completed run.
 
     ``n`` problems per number of hops are decoded through every lens, ``probe_n`` (including those)
     train and test the linear probes, ``depth_n`` are answered at each of ``depths`` (default: the
-    evaluation's depths up to four times the model's default ``steps``).
+    evaluation's depths up to four times the model's default ``steps``). It runs in this process
+    (``ray`` and ``num_workers`` are refused: only the arithmetic study is sharded on Ray).
     """
+    if ray is not None or num_workers is not None:
+        raise InputError(
+            "the chains study runs in this process; --ray and --workers apply to the arithmetic study"
+        )
     console = console or Console()
     t0 = time.monotonic()
     net = lens.load_model(model, dtype=dtype, device=device)
@@ -122,7 +130,7 @@ def run_chains_study(
     if not hops or not set(hops) <= set(chains.HOPS):
         raise InputError(f"hops must be among {chains.HOPS}, got {hops}")
     prompt_template = resolve_template(template, tok)
-    control_id, control_word = control_token(tok)
+    control = control_token(tok)
     lens_names = ["logit", "coda"] + (["tuned"] if tuned_lens else [])
     settings = {
         "study": "chains",
@@ -135,8 +143,9 @@ def run_chains_study(
         "tuned_lens": tuned_lens,
         "depths": depths,
         "depth_n": depth_n,
-        "control": control_word,
+        "control": control,
         "lenses": lens_names,
+        "tuned_lens_training": dict(TUNED_LENS_TRAINING, prompts=32 * len(hops)) if tuned_lens else None,
     }
     run_name = name or f"chains-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
     manifest = {
@@ -159,9 +168,11 @@ def run_chains_study(
             ]
             lenses.append(tuned_lens_for_run(net, run, prompt_template, train_problems, steps, seed))
         for h in tqdm(hops, desc="hops", unit="hop count"):
-            _probe_hops(net, run, prompt_template, h, n, probe_n, steps, lenses, control_id, batch_size, seed)
+            _probe_hops(
+                net, run, prompt_template, h, n, probe_n, steps, lenses, control["id"], batch_size, seed
+            )
         _depth_scaling(net, run, prompt_template, hops, depths, depth_n, seed)
-        figures = _render(run, net, steps)
+        figures = _render(run, steps)
     except BaseException as err:  # an interrupted run says so too; re-running resumes it
         run.mark_failed(f"{type(err).__name__}: {err}")
         raise
@@ -171,7 +182,7 @@ def run_chains_study(
 
 
 def _probe_hops(
-    net: RecurrentDepthLM,
+    net: LoopedLM,
     run: Run,
     template: PromptTemplate,
     hops: int,
@@ -224,6 +235,7 @@ def _probe_hops(
             seed=seed * 100_003 + hops,
             prompt_ids=prompt_ids[:n],
             texts=texts[:n],
+            purpose="probe",
         )
         for table, frame in (
             ("ranks", result.ranks),
@@ -238,7 +250,7 @@ def _probe_hops(
 
 
 def _linear_probes(
-    net: RecurrentDepthLM,
+    net: LoopedLM,
     problems: Sequence[chains.Problem],
     texts: Sequence[str],
     ids: Sequence[Sequence[int]],
@@ -269,7 +281,7 @@ def _linear_probes(
 
 
 def _depth_scaling(
-    net: RecurrentDepthLM,
+    net: LoopedLM,
     run: Run,
     template: PromptTemplate,
     hops: Sequence[int],
@@ -284,18 +296,24 @@ def _depth_scaling(
         if run.has_shard("answers", shard):
             continue
         frame = evaluate_tasks(
-            net, tasks, depth, depth_n, seed=seed, template=template, id_offset=DEPTH_ID_OFFSET * depth
+            net,
+            tasks,
+            depth,
+            depth_n,
+            seed=seed,
+            template=template,
+            id_offset=DEPTH_ID_OFFSET * depth,
+            purpose="depth",
         )
         run.write_shard("answers", shard, frame.assign(run=run.name))
 
 
 def split_answers(answers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(answers of the probed problems, answers of the depth-scaling sample)."""
-    depth = answers["prompt_id"] >= DEPTH_ID_OFFSET
-    return answers[~depth], answers[depth]
+    return answers[answers["purpose"] == "probe"], answers[answers["purpose"] == "depth"]
 
 
-def _render(run: Run, net: RecurrentDepthLM, steps: int) -> dict[str, dict]:
+def _render(run: Run, steps: int) -> dict[str, dict]:
     from studies.figures import CHAIN_FIGURES, Layout, render_all, render_figure
 
     probed, depth = split_answers(run.table("answers"))
@@ -309,7 +327,7 @@ def _render(run: Run, net: RecurrentDepthLM, steps: int) -> dict[str, dict]:
         "prompts": run.table("prompts"),
         "linear_probes": run.table("linear_probes"),
     }
-    layout = Layout(prelude=net.layout.prelude, core=net.layout.core, coda=net.layout.coda, steps=steps)
+    layout = Layout.from_manifest(run.manifest, steps)
     title = f"{run.manifest['model']['name']} · T={steps}"
     figures = {}
     for name, spec in CHAIN_FIGURES.items():

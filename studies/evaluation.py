@@ -23,6 +23,7 @@ from lens.errors import InputError
 from lens.generation import generate
 from lens.model import RecurrentDepthLM
 from lens.runtime import configure_threads
+from probes.records import records
 from studies import tasks as task_registry
 from studies.tasks import arithmetic, chains
 from studies.tasks.prompts import PromptTemplate, resolve_template
@@ -31,11 +32,11 @@ CARD_BEGIN = "<!-- accuracy-table:begin -->"
 CARD_END = "<!-- accuracy-table:end -->"
 
 
-def _clean(text: str) -> str:
-    """The answer as written: up to the first newline or end-of-turn, without surrounding spaces."""
+def _answer_text(text: str) -> str:
+    """The answer as written: up to the first newline, end-of-turn or end-of-text (never shown)."""
     for stop in ("\n", "<|end_turn|>", "<|end_text|>"):
         text = text.split(stop)[0]
-    return text.strip()
+    return text
 
 
 @torch.no_grad()
@@ -48,8 +49,10 @@ def evaluate_answers(
     prompt_ids: Iterable[int] | None = None,
     texts: Sequence[str] | None = None,
     task: str | None = None,
+    purpose: str = "eval",
 ) -> pd.DataFrame:
-    """Greedy answers for already-tokenised prompts; one ``answers`` row per problem."""
+    """Greedy answers for already-tokenised prompts; one ``answers`` row per problem (checked against
+    the schema here). ``purpose`` (``probe``, ``depth`` or ``eval``) says why they were generated."""
     tok = model.tokenizer
     budget = max(len(tok.encode(p.completion)) for p in problems) + 2
     gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -59,21 +62,22 @@ def evaluate_answers(
     rows = []
     ids = list(prompt_ids) if prompt_ids is not None else list(range(len(problems)))
     for i, p in enumerate(problems):
-        generated = tok.decode(res.tokens[i])
+        generated = _answer_text(tok.decode(res.tokens[i]))
         rows.append(
             {
                 "prompt_id": ids[i],
                 "task": task or p.task,
+                "purpose": purpose,
                 "num_steps": num_steps,
                 "prompt": texts[i] if texts is not None else tok.decode(list(prompt_ids_tokens[i])),
                 "expected": p.completion,
                 "generated": generated,
-                "correct": _clean(generated) == p.completion.strip(),
+                "correct": generated.strip() == p.completion.strip(),
                 "first_token_id": res.tokens[i][0] if res.tokens[i] else -1,
                 "intermediate": p.intermediate,
             }
         )
-    return pd.DataFrame(rows)
+    return records("answers", rows)
 
 
 FAMILY_OF_MODEL: dict[str, str] = {"tiny-arith": "arithmetic", "tiny-chains": "chains"}
@@ -136,6 +140,7 @@ def evaluate_tasks(
     id_offset: int = 0,
     counts: Mapping[str, int | None] | None = None,
     progress: Callable[[int], None] | None = None,
+    purpose: str = "eval",
 ) -> pd.DataFrame:
     """Answers for ``n`` held-out problems of each task at one depth (``counts`` overrides ``n`` per
     task; a count of ``None`` takes the whole split). ``progress`` is called with each batch's work
@@ -161,6 +166,7 @@ def evaluate_tasks(
                     ),
                     texts=texts[start : start + batch_size],
                     task=task,
+                    purpose=purpose,
                 )
             )
             if progress is not None:
@@ -225,6 +231,36 @@ def write_card_table(card: Path, table_md: str) -> None:
     card.write_text(f"{before}{CARD_BEGIN}\n{table_md}\n{CARD_END}{after}")
 
 
+def card_accuracy(model_name: str | Path, task: str, num_steps: int) -> tuple[float, int] | None:
+    """``(accuracy, n)`` of ``task`` at ``num_steps`` from a model card's accuracy table (the one
+    ``write_card_table`` writes), or None when the model has no card, no table or no such cell."""
+    try:
+        card = lens.loading.resolve_model_path(model_name) / "README.md"
+        text = card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if CARD_BEGIN not in text or CARD_END not in text:
+        return None
+    lines = [
+        line.strip().strip("|").split("|")
+        for line in text.split(CARD_BEGIN, 1)[1].split(CARD_END, 1)[0].strip().splitlines()
+    ]
+    if len(lines) < 3:
+        return None
+    head = [cell.strip() for cell in lines[0]]
+    column = f"T={num_steps}"
+    if column not in head or "task" not in head or "n" not in head:
+        return None
+    for row in lines[2:]:
+        cells = [cell.strip() for cell in row]
+        if len(cells) == len(head) and cells[head.index("task")] == task:
+            try:
+                return float(cells[head.index(column)]) / 100, int(cells[head.index("n")])
+            except ValueError:
+                return None
+    return None
+
+
 def default_depths(mean_recurrence: int) -> list[int]:
     """Powers of two up to four times the model's default depth, and the default depth itself
     (tiny-arith, default 16: 1 … 64; tiny-chains, default 8: 1 … 32)."""
@@ -273,7 +309,11 @@ def run_evaluation(
         out,
         f"eval-{Path(str(model_name)).name}-n{n if n is not None else 'card'}-s{seed}",
         {
-            "model": {"name": str(model_name), "weights": lens.loading.weights_fingerprint(model_name)},
+            "model": {
+                "name": str(model_name),
+                "weights": lens.loading.weights_fingerprint(model_name),
+                "layout": model.layout.to_dict(),
+            },
             "settings": settings,
             "prompt_template": template.to_dict(),
         },
@@ -320,12 +360,7 @@ def run_evaluation(
                 )
                 run.write_shard("answers", _shard(depth, task), frame.assign(run=run.name))
     acc = accuracy_table(run.table("answers"))
-    layout = Layout(
-        prelude=model.layout.prelude,
-        core=model.layout.core,
-        coda=model.layout.coda,
-        steps=model.config.mean_recurrence,
-    )
+    layout = Layout(model.layout, steps=model.config.mean_recurrence)
     render_figure(
         FIGURES["depth_scaling"],
         {"depth": acc},

@@ -12,7 +12,7 @@ Two prompt sets, two id ranges:
   first answer token) was ranked (logit lens: 68 layers = prelude, 16 × 4 core, coda; coda lens:
   66 = prelude + core) and top-5 decoded (logit 68 layers, coda lens 64 core layers only);
 - ids ``100..166``: the 67 filtered, correctly answered problems whose ``final``,
-  ``intermediate`` (already the min over "d" and " d") and ``control`` (" the") targets were
+  ``intermediate`` (already the min over "d" and " d") and ``control`` ("the", no space) targets were
   ranked (logit lens 68 layers, coda lens 64 core layers). Their answers are in
   :func:`load_reference_answers` (all correct). The reference recorded no digit baseline.
 
@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lens.config import RecurrentDepthConfig
+from lens.families.huginn import huginn_layout
 from studies.figures.layout import Layout
 
 __all__ = [
@@ -48,7 +50,11 @@ __all__ = [
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "huginn-latent-cot"
 REFERENCE_NAME = "Huginn-3.5B (reference study)"
-HUGINN_LAYOUT = Layout(prelude=2, core=4, coda=2, steps=16)
+#: Huginn-3.5B (the packaged config, prelude 2 · core 4 · coda 2) at the study's 16 iterations.
+HUGINN_LAYOUT = Layout(
+    huginn_layout(RecurrentDepthConfig.from_name("huginn-0125")),
+    steps=16,
+)
 FILTERED_ID_OFFSET = 100
 N_FEWSHOT = 4
 

@@ -38,6 +38,11 @@ def train_tuned_lenses(
         )
         for p in problems
     ]
+    layout = model.layout
+    console.print(
+        f"{model_name}: {layout.family} ({layout.describe()}); lenses that apply: {', '.join(layout.lenses())}"
+        + ("" if layout.coda else " (no coda, so no Coda Lens)")
+    )
     lenses, table = train_and_compare(model, prompts, steps, epochs=epochs, lr=3e-3)
     summary = summarize(table, model.layout.block_sites())
     rich_table = Table(title=f"held-out KL(final ‖ lens), nats — {model_name}, T={steps}")

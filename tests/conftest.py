@@ -23,7 +23,7 @@ def data_path(*parts: str) -> Path:
     return path
 
 
-def small_config(**overrides):
+def small_config(config_class=None, **overrides):
     import lens
 
     kwargs = dict(
@@ -38,23 +38,42 @@ def small_config(**overrides):
         mean_recurrence=4,
     )
     kwargs.update(overrides)
-    return lens.RecurrentDepthConfig(**kwargs)
+    return (config_class or lens.RecurrentDepthConfig)(**kwargs)
 
 
-def save_arith_model(directory: Path, **overrides) -> Path:
-    """A small random model with the tiny-arith tokenizer, saved where ``lens.load_model`` and the CLI read it."""
+def save_arith_model(directory: Path, family: str = "huginn", **overrides) -> Path:
+    """A small random model of ``family`` (huginn, retrofit, ouro) with the tiny-arith tokenizer, saved
+    where ``lens.load_model`` and the CLI read it."""
     import lens
     from studies.tiny_arith.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    cfg = small_config(
-        vocab_size=tok.vocab_size,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **{"block_size": 128, **overrides},
-    )
-    return lens.save_model(lens.RecurrentDepthLM(cfg, tokenizer=tok).eval(), directory)
+    ids = dict(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "ouro":
+        cfg = lens.OuroConfig(
+            **ids,
+            **{
+                "hidden_size": 64,
+                "intermediate_size": 96,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 128,
+                "initializer_range": 0.1,
+                **overrides,
+            },
+        )
+        model = lens.OuroLM(cfg, tokenizer=tok)
+    elif family == "retrofit":
+        cfg = small_config(
+            lens.RetrofitConfig, **ids, **{"block_size": 128, "num_key_value_heads": 2, **overrides}
+        )
+        model = lens.RetrofitLM(cfg, tokenizer=tok)
+    else:
+        cfg = small_config(**ids, **{"block_size": 128, **overrides})
+        model = lens.RecurrentDepthLM(cfg, tokenizer=tok)
+    return lens.save_model(model.eval(), directory)
 
 
 @pytest.fixture

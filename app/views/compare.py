@@ -42,6 +42,7 @@ def _panel(side: str, runs: list, default_run: str, default_lens: str) -> dict |
         "agg": agg,
         "model": model,
         "handle": handle,
+        "layout": data.layout(handle.path, handle.mtime),
         "title": f"{name} · {lens} lens · {kind}",
     }
 
@@ -106,6 +107,7 @@ def render() -> None:
         [left["agg"], right["agg"]],
         relative_depth=relative,
         show_prompts=thin,
+        layouts=[left["layout"], right["layout"]],
     )
     ui.chart(fig, key="cmp_fig")
     st.dataframe(_summary([left, right]), hide_index=True, width="stretch")
@@ -118,7 +120,7 @@ def render() -> None:
         else pd.Series([10])
     )
     z_range = (1.0, float(max(med.max(), 10)))
-    heights = [len(charts.heatmap_grid(p["rows"])[1]) for p in (left, right) if len(p["rows"])]
+    heights = [len(charts.heatmap_grid(p["rows"], p["layout"])[1]) for p in (left, right) if len(p["rows"])]
     height = min(900, max(260, 70 + 26 * max(heights, default=1)))  # the same height on both sides
     a, b = st.columns(2, gap="large")
     for col, p, side in ((a, left, "left"), (b, right, "right")):
@@ -130,6 +132,7 @@ def render() -> None:
                     title=p["title"],
                     z_range=z_range,
                     height=height,
+                    layout=p["layout"],
                 ),
                 key=f"cmp_heat_{side}",
             )

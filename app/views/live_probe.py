@@ -28,7 +28,9 @@ def render() -> None:
     with st.spinner("Probing…"):
         probe = live.cached_probe(name, args.prompt, args.num_steps, args.lenses, args.targets)
     sections.probe_summary(probe)
-    tabs = st.tabs(["Rank trajectory", "Lens grid", "Latent dynamics", "Adaptive generation"])
+    names = ["Rank trajectory", "Lens grid", "Latent dynamics", "Adaptive generation"]
+    gated = model.layout.exit_gate
+    tabs = st.tabs(names + (["Exit gate"] if gated else []))
     with tabs[0]:
         sections.live_rank_view(probe, key="live_rank")
     with tabs[1]:
@@ -36,7 +38,12 @@ def render() -> None:
     with tabs[2]:
         sections.live_dynamics_view(probe, key="live_dyn")
     with tabs[3]:
-        sections.generation_view(name, args.prompt, args.num_steps, key="live")
+        sections.generation_view(
+            name, args.prompt, args.num_steps, key="live", criteria=live.exit_criteria(model)
+        )
+    if gated:
+        with tabs[4]:
+            sections.exit_gate_view(probe, key="live")
 
 
 ui.guarded(render)

@@ -6,6 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, data, ui
+from lens.errors import LooplensError
+from lens.layout import UnrolledLayout
 
 
 def _runs_table(runs) -> pd.DataFrame:
@@ -36,7 +38,9 @@ def _manifest_panel(manifest: dict) -> None:
     facts = {  # the model, layout, iterations and study are in the line above the metrics
         "parameters": f"{model['parameters']:,}" if isinstance(model.get("parameters"), int) else "—",
         "dtype / device": f"{model.get('dtype', '—')} / {model.get('device', '—')}",
-        "lenses": ", ".join(settings.get("lenses", [])) or "—",
+        "lenses": ", ".join(map(str, settings["lenses"]))
+        if isinstance(settings.get("lenses"), list)
+        else str(settings.get("lenses") or "—"),
         "prompts (n)": settings.get("n", "—"),
         "seed": settings.get("seed", "—"),
         "created": str(manifest.get("created", ""))[:19].replace("T", " "),
@@ -67,14 +71,14 @@ def _manifest_panel(manifest: dict) -> None:
 def _headline_metrics(head: dict, manifest: dict) -> None:
     model = manifest.get("model", {}) or {}
     settings = manifest.get("settings", {}) or {}
-    layout = model.get("layout") or {}
     facts = [f"model **{model.get('name', '—')}**"]
     if settings.get("steps") is not None:
         facts.append(f"{settings['steps']} iterations")
-    if layout:
-        facts.append(
-            f"prelude {layout.get('prelude')} · core {layout.get('core')} · coda {layout.get('coda')}"
-        )
+    try:
+        layout = UnrolledLayout.from_manifest(manifest)
+        facts.append(f"{layout.family}: {layout.describe()}")
+    except LooplensError:
+        pass
     if settings.get("study"):
         facts.append(f"study `{settings['study']}`")
     st.markdown(" · ".join(facts))
@@ -127,10 +131,20 @@ def render() -> None:
             medians,
             chosen or default,
             height=460,
-            title="Median rank over all prompts (band: interquartile range; line style: lens)",
+            title="Median rank over all prompts (band: 95 % bootstrap interval; line style: lens)",
+            layout=data.layout(path, mtime),
         ),
         key="overview_fig",
     )
+    gate = data.exit_gate_rows(path, mtime)
+    if len(gate):
+        st.subheader("Exit gate", divider="gray")
+        st.caption(
+            "The model's learned exit gate at each prompt's last position: λ_t, the chance to stop after "
+            "iteration t if not stopped before; the cumulative exit probability (dotted: the 0.5 threshold "
+            "of the threshold exit mode); the exit distribution p_t averaged over prompts."
+        )
+        ui.chart(charts.exit_gate_curves(gate), key="overview_gate")
 
     a, b, c = st.columns([5, 4, 4], gap="large")
     with a:
@@ -149,10 +163,11 @@ def render() -> None:
     if prompts.empty:
         st.caption("No prompts recorded yet.")
     else:
+        columns = ["prompt_id", "prompt_text", "expected", "intermediate", "generated", "correct", "verdict"]
+        if prompts["error"].notna().any():  # prompts `looplens probe` could not probe, with the reason
+            columns.append("error")
         st.dataframe(
-            prompts[
-                ["prompt_id", "prompt_text", "expected", "intermediate", "generated", "correct", "verdict"]
-            ],
+            prompts[columns],
             hide_index=True,
             width="stretch",
             height=min(400, 38 + 35 * len(prompts)),
@@ -170,6 +185,11 @@ def render() -> None:
             for start in range(0, len(pngs), 2):
                 for col, png in zip(st.columns(2), pngs[start : start + 2], strict=False):
                     col.image(str(png), caption=png.name, width="stretch")
+            if files["damaged"]:
+                st.caption(
+                    "Not readable as PNG images (damaged or not images), left out: "
+                    + ", ".join(f"`figures/{p.name}`" for p in files["damaged"])
+                )
             if files["html"]:
                 st.caption("Interactive HTML: " + ", ".join(f"`figures/{p.name}`" for p in files["html"]))
 

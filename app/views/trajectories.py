@@ -75,8 +75,11 @@ def render() -> None:
     )
     n = rows["prompt_id"].nunique()
     title = f"{handle.name}: rank of the {', '.join(targets)} token · {n} prompt{'s' if n != 1 else ''}"
+    layout = data.layout(path, mtime)
     ui.chart(
-        charts.rank_trajectory(rows, hover, agg, title=title, show_prompts=show_prompts, height=480),
+        charts.rank_trajectory(
+            rows, hover, agg, title=title, show_prompts=show_prompts, height=480, layout=layout
+        ),
         key="traj_fig",
     )
 
@@ -99,7 +102,7 @@ def render() -> None:
             return h[["unrolled_index", "top"]]
         return charts.hover_by_layer(agg, lens)
 
-    ui.heatmaps(rows, list(lenses), heat_kind, hover_for, key="traj")
+    ui.heatmaps(rows, list(lenses), heat_kind, hover_for, key="traj", layout=layout)
 
     with st.expander("Selected prompts"):
         view = prompts if not chosen else prompts[prompts["prompt_id"].isin(chosen)]

@@ -2,7 +2,9 @@
 
 A lens's ``transform_hidden`` returns the state *before* the final norm; the final norm and the
 unembedding are applied by the fused statistics kernel (``probes.statistics``) or by ``forward``.
-States at ``latent`` and ``final`` have already been through ``ln_f``; lenses account for that.
+Which sites have already been through the final norm (``final`` always, ``latent`` where the layout
+puts the norm before the coda) is the model's layout's business; lenses ask it. A lens that does not
+apply to a family (the Coda Lens without a coda) refuses to be built with :class:`LensNotApplicableError`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from abc import ABC, abstractmethod
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from lens.model import RecurrentDepthLM
+from lens.errors import InputError
+from lens.model import LoopedLM
 
-NORMED_SITES = ("latent", "final")
+
+class LensNotApplicableError(InputError):
+    """The lens needs a part this model's family does not have (the Coda Lens on Ouro)."""
 
 
 class Lens(nn.Module, ABC):
@@ -23,7 +28,7 @@ class Lens(nn.Module, ABC):
     name: str = "lens"
     needs_sequence: bool = False  # True: decoding a position needs the states of all positions
 
-    def __init__(self, model: RecurrentDepthLM) -> None:
+    def __init__(self, model: LoopedLM) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: the lens must not own the model
 
@@ -34,8 +39,12 @@ class Lens(nn.Module, ABC):
         """The state in the unembedding's input space, before the final norm."""
 
     def applies_norm(self, site: str) -> bool:
-        """Whether ``ln_f`` must still be applied to ``transform_hidden``'s output."""
+        """Whether the final norm must still be applied to ``transform_hidden``'s output."""
         return True
+
+    def is_normed(self, site: str) -> bool:
+        """Whether the state at ``site`` has already been through the final norm (per the layout)."""
+        return self.model.layout.is_normed(site)
 
     def supports(self, site: str) -> bool:
         return True

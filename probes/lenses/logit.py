@@ -1,14 +1,19 @@
-"""The Logit Lens: decode a state with the model's own final norm and unembedding."""
+"""The Logit Lens: decode a state with the model's own final norm and unembedding.
+
+It applies to every family. For Ouro it is the model's own per-step readout: at the last layer of
+iteration ``t`` (and at ``latent``, ``t``) it equals ``lm_head(model.norm(h_t))``, the logits the
+authors' code returns with ``exit_at_step=t-1``.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from probes.lenses.base import NORMED_SITES, Lens
+from probes.lenses.base import Lens
 
 
 class LogitLens(Lens):
-    """``lm_head(ln_f(h))``; at ``latent``/``final`` (already normalised) just ``lm_head(h)``.
+    """``lm_head(norm(h))``; at sites already normalised (``final``, a normed ``latent``) just ``lm_head(h)``.
 
     At ``final`` it reproduces the model's logits exactly.
     """
@@ -21,4 +26,4 @@ class LogitLens(Lens):
         return h
 
     def applies_norm(self, site: str) -> bool:
-        return site not in NORMED_SITES
+        return not self.is_normed(site)

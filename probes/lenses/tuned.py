@@ -16,8 +16,10 @@ from typing import Literal
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lens.model import RecurrentDepthLM
-from probes.lenses.base import NORMED_SITES, Lens
+from lens.errors import InputError
+from lens.layout import UnrolledLayout
+from lens.model import LoopedLM
+from probes.lenses.base import Lens
 
 Mode = Literal["shared", "per-iteration"]
 
@@ -29,7 +31,7 @@ class TunedLens(Lens):
 
     def __init__(
         self,
-        model: RecurrentDepthLM,
+        model: LoopedLM,
         mode: Mode = "shared",
         num_steps: int | None = None,
         sites: list[str] | None = None,
@@ -69,7 +71,7 @@ class TunedLens(Lens):
         return site in self.sites
 
     def applies_norm(self, site: str) -> bool:
-        return site not in NORMED_SITES
+        return not self.is_normed(site)
 
     def transform_hidden(
         self, h: Tensor, site: str, iteration: int = 0, attention_mask: Tensor | None = None
@@ -91,12 +93,13 @@ class TunedLens(Lens):
             "sites": self.sites,
             "n_embd": self.model.config.n_embd,
             "model": self.model.config.name,
+            "layout": self.model.layout.to_dict(),
         }
         (directory / "tuned_lens.json").write_text(json.dumps(meta, indent=1))
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, model: RecurrentDepthLM) -> TunedLens:
+    def load(cls, directory: str | Path, model: LoopedLM) -> TunedLens:
         directory = Path(directory)
         meta_path = directory / "tuned_lens.json"
         if not meta_path.is_file():
@@ -105,6 +108,11 @@ class TunedLens(Lens):
         if meta["n_embd"] != model.config.n_embd:
             raise ValueError(
                 f"tuned lens was trained for width {meta['n_embd']}, the model has {model.config.n_embd}"
+            )
+        if "layout" in meta and UnrolledLayout.from_dict(meta["layout"]) != model.layout:
+            raise InputError(
+                f"tuned lens in {directory} was trained for a {meta['layout'].get('family')} model with another "
+                f"layout than this {model.layout.family} model's ({model.layout.describe()})"
             )
         lens = cls(model, meta["mode"], meta["num_steps"], meta["sites"])
         lens.translators.load_state_dict(load_file(str(directory / "tuned_lens.safetensors")))

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from lens.generation import pad_left
-from lens.model import RecurrentDepthLM
+from lens.model import LoopedLM
 from lens.stream import TraceCollector
-from probes.lenses.base import NORMED_SITES
+from probes.batching import forward_batches
 from probes.lenses.tuned import Mode, TunedLens
 
 
@@ -36,7 +35,7 @@ class StateSet:
 
 @torch.no_grad()
 def collect_states(
-    model: RecurrentDepthLM,
+    model: LoopedLM,
     prompts: Sequence[Sequence[int]],
     num_steps: int,
     sites: Sequence[str],
@@ -46,14 +45,16 @@ def collect_states(
     """Run the model over ``prompts`` and keep the states of ``sites`` at every real token."""
     states: dict[tuple[str, int], list[Tensor]] = {}
     finals = []
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    pad = model.config.pad_token_id or 0
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = pad_left(prompts[start : start + batch_size], pad)
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        collector = TraceCollector(list(sites))
-        out = model(ids, num_steps, attention_mask=mask, consumers=[collector], generator=gen)
-        real = mask.bool()
+    for batch, out, (collector,) in forward_batches(
+        model,
+        prompts,
+        lambda _: [TraceCollector(list(sites))],
+        num_steps=num_steps,
+        batch_size=batch_size,
+        seed=seed,
+        logits="all",
+    ):
+        real = batch.mask.bool()
         for site, tensors in collector.trace.states.items():
             for tensor, it in zip(tensors, collector.trace.iterations[site], strict=True):
                 states.setdefault((site, it), []).append(tensor[real].float())
@@ -66,15 +67,15 @@ def _kl(final_logprobs: Tensor, logits: Tensor) -> Tensor:
     return (final_logprobs.exp() * (final_logprobs - F.log_softmax(logits.float(), -1))).sum(-1)
 
 
-def _lens_logits(model: RecurrentDepthLM, lens: TunedLens | None, site: str, it: int, h: Tensor) -> Tensor:
+def _lens_logits(model: LoopedLM, lens: TunedLens | None, site: str, it: int, h: Tensor) -> Tensor:
     x = lens.transform_hidden(h, site, it) if lens is not None else h
-    if site not in NORMED_SITES:
+    if not model.layout.is_normed(site):
         x = model.final_norm(x.to(model.dtype))
     return model.head(x.to(model.dtype))
 
 
 def fit_tuned_lens(
-    model: RecurrentDepthLM,
+    model: LoopedLM,
     data: StateSet,
     mode: Mode = "shared",
     num_steps: int | None = None,
@@ -85,7 +86,7 @@ def fit_tuned_lens(
     progress: bool = True,
 ) -> TunedLens:
     """Fit translators on collected states; the model itself stays frozen."""
-    sites = sorted({site for site, _ in data.states}, key=lambda s: model.layout.all_sites().index(s))
+    sites = sorted({site for site, _ in data.states}, key=lambda s: model.layout.sites().index(s))
     lens = TunedLens(model, mode, num_steps, [s for s in sites if s in model.layout.block_sites()])
     params = list(lens.translators.parameters())
     opt = torch.optim.Adam(params, lr=lr)
@@ -114,7 +115,7 @@ def fit_tuned_lens(
 
 
 @torch.no_grad()
-def compare_lenses(model: RecurrentDepthLM, data: StateSet, tuned: dict[str, TunedLens]) -> pd.DataFrame:
+def compare_lenses(model: LoopedLM, data: StateSet, tuned: dict[str, TunedLens]) -> pd.DataFrame:
     """Held-out mean KL(final ‖ lens) per (site, iteration): the Logit Lens and each Tuned Lens."""
     rows = []
     for (site, it), h in data.states.items():
@@ -134,7 +135,7 @@ def compare_lenses(model: RecurrentDepthLM, data: StateSet, tuned: dict[str, Tun
 
 
 def train_and_compare(
-    model: RecurrentDepthLM,
+    model: LoopedLM,
     prompts: Sequence[Sequence[int]],
     num_steps: int | None = None,
     modes: Sequence[Mode] = ("shared", "per-iteration"),

@@ -11,6 +11,7 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 ``depth_scaling``           accuracy vs number of iterations per task format
 ``latent_dynamics``         step norms, cosine to the last state, verdicts, PCA trajectories
 ``reference_overlay``       figures 1–3 for Huginn-3.5B (reference study) next to ours
+``exit_gate``               exit-gate λ_t, exit distribution and threshold exits (Ouro runs only)
 ==========================  =====================================================================
 
 :func:`render_all` draws every figure whose input tables are present. The chains study adds
@@ -23,7 +24,7 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 
 Example:
     >>> sorted(FIGURES)[:3]
-    ['depth_scaling', 'intermediate_vs_final', 'latent_dynamics']
+    ['depth_scaling', 'exit_gate', 'intermediate_vs_final']
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from studies.figures import (
     chain_probes,
     chain_ranks,
     depth_scaling,
+    exit_gate,
     intermediate_vs_final,
     latent_dynamics,
     numeric_prefix,
@@ -48,7 +50,7 @@ from studies.figures import (
 from studies.figures.base import Figure, FigureSpec, Headline, Tables
 from studies.figures.intermediate_vs_final import pick_block
 from studies.figures.layout import Layout
-from studies.figures.style import LENS_COLORS, save_html, save_png
+from studies.figures.style import LENS_COLORS, save_html, save_png, save_table
 
 __all__ = [
     "CHAIN_FIGURES",
@@ -75,6 +77,7 @@ FIGURES: dict[str, FigureSpec] = {
         depth_scaling.FIGURE,
         latent_dynamics.FIGURE,
         reference_overlay.FIGURE,
+        exit_gate.FIGURE,
     )
 }
 
@@ -95,7 +98,7 @@ def render_figure(figure: Figure, tables: Tables, layout: Layout, out_dir: Path,
         "html": out_dir / f"{figure.name}.html",
         "table": out_dir / f"{figure.name}.parquet",
     }
-    tab.to_parquet(paths["table"], index=False)
+    save_table(tab, paths["table"])
     mpl_fig, plotly_fig = figure.draw(tab, layout, title)
     save_png(mpl_fig, paths["png"])
     save_html(plotly_fig, paths["html"])
@@ -114,8 +117,9 @@ def render_all(
     """Draw every figure whose inputs are present into ``out_dir`` (``NAME.png/.html/.parquet``).
 
     Returns ``{name: {"png", "html", "table": path, "headline": {...}}}``. ``reference`` adds the
-    Huginn-3.5B overlay; ``only`` restricts to some figure names. A figure that fails is reported
-    with a warning and left out, unless ``strict`` (then the error propagates).
+    Huginn-3.5B overlay; ``only`` restricts to some figure names. A figure that fails to draw is
+    reported with a warning and left out, unless ``strict`` (then the error propagates); a figure that
+    fails to be written (``OSError``: a full disk, no permission) always propagates.
     """
     tables = {k: v for k, v in tables.items() if isinstance(v, pd.DataFrame)}
     wanted = set(only) if only is not None else None
@@ -129,7 +133,7 @@ def render_all(
         try:
             info = render_figure(figure, tables, layout, Path(out_dir), title)
         except Exception as exc:
-            if strict:
+            if strict or isinstance(exc, OSError):
                 raise
             warnings.warn(f"figure {name} failed: {type(exc).__name__}: {exc}", stacklevel=2)
             continue

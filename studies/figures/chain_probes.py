@@ -10,11 +10,12 @@ with ``k``.
 
 Example:
     >>> import pandas as pd
+    >>> from lens.layout import UnrolledLayout
     >>> probes = pd.DataFrame({"task": "chains_1hop", "target": ["value_0"] * 2 + ["value_1"] * 2,
     ...     "anchor": "statement", "site": ["prelude.0", "core.0"] * 2, "iteration": [0, 1] * 2,
     ...     "unrolled_index": [0, 1] * 2, "test_accuracy": [0.95, 0.97, 0.1, 0.9],
     ...     "majority_baseline": 0.12, "n_test": 100})
-    >>> tab = table({"linear_probes": probes}, Layout(1, 1, 1, 1))
+    >>> tab = table({"linear_probes": probes}, Layout(UnrolledLayout(prelude=1, core=1, coda=1), 1))
     >>> tab.drop_duplicates("target")[["target", "first_decodable_layer"]].to_dict("list")
     {'target': ['value_0', 'value_1'], 'first_decodable_layer': [0, 1]}
 """

@@ -12,7 +12,8 @@ and only fetched at the end show only the final answer rising.
 
 Example:
     >>> import pandas as pd
-    >>> layout = Layout(prelude=1, core=1, coda=1, steps=1)
+    >>> from lens.layout import UnrolledLayout
+    >>> layout = Layout(UnrolledLayout(prelude=1, core=1, coda=1), steps=1)
     >>> ranks = pd.DataFrame({"prompt_id": 0, "site": ["prelude.0", "core.0", "coda.0"] * 2,
     ...     "iteration": [0, 1, 0] * 2, "block": 0, "unrolled_index": [0, 1, 2] * 2, "lens": "logit",
     ...     "target_kind": ["value_0"] * 3 + ["value_1"] * 3, "rank": [9, 5, 4, 50, 3, 1]})

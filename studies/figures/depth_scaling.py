@@ -8,7 +8,9 @@ Example:
     >>> import pandas as pd
     >>> depth = pd.DataFrame({"task": ["a", "a"], "num_steps": [1, 4], "n": [10, 10], "correct": [2, 9],
     ...                       "accuracy": [0.2, 0.9]})
-    >>> headline(table({"depth": depth}, Layout(1, 1, 1, 4)), Layout(1, 1, 1, 4))
+    >>> from lens.layout import UnrolledLayout
+    >>> layout = Layout(UnrolledLayout(prelude=1, core=1, coda=1), steps=4)
+    >>> headline(table({"depth": depth}, layout), layout)
     {'a_accuracy_T4': 0.9, 'a_best_steps': 4, 'a_accuracy_best': 0.9}
 """
 

@@ -6,7 +6,7 @@ core block position and iteration: the median over prompts (bootstrap 95 % CI) o
 - ``intermediate``: the intermediate result's digit, the better of its two spellings
   (``intermediate`` / ``intermediate_alt``: with and without a leading space, as the reference did);
 - ``final``: the correct answer's first token;
-- ``control``: a control token (" the");
+- ``control``: a control token (the vocabulary entry "the" as in the reference study, else " the");
 - ``digit_baseline``: per prompt, the median rank of the digit tokens that are neither the answer's
   first digit nor the intermediate digit — how high "some digit" ranks by chance.
 
@@ -28,6 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
+from probes.trajectory import summarize_ranks
 from studies.figures.base import (
     RANK_COLUMNS,
     FigureSpec,
@@ -38,7 +39,6 @@ from studies.figures.base import (
     to_builtin,
 )
 from studies.figures.layout import Layout
-from studies.figures.stats import summarize_ranks
 from studies.figures.style import (
     TARGET_COLORS,
     TARGET_DASH,

@@ -8,8 +8,9 @@ prelude / iteration / coda structure drawn in.
 
 Example:
     >>> import pandas as pd
+    >>> from lens.layout import UnrolledLayout
     >>> from studies.figures.layout import Layout
-    >>> layout = Layout(prelude=1, core=1, coda=1, steps=1)
+    >>> layout = Layout(UnrolledLayout(prelude=1, core=1, coda=1), steps=1)
     >>> ranks = pd.DataFrame({"prompt_id": [0, 0, 0], "site": ["prelude.0", "core.0", "coda.0"],
     ...     "iteration": [0, 1, 0], "block": [0, 0, 0], "unrolled_index": [0, 1, 2],
     ...     "lens": "logit", "target_kind": "predicted", "rank": [50, 3, 1]})
@@ -26,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
+from probes.trajectory import summarize_ranks
 from studies.figures.base import (
     RANK_COLUMNS,
     FigureSpec,
@@ -36,7 +38,6 @@ from studies.figures.base import (
     to_builtin,
 )
 from studies.figures.layout import Layout
-from studies.figures.stats import summarize_ranks
 from studies.figures.style import (
     decorate_unrolled,
     decorate_unrolled_plotly,

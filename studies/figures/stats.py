@@ -1,75 +1,21 @@
-"""Summary statistics the figures share: bootstrap medians of heavy-tailed ranks, Wilson intervals.
+"""Statistics the figures share besides the rank summary: Wilson intervals, the last position.
 
-Ranks span 1 … |V| with a long upper tail, so every rank figure shows the **median** over prompts
-with a percentile-bootstrap 95 % interval (resampling prompts), plus the geometric mean in the
-tables. Bootstraps use a fixed seed so a table is reproducible bit for bit.
+The median rank with its bootstrap interval is ``probes.trajectory.summarize_ranks``: one
+implementation for the figures, the explorer and ``RankTrajectory``.
 
 Example:
     >>> import numpy as np
-    >>> med, lo, hi = bootstrap_median(np.array([1, 2, 3, 4, 100]), seed=0)
-    >>> med, lo <= med <= hi
-    (3.0, True)
+    >>> low, high = wilson_interval(np.array([0, 5]), np.array([10, 10]))
+    >>> float(low[0]), round(float(high[1]), 3)
+    (0.0, 0.763)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pandas as pd
 
-__all__ = ["N_BOOT", "bootstrap_median", "last_position", "summarize_ranks", "wilson_interval"]
-
-N_BOOT = 1000
-LEVEL = 0.95
-
-
-def bootstrap_median(
-    values: np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL, seed: int | np.random.Generator = 0
-) -> tuple[float, float, float]:
-    """``(median, ci_low, ci_high)``: percentile bootstrap over the values (prompts).
-
-    The interval is widened, if ever needed, to contain the sample median (a percentile interval
-    of a discrete statistic can in rare ties miss it by a hair).
-    """
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    med = float(np.median(x))
-    if x.size == 1:
-        return med, med, med
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    boots = np.median(x[rng.integers(0, x.size, size=(n_boot, x.size))], axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
-    return med, float(min(lo, med)), float(max(hi, med))
-
-
-def summarize_ranks(
-    df: pd.DataFrame, keys: Sequence[str], value: str = "rank", seed: int = 0, n_boot: int = N_BOOT
-) -> pd.DataFrame:
-    """Per group of ``keys``: median, bootstrap ci_low/ci_high, geo_mean, top1 share and n."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for key, group in df.groupby(list(keys), sort=True, dropna=False):
-        x = group[value].to_numpy(dtype=float)
-        x = x[np.isfinite(x)]
-        med, lo, hi = bootstrap_median(x, n_boot=n_boot, seed=rng)
-        key = key if isinstance(key, tuple) else (key,)
-        rows.append(
-            {
-                **dict(zip(keys, key, strict=True)),
-                "median": med,
-                "ci_low": lo,
-                "ci_high": hi,
-                "geo_mean": float(np.exp(np.mean(np.log(np.maximum(x, 1.0))))) if x.size else float("nan"),
-                "top1": float(np.mean(x <= 1.0)) if x.size else float("nan"),
-                "n": int(x.size),
-            }
-        )
-    columns = [*keys, "median", "ci_low", "ci_high", "geo_mean", "top1", "n"]
-    return pd.DataFrame(rows, columns=columns)
+__all__ = ["last_position", "wilson_interval"]
 
 
 def wilson_interval(

@@ -1,25 +1,40 @@
 """Shared look of the study figures: colors per lens and target, unrolled-layer axes, rank axes, saving.
 
-One lens keeps one color in every figure (Okabe–Ito palette, readable in grey and by colour-blind
-readers); separators between prelude / iterations / coda are drawn the same way everywhere; rank
-axes are logarithmic with ``1, 10, 100, 1k, …`` labels. PNGs are written with the Agg canvas of a
-bare :class:`matplotlib.figure.Figure` (no pyplot state), HTML with plotly sharing one
-``plotly.min.js`` per folder.
+One lens keeps one color in every figure and in the explorer (``probes.palette``, re-exported here);
+separators between prelude / iterations / coda are drawn the same way everywhere; rank axes are
+logarithmic with ``1, 10, 100, 1k, …`` labels. PNGs are written with the Agg canvas of a bare
+:class:`matplotlib.figure.Figure` (no pyplot state), HTML with plotly sharing one ``plotly.min.js``
+per folder. Every file is written atomically (``probes.store.atomic_write``): a full disk fails the
+write and leaves no partial file behind.
 """
 
 from __future__ import annotations
 
+import io
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib as mpl
+import pandas as pd
 import plotly.graph_objects as go
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from probes.palette import (
+    LENS_COLORS,
+    LENS_LABELS,
+    TARGET_COLORS,
+    TARGET_LABELS,
+    TARGET_ORDER,
+    lens_color,
+    lens_label,
+    lens_order,
+    rgba,
+)
+from probes.store import atomic_write
 from studies.figures.layout import Layout
 
 __all__ = [
@@ -28,10 +43,13 @@ __all__ = [
     "LENS_LABELS",
     "TARGET_COLORS",
     "TARGET_LABELS",
+    "TARGET_DASH",
     "TARGET_ORDER",
     "VALUE_COLORS",
     "decorate_unrolled",
     "decorate_unrolled_plotly",
+    "lens_color",
+    "lens_label",
     "lens_order",
     "marker_size",
     "separator_iterations",
@@ -43,28 +61,13 @@ __all__ = [
     "rgba",
     "save_html",
     "save_png",
+    "save_table",
     "value_color",
+    "write_plotly_bundle",
 ]
 
 DPI = 150
 
-LENS_COLORS: dict[str, str] = {"logit": "#0072B2", "coda": "#D55E00", "tuned": "#009E73"}
-LENS_LABELS: dict[str, str] = {"logit": "Logit Lens", "coda": "Coda Lens", "tuned": "Tuned Lens"}
-_EXTRA_COLORS = ["#CC79A7", "#56B4E9", "#E69F00", "#F0E442", "#000000"]
-
-TARGET_ORDER = ("intermediate", "final", "control", "digit_baseline")
-TARGET_COLORS: dict[str, str] = {
-    "intermediate": "#E69F00",
-    "final": "#222222",
-    "control": "#8C8C8C",
-    "digit_baseline": "#CC79A7",
-}
-TARGET_LABELS: dict[str, str] = {
-    "intermediate": "intermediate result",
-    "final": "final answer",
-    "control": "control token",
-    "digit_baseline": "other digits (baseline)",
-}
 TARGET_DASH: dict[str, tuple[str, str]] = {  # (matplotlib linestyle, plotly dash)
     "intermediate": ("-", "solid"),
     "final": ("-", "solid"),
@@ -100,28 +103,6 @@ _RC = {
     "savefig.dpi": DPI,
     "lines.linewidth": 1.4,
 }
-
-
-def lens_order(lenses: Iterable[str]) -> list[str]:
-    """logit, coda, tuned first (in that order), any other lens after them alphabetically."""
-    known = [k for k in LENS_COLORS if k in set(lenses)]
-    return known + sorted(set(lenses) - set(known))
-
-
-def lens_color(lens: str) -> str:
-    if lens in LENS_COLORS:
-        return LENS_COLORS[lens]
-    return _EXTRA_COLORS[sum(map(ord, lens)) % len(_EXTRA_COLORS)]
-
-
-def lens_label(lens: str) -> str:
-    return LENS_LABELS.get(lens, f"{lens} lens")
-
-
-def rgba(color: str, alpha: float) -> str:
-    """``#RRGGBB`` → ``rgba(r,g,b,alpha)`` for plotly fills."""
-    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r},{g},{b},{alpha})"
 
 
 @contextmanager
@@ -168,10 +149,10 @@ def marker_size(layout: Layout) -> float:
 
 
 def unrolled_xlabel(layout: Layout) -> str:
-    return (
-        f"unrolled layer — P prelude ({layout.prelude}), recurrent iteration t = 1…{layout.steps} "
-        f"({layout.core} core blocks each), C coda ({layout.coda})"
-    )
+    parts = [f"P prelude ({layout.prelude})"] if layout.prelude else []
+    parts.append(f"recurrent iteration t = 1…{layout.steps} ({layout.core} core blocks each)")
+    parts += [f"C coda ({layout.coda})"] if layout.coda else []
+    return "unrolled layer — " + ", ".join(parts)
 
 
 def decorate_unrolled(ax: Axes, layout: Layout, *, xlabel: bool = True, top_index: bool = False) -> None:
@@ -345,16 +326,50 @@ def plotly_layout(fig: go.Figure, title: str, height: int, width: int | None = N
 
 # ---------------------------------------------------------------- saving
 def save_png(fig: MplFigure, path: Path, dpi: int = DPI) -> Path:
+    """The figure as a PNG, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
     with mpl_style():
-        fig.savefig(path, dpi=dpi, facecolor="white")
+        fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+    atomic_write(path, buffer.getvalue())
     return path
 
 
 def save_html(fig: go.Figure, path: Path) -> Path:
-    """Interactive HTML; ``plotly.min.js`` is written once beside it and shared by the folder."""
+    """Interactive HTML; ``plotly.min.js`` is written once beside it and shared by the folder.
+
+    Both files are written atomically; a ``plotly.min.js`` that differs from this plotly's bundle (a
+    partial one from an older writer, another plotly version) is replaced.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(path, include_plotlyjs="directory", full_html=True)
+    write_plotly_bundle(path.parent)
+    html = fig.to_html(include_plotlyjs="directory", full_html=True)
+    atomic_write(path, html.encode("utf-8"))
+    return path
+
+
+def write_plotly_bundle(folder: Path) -> Path:
+    """``folder/plotly.min.js`` as this plotly ships it, (re)written atomically unless already identical."""
+    from plotly.offline import get_plotlyjs
+
+    bundle = Path(folder) / "plotly.min.js"
+    data = get_plotlyjs().encode("utf-8")
+    try:
+        if bundle.stat().st_size == len(data) and bundle.read_bytes() == data:
+            return bundle
+    except OSError:
+        pass
+    atomic_write(bundle, data)
+    return bundle
+
+
+def save_table(table: pd.DataFrame, path: Path) -> Path:
+    """A figure's table as Parquet, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write(path, buffer.getvalue())
     return path

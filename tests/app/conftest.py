@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.runs import corrupt_shard, write_run
+from studies.synthetic import corrupt_shard, write_run
 from tests.conftest import save_arith_model
 
 
@@ -39,6 +39,27 @@ def runs_dir(tmp_path_factory) -> Path:
         seed=1,
         figures=False,
     )
+    return root
+
+
+@pytest.fixture(scope="session")
+def ouro_model_dir(tmp_path_factory) -> Path:
+    """A random Ouro model (2 looped layers, exit gate) with the tiny-arith tokenizer."""
+    return save_arith_model(
+        tmp_path_factory.mktemp("model") / "tiny-ouro", family="ouro", max_position_embeddings=256
+    )
+
+
+@pytest.fixture(scope="session")
+def ouro_runs_dir(tmp_path_factory, ouro_model_dir) -> Path:
+    """A real (small) arithmetic-study run of the Ouro model: no Coda Lens, exit-gate records."""
+    from studies.arithmetic import run_arithmetic_study
+
+    root = tmp_path_factory.mktemp("ouro-runs")
+    run_arithmetic_study(
+        model=str(ouro_model_dir), out=root, name="ouro-small", n=6, steps=3, batch_size=3, depths=(1, 3),
+        depth_n=2, tuned_lens=False,
+    )  # fmt: skip
     return root
 
 

@@ -28,6 +28,7 @@ BROWSER_ARGS = [
 ]
 START_TIMEOUT_S = 60
 PAGE_TIMEOUT_MS = 30_000
+FIRST_PAGE_TIMEOUT_MS = 120_000  # the first page also pays the server's cold start (imports, first queries)
 
 pytestmark = pytest.mark.browser
 
@@ -104,15 +105,15 @@ def browser():
             b.close()
 
 
-def _settle(page, charts: int = 1) -> None:
+def _settle(page, charts: int = 1, timeout_ms: int = PAGE_TIMEOUT_MS) -> None:
     """Wait until the script finished running and at least ``charts`` plotly charts are drawn."""
-    page.wait_for_selector('[data-testid="stApp"]', timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=PAGE_TIMEOUT_MS
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms
     )
     if charts:
         page.wait_for_function(
-            f"() => document.querySelectorAll('.js-plotly-plot').length >= {charts}", timeout=PAGE_TIMEOUT_MS
+            f"() => document.querySelectorAll('.js-plotly-plot').length >= {charts}", timeout=timeout_ms
         )
     page.wait_for_timeout(600)  # let plotly finish layout before the screenshot
 
@@ -157,7 +158,7 @@ def test_every_page_renders(server, browser, tmp_path):
             ("compare", 3, "compare"),
         ]:
             page.goto(f"{server}/{url_path}", wait_until="domcontentloaded")
-            _settle(page, charts)
+            _settle(page, charts, FIRST_PAGE_TIMEOUT_MS if not shots else PAGE_TIMEOUT_MS)
             _assert_clean(page)
             assert page.locator(".js-plotly-plot").count() >= charts
             shots.append(_shot(page, tmp_path, name))

@@ -8,8 +8,9 @@ import pytest
 
 from app import charts, data, live
 from app.settings import parse_settings
+from lens.layout import UnrolledLayout
 from probes.store import CorruptRunError, Run
-from tests.app.runs import write_run
+from studies.synthetic import write_run
 
 
 def test_settings_arguments_then_environment_then_defaults():
@@ -47,6 +48,7 @@ def test_rank_rows_and_hover(small):
     some = data.q_rank_rows(*small, ("coda",), ("final", "control"), (1, 4))
     assert set(some["prompt_id"]) == {1, 4} and set(some["target_kind"]) == {"final", "control"}
     assert data.q_rank_rows(*small, ("coda",), ("final",), ()).empty
+    assert data.q_rank_rows(*small, ("coda') OR TRUE --",), ("final",)).empty  # values are bound, not pasted
     hover = data.q_hover_per_prompt(*small, ("coda",), (0,))
     assert len(hover) == 10 and hover["top"].str.count("<br>").eq(4).all()  # 5 tokens per layer
     agg = data.q_hover_aggregate(*small, ("coda",))
@@ -64,11 +66,26 @@ def test_headline_and_summaries(small):
     assert set(depth["num_steps"]) == {1, 2, 4, 8} and set(depth["n"]) == {10}  # not the probed answers
     assert data.q_verdict_counts(*small)["n"].sum() == 6
     med = data.q_median_trajectories(*small)
-    assert (med["q25"] <= med["median"]).all() and (med["median"] <= med["q75"]).all()
+    assert (med["ci_low"] <= med["median"]).all() and (med["median"] <= med["ci_high"]).all()
     dyn = data.q_dynamics_rows(*small, (0, 1))
     assert set(dyn["prompt_id"]) == {0, 1} and dyn["verdict"].notna().all()
     files = data.figure_files(small[0])
     assert [p.name for p in files["png"]] == ["rank_trajectory.png"]
+
+
+def test_overview_medians_are_the_study_figures_numbers(small):
+    """The explorer's median-with-interval is the study's (one implementation), equal to the last digit."""
+    from studies.figures import rank_trajectory
+    from studies.figures.layout import Layout
+
+    med = data.q_median_trajectories(*small)
+    figure = rank_trajectory.table(
+        {"ranks": Run.open(small[0]).table("ranks")}, Layout(UnrolledLayout(prelude=1, core=2, coda=1), 4)
+    )
+    ours = med[med["target_kind"] == "predicted"].merge(figure, on=["lens", "unrolled_index"])
+    assert len(ours) == len(figure) == 2 * 10
+    for column in ("median", "ci_low", "ci_high"):
+        np.testing.assert_array_equal(ours[f"{column}_x"], ours[f"{column}_y"])
 
 
 def test_cached_queries_follow_the_manifest(tmp_path):
@@ -142,9 +159,35 @@ def test_rank_trajectory_figure():
     assert list(medians[0].y) == list(rows[rows.lens == "logit"].groupby("unrolled_index")["rank"].median())
     thin = fig.data[0]
     assert np.isnan(np.asarray(thin.x, dtype=float)).sum() == 2  # a gap between prompts
-    assert charts.StageLayout.from_rows(rows) == charts.StageLayout(1, 2, 1, 4)
+    assert not fig.layout.shapes  # without the model's layout, no stages are guessed from the rows
+    staged = charts.rank_trajectory(rows, hover, layout=UnrolledLayout(prelude=1, core=2, coda=1).at(4))
+    bands = [s for s in staged.layout.shapes if s.type == "rect"]
+    assert [(b.x0, b.x1) for b in bands] == [(-0.5, 0.5), (8.5, 9.5)]  # prelude and coda shaded
+    assert [a.text for a in staged.layout.annotations] == ["prelude", "core × 4", "coda"]
     single = charts.rank_trajectory(rows[rows.prompt_id == 0], hover)
     assert any("␣7" in h for t in single.data for h in (t.hovertemplate or []) if isinstance(h, str))
+
+
+def test_explorer_and_study_figures_share_lens_and_target_colours_and_order(small):
+    """One set of lens/target colours and one target order (probes.palette), not one per package."""
+    from matplotlib.colors import to_hex
+
+    from probes import palette
+    from studies.figures import rank_trajectory as study_rank_trajectory
+    from studies.figures import style
+    from studies.figures.layout import Layout
+
+    fig = charts.rank_trajectory(_rows(), None)
+    colours = {t.name.split()[0]: t.line.color for t in fig.data if t.mode == "lines+markers"}
+    assert colours == {"logit": palette.LENS_COLORS["logit"], "coda": palette.LENS_COLORS["coda"]}
+    rows = _rows().assign(target_kind="predicted", position=-1)
+    layout = Layout(UnrolledLayout(prelude=1, core=2, coda=1), steps=4)
+    mpl, _ = study_rank_trajectory.draw(study_rank_trajectory.table({"ranks": rows}, layout), layout, "t")
+    drawn = {to_hex(line.get_color()).lower() for ax in mpl.axes for line in ax.get_lines()}
+    assert {palette.LENS_COLORS["logit"].lower(), palette.LENS_COLORS["coda"].lower()} <= drawn
+    assert style.TARGET_ORDER is palette.TARGET_ORDER and style.LENS_COLORS is palette.LENS_COLORS
+    kinds = data.q_choices(*small)["target_kinds"]
+    assert kinds[:4] == ["predicted", "final", "intermediate", "control"]
 
 
 def test_heatmap_layout():
@@ -157,6 +200,22 @@ def test_heatmap_layout():
     assert z.shape == (5, 4)
     assert np.isnan(z[0, 2:]).all() and np.isfinite(z[1:4]).all()  # prelude has 2 blocks, core 4
     assert fig.data[0].colorbar.ticktext[0] == "1"
+    # with the model's layout every iteration is a row, recorded or not
+    layout = UnrolledLayout(prelude=2, core=4, coda=2).at(4)
+    assert charts.heatmap_grid(rows[rows.lens == "coda"], layout)[1] == [
+        "prelude",
+        "t=1",
+        "t=2",
+        "t=3",
+        "t=4",
+        "coda",
+    ]
+    looped = UnrolledLayout(family="ouro", core=2, adapter=False, feedback="latent", norm_after_coda=False)
+    assert charts.heatmap_grid(rows[rows.site.str.startswith("core")], looped.at(3))[1] == [
+        "t=1",
+        "t=2",
+        "t=3",
+    ]
 
 
 def test_lens_grid_and_token_text():
@@ -211,6 +270,8 @@ def test_other_figures_and_empty_inputs():
         charts.lens_grid(None, []),
         charts.accuracy_by_depth(pd.DataFrame()),
         charts.verdict_bar(None),
+        charts.exit_gate_curves(None),
+        charts.exit_gate_heatmap(pd.DataFrame(), []),
     ):
         assert fig.layout.annotations  # a note instead of an error
 
@@ -257,3 +318,28 @@ def test_adaptive_generation(model):
 def test_load_model_errors_are_plain_messages(tmp_path):
     with pytest.raises(FileNotFoundError, match="unknown model"):
         live.load_model(str(tmp_path / "nothing-here"))
+
+
+def test_exit_gate_charts():
+    lam = np.array([[0.6, 0.5, 0.2], [0.1, 0.2, 0.9]])  # two tokens × three iterations
+    import torch
+
+    from lens.exit_gate import exit_distribution
+
+    pdf, cdf = (x.numpy() for x in exit_distribution(torch.tensor(lam)))
+    rows = pd.DataFrame(
+        {
+            "prompt_id": 0,
+            "position": np.repeat([0, 1], 3),
+            "iteration": np.tile([1, 2, 3], 2),
+            "gate_lambda": lam.ravel(),
+            "exit_prob": pdf.ravel(),
+            "exit_cdf": cdf.ravel(),
+        }
+    )
+    heat = charts.exit_gate_heatmap(rows, ["a", "b"])
+    outlined = [(s.x0 + 0.5, s.y0 + 0.5) for s in heat.layout.shapes]
+    assert outlined == [(0, 0), (1, 2)]  # token a exits at t=1 (0.6 >= 0.5); token b only at the last step
+    curves = charts.exit_gate_curves(rows.assign(prompt_id=rows["position"]))
+    bars = [t for t in curves.data if t.type == "bar"]
+    assert np.allclose(bars[0].y, pdf.mean(0))

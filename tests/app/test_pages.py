@@ -255,7 +255,7 @@ def test_corrupt_runs(monkeypatch, corrupt_runs_dir, model_dir):
 
 
 def test_failed_run_shows_its_error(monkeypatch, tmp_path, model_dir):
-    from tests.app.runs import write_run
+    from studies.synthetic import write_run
 
     write_run(tmp_path, "arith-failed", n_prompts=4, status="failed", figures=False)
     at = start(monkeypatch, tmp_path, model_dir)
@@ -283,7 +283,7 @@ def test_answers_only_run(monkeypatch, tmp_path, model_dir):
     import numpy as np
 
     from probes.store import Run
-    from tests.app.runs import _depth_answers
+    from studies.synthetic import _depth_answers
 
     run = Run.create(tmp_path, "eval-only", {"model": {"name": "tiny-arith"}, "settings": {"study": "eval"}})
     run.write_shard("answers", 0, _depth_answers(np.random.default_rng(0), 16))
@@ -295,3 +295,114 @@ def test_answers_only_run(monkeypatch, tmp_path, model_dir):
         goto(at, page)
         assert_clean(at)
         assert "no rank records" in " ".join(i.value for i in at.info) or page == "dynamics"
+
+
+# ------------------------------------------------------------------------------------------ other families
+
+
+def test_every_page_on_an_ouro_run_and_model(monkeypatch, ouro_runs_dir, ouro_model_dir):
+    """The explorer reads an Ouro run (layout from its manifest, no Coda Lens, an exit gate) and probes an
+    Ouro model live: every page clean, the exit gate drawn."""
+    at = start(monkeypatch, ouro_runs_dir, ouro_model_dir)
+    assert_clean(at)
+    assert "ouro: looped stack of 2 × T · exit gate" in texts(at)
+    assert "Exit gate" in [s.value for s in at.subheader]
+    labels = {m.label for m in at.metric}
+    assert any(label.startswith("logit lens") for label in labels)
+    assert not any(label.startswith("coda lens") for label in labels)
+    for page in ["trajectories", "dynamics", "compare"]:
+        goto(at, page)
+        assert_clean(at)
+        assert charts(at) >= 2, page
+    goto(at, "trajectories")
+    assert at.pills(key="traj_lenses").options == ["logit"]
+    goto(at, "live_probe")
+    assert at.multiselect(key="live_lenses").options == ["logit"]
+    probe(at)
+    assert_clean(at)
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("P(exited)" in s for s in specs)  # the exit-gate map of the live prompt
+    assert "gate" in at.selectbox(key="live_gen_crit").options
+    at.selectbox(key="live_gen_crit").set_value("gate")
+    next(b for b in at.button if b.label == "Generate").click().run()
+    assert_clean(at)
+    goto(at, "lens_grid")
+    probe(at)
+    assert_clean(at)
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["yaxis"]["ticktext"] == ["core.0 · t=4", "core.1 · t=4", "latent · t=4", "final"]
+
+
+def test_live_probe_on_a_retrofit_model(monkeypatch, runs_dir, tmp_path):
+    from tests.conftest import save_arith_model
+
+    model = save_arith_model(tmp_path / "tiny-retrofit", family="retrofit", block_size=256)
+    at = goto(start(monkeypatch, runs_dir, model), "live_probe")
+    assert "retrofit" in texts(at)
+    assert at.multiselect(key="live_lenses").options == ["logit", "coda"]
+    probe(at)
+    assert_clean(at)
+    assert charts(at) >= 7
+    assert "gate" not in at.selectbox(key="live_gen_crit").options
+
+
+# ------------------------------------------------------------------------------------------ damaged runs
+
+
+def _damage(path: Path, change) -> None:
+    doc = json.loads((path / "manifest.json").read_text())
+    change(doc)
+    (path / "manifest.json").write_text(json.dumps(doc))
+
+
+def test_damaged_runs_are_shown_as_damaged_and_the_rest_stay_usable(monkeypatch, tmp_path, model_dir):
+    from studies.synthetic import write_run
+
+    good = write_run(tmp_path, "arith-good", n_prompts=4)
+    (good / "figures" / "notes.png").write_text("not an image")  # a non-image PNG beside a real one
+    pwned = tmp_path / "pwned.csv"
+    damages = {
+        "bad-rows": lambda d: d["shards"]["ranks"]["shard-00000"].update(rows="abc"),
+        "bad-model": lambda d: d.update(model=["tiny-arith"]),
+        "bad-shards": lambda d: d["shards"].update(ranks=[1, 2]),
+        "bad-sql": lambda d: d["shards"].update(
+            {f"ranks\" AS SELECT 1; COPY (SELECT 42) TO '{pwned}'; CREATE VIEW \"z": d["shards"]["ranks"]}
+        ),
+        "bad-path": lambda d: d["shards"].update(ranks={"../../x": d["shards"]["ranks"]["shard-00000"]}),
+    }
+    for name, change in damages.items():
+        _damage(write_run(tmp_path, name, n_prompts=2, figures=False), change)
+
+    at = start(monkeypatch, tmp_path, model_dir)
+    picker = at.sidebar.selectbox(key="run")
+    assert picker.value == "arith-good" and set(picker.options) >= {f"✗ {n}" for n in damages}
+    for page in ["overview", "trajectories", "dynamics", "compare"]:
+        goto(at, page)
+        assert_clean(at)
+        assert charts(at) >= 1, page
+    goto(at, "overview")
+    assert at.image and "figures/notes.png" in texts(at)  # named, the real figure still shown
+    for name in damages:
+        at.sidebar.selectbox(key="run").set_value(name).run()
+        for page in ["overview", "trajectories"]:
+            goto(at, page)
+            assert not at.exception, (name, page)
+            assert "damaged" in at.error[0].value and "manifest.json" in at.error[0].value, (name, page)
+    assert not pwned.exists()
+
+
+def test_runs_with_the_same_manifest_name_open_their_own_folder(monkeypatch, tmp_path, model_dir):
+    """A copied run folder keeps its original's manifest name; each folder still opens itself."""
+    from studies.synthetic import write_run
+
+    write_run(tmp_path, "arith-a", n_prompts=6)
+    b = write_run(tmp_path, "arith-b", n_prompts=4)
+    _damage(b, lambda d: d.update(name="arith-a"))  # as after `cp -r runs/arith-a runs/arith-b` and a rerun
+    at = start(monkeypatch, tmp_path, model_dir)
+    prompts = {}
+    for folder in ("arith-a", "arith-b"):
+        at.sidebar.selectbox(key="run").set_value(folder).run()
+        assert_clean(at)
+        assert folder in [s.value for s in at.subheader]
+        prompts[folder] = {m.label: m.value for m in at.metric}["prompts probed"]
+    assert prompts == {"arith-a": "6", "arith-b": "4"}

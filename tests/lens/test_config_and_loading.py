@@ -158,3 +158,51 @@ def test_load_in_bfloat16_agrees_with_float32(tmp_path):
         b = bf16(ids, 4, "zeros").logits.softmax(-1)
     assert (a - b).abs().max() < 0.05
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+def test_nan_weights_are_refused_at_load(tmp_path):
+    """Issue #11.10: a NaN weight would make every lens report rank 1; loading refuses it, naming the tensor."""
+    _, path = _saved_model(tmp_path)
+    state = load_file(str(path / "model.safetensors"))
+    state["transformer.core_block.0.mlp.fc.weight"][3, 5] = float("nan")
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"core_block\.0\.mlp\.fc\.weight.*NaN"):
+        lens.load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("rope_base", float("nan")), ("norm_eps", -1e-6), ("rope_base", 0.0), ("norm_eps", float("inf"))],
+)
+def test_non_finite_or_out_of_range_config_values_are_refused(tmp_path, field, value):
+    _, path = _saved_model(tmp_path)
+    data = json.loads((path / "config.json").read_text())
+    data[field] = value
+    (path / "config.json").write_text(json.dumps(data))  # json writes NaN / Infinity literals
+    with pytest.raises(lens.ConfigError, match=field):
+        lens.load_model(path)
+
+
+def test_non_utf8_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"n_embd": "\xff"}')
+    with pytest.raises(lens.ConfigError, match="config.json"):
+        lens.RecurrentDepthConfig.from_json(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["../../x.safetensors", "/etc/passwd", "sub/../../x", "..", "", 7])
+def test_index_shards_outside_the_checkpoint_are_refused(tmp_path, shard):
+    """A weight_map entry is a file name beside the index, never a path that leaves the checkpoint."""
+    _, path = _saved_model(tmp_path)
+    outside = tmp_path / "x.safetensors"
+    shutil.copy(path / "model.safetensors", outside)  # a readable file is waiting outside
+    state = load_file(str(path / "model.safetensors"))
+    sharded = tmp_path / "ckpt" / "inner"
+    sharded.mkdir()
+    shutil.copy(path / "config.json", sharded / "config.json")
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: shard for k in state}})
+    )
+    with pytest.raises(CheckpointError, match="not a file name in the checkpoint directory"):
+        lens.load_model(sharded)
+    with pytest.raises(CheckpointError, match="not a file name"):
+        lens.loading.weights_fingerprint(sharded)

@@ -59,3 +59,38 @@ def test_stop_token_ends_sequence(small_model):
     res = small_model.generate([[1, 2, 3]], 10, 3, init_state="zeros", stop_token_ids=[first])
     assert res.tokens == [[first]]
     assert isinstance(lens.RecurrentDepthLM, type)
+
+
+def test_texts_strip_special_tokens_and_ids_keep_them(tmp_path):
+    """Issue #11.4: the end-of-text token stays in ``tokens`` but never shows in ``texts``."""
+    from tests.conftest import save_arith_model
+
+    model = lens.load_model(save_arith_model(tmp_path / "m"))
+    eos = model.config.eos_token_id
+    prompt = model.tokenizer.encode("Question: What is 2 plus 3?\nAnswer:")
+    digit = model.tokenizer.encode(" 7")[0]
+    head = model.head
+
+    def head_prefers(x):  # " 7" first, then end-of-text
+        out = head(x)
+        out[..., digit] = 1e4 if not preferred else -1e4
+        out[..., eos] = 1e4 if preferred else -1e4
+        preferred.append(True)
+        return out
+
+    preferred: list[bool] = []
+    model.head = head_prefers
+    res = model.generate([prompt], 4, 2, init_state="zeros")
+    assert res.tokens == [[digit, eos]] and res.stopped == ["eos"]
+    assert res.texts == [" 7"]
+
+
+def test_generation_at_the_context_limit_keeps_what_was_generated(small_model):
+    """Issue #11.12: reaching the context returns the tokens so far, ``stopped == "context"``."""
+    block = small_model.config.block_size
+    prompt = list(range(1, block - 2))  # room for 3 more positions: 4 tokens can be generated
+    res = small_model.generate([prompt], 10, 2, init_state="zeros")
+    assert res.stopped == ["context"]
+    assert len(res.tokens[0]) == block - len(prompt) + 1
+    fresh = small_model.generate([prompt], 2, 2, init_state="zeros")
+    assert res.tokens[0][:2] == fresh.tokens[0] and fresh.stopped == ["max_new_tokens"]

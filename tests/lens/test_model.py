@@ -208,3 +208,51 @@ def test_streaming_64_iterations_costs_about_two_iterations_of_memory():
     kept = _peak_growth(64, "keep")
     assert streamed <= 2 * iteration
     assert kept >= 64 * 3 * state  # every kept state is resident: the measurement sees them
+
+
+def test_transformer_lens_conventions(small_model):
+    """Issue #11.21: hooks are called as ``fn(act, hook=...)``; ``run_with_cache`` stacks looped hook points."""
+    ids = torch.randint(0, 97, (2, 5))
+    fired = []
+
+    def keyword_only(act, *, hook):
+        fired.append(hook.iteration)
+
+    with torch.no_grad():
+        small_model.run_with_hooks(
+            ids, 3, "zeros", fwd_hooks=[("transformer.core_block.0.hook_resid_post", keyword_only)]
+        )
+        logits, cache = small_model.run_with_cache(
+            ids, num_steps=3, init_state="zeros", names_filter=lambda n: n.endswith("hook_resid_post")
+        )
+        out = small_model(ids, 3, "zeros", return_trace=True)
+    assert fired == [1, 2, 3]
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=0)
+    assert torch.equal(cache["transformer.core_block.1.hook_resid_post"], out.trace["core.1"])  # [T, B, S, d]
+    assert torch.equal(cache["transformer.prelude.0.hook_resid_post"], out.trace["prelude.0"][0])
+    assert "hook_adapter" not in cache
+    with pytest.raises(KeyError, match="was not cached"):
+        cache["hook_adapter"]
+    with pytest.raises(KeyError, match="no hook point"):
+        small_model.run_with_cache(ids, num_steps=1, names_filter="hook_nowhere")
+
+
+def test_unclear_inputs_get_one_clear_error(small_model):
+    """Issue #11.14 and #11.18: a bounded num_steps, an empty batch, an init_state that does not fit."""
+    ids = torch.randint(0, 97, (2, 5))
+    with pytest.raises(lens.InputError, match="limit of 1024 iterations.*max_num_steps"):
+        small_model(ids, num_steps=1_000_000)
+    with pytest.raises(lens.InputError, match="limit"):
+        small_model(ids, num_steps=(1000, 1000))
+    small_model.max_num_steps = 2000  # the documented override
+    try:
+        with pytest.raises(lens.InputError, match="limit of 2000"):
+            small_model(ids, num_steps=2001)
+    finally:
+        del small_model.max_num_steps
+    with pytest.raises(lens.InputError, match="batch is empty"):
+        small_model(torch.zeros(0, 5, dtype=torch.long), num_steps=1)
+    with pytest.raises(lens.InputError, match=r"init_state of shape \(3, 5, 64\) does not fit"):
+        small_model(ids, num_steps=1, init_state=torch.zeros(3, 5, 64))
+    out = small_model(ids, num_steps=1, init_state=torch.zeros(1, 1, 64))  # broadcasts: fine
+    assert out.logits.shape == (2, 5, 97)

@@ -92,3 +92,22 @@ def test_collect_at_positions_reads_each_prompt_at_its_own_positions(model):
                 assert np.allclose(feats[name][("core.1", t)][i], expected, atol=1e-5), (name, i, t)
     with pytest.raises(ValueError, match="has no position"):
         collect_at_positions(model, prompts, {"x": [5, 0, 0, 0]}, 2)
+
+
+def test_nan_states_or_logits_are_an_error_never_rank_one():
+    """Issue #11.10: NaN compares false, so a NaN logit would read as rank 1; the statistics refuse it."""
+    import lens
+    from probes.statistics import token_statistics
+
+    torch.manual_seed(0)
+    model = lens.RecurrentDepthLM(small_config()).eval()
+    h = torch.randn(5, 64)
+    targets = torch.zeros(5, 1, dtype=torch.long)
+    bad_h = h.clone()
+    bad_h[2, 3] = float("nan")
+    with pytest.raises(lens.InputError, match="1 of 5 hidden states"):
+        token_statistics(model, bad_h, targets=targets)
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("nan")
+    with pytest.raises(lens.InputError, match="NaN/Inf logits"):
+        token_statistics(model, h, targets=targets)

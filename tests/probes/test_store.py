@@ -55,7 +55,17 @@ def rank_rows(batch: int, prompts: int = 2, layers: int = 3) -> list[dict]:
 
 
 def test_schemas_name_the_tables_and_nullable_columns():
-    assert set(SCHEMAS) == {"ranks", "topk", "answers", "dynamics", "prompts", "verdicts", "linear_probes"}
+    assert set(SCHEMAS) == {
+        "ranks",
+        "topk",
+        "answers",
+        "dynamics",
+        "prompts",
+        "verdicts",
+        "exit_gate",
+        "prompt_meta",
+        "linear_probes",
+    }
     nullable = {name: sorted(f.name for f in s if f.nullable) for name, s in SCHEMAS.items()}
     assert nullable == {
         "ranks": ["kl_to_final"],
@@ -65,6 +75,8 @@ def test_schemas_name_the_tables_and_nullable_columns():
         "prompts": ["intermediate"],
         "verdicts": [],
         "linear_probes": [],
+        "exit_gate": [],
+        "prompt_meta": ["error", "metadata", "steps_used", "targets"],
     }
     assert SCHEMAS["topk"].field("k").type == pa.int8()
     assert SCHEMAS["ranks"].field("position").type == pa.int32()
@@ -331,6 +343,7 @@ def test_list_runs_and_status(tmp_path):
                 {
                     "prompt_id": 0,
                     "task": "add",
+                    "purpose": "eval",
                     "num_steps": 8,
                     "prompt": "1+1=",
                     "expected": "2",
@@ -398,3 +411,218 @@ def test_rank_trajectory_bootstrap_ci_is_narrow_for_constant_ranks():
     low, high = traj.bootstrap_ci()
     np.testing.assert_array_equal(low, [40, 4, 1])
     np.testing.assert_array_equal(high, [40, 4, 1])
+
+
+# --------------------------------------------------------------------------------------------- hostile runs
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "key"),
+    [
+        ("prompt_template", {"format": "Q: {q}\nA:"}, "prompt_template.format"),
+        ("config", {"mean_recurrence": 8}, "config.mean_recurrence"),
+        ("model", {**MANIFEST["model"], "weights": "0123abcd"}, "model.weights"),
+        ("targets", {"control": "the"}, "targets"),
+    ],
+)
+def test_resume_compares_every_entry_of_the_manifest(tmp_path, section, value, key):
+    """Not only model and settings: a template, config or any other entry that differs is refused."""
+    Run.create(tmp_path, "r", MANIFEST).write_shard("ranks", 0, rank_rows(0))
+    with pytest.raises(RunMismatchError) as info:
+        Run.create(tmp_path, "r", {**MANIFEST, section: value}, resume=True)
+    assert info.value.keys == [key] and key in str(info.value)
+    assert Run.open(tmp_path / "r").manifest["prompt_template"] == MANIFEST["prompt_template"]
+
+
+class _SpyConnection:
+    """A DuckDB connection that records every SQL text it is given."""
+
+    def __init__(self, con, log: list[str]) -> None:
+        self._con, self._log = con, log
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._con.close()
+
+    def execute(self, sql, *args, **kwargs):
+        self._log.append(sql)
+        return self._con.execute(sql, *args, **kwargs)
+
+    def sql(self, sql, *args, **kwargs):
+        self._log.append(sql)
+        return self._con.sql(sql, *args, **kwargs)
+
+    query = sql
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+
+@pytest.fixture
+def sql_log(monkeypatch) -> list[str]:
+    import duckdb
+
+    log: list[str] = []
+    real = duckdb.connect
+    monkeypatch.setattr("probes.store.duckdb.connect", lambda *a, **k: _SpyConnection(real(*a, **k), log))
+    return log
+
+
+def _prompt_rows() -> list[dict]:
+    return [{"prompt_id": 0, "task": "add", "context": "1+1", "completion": "2", "prompt_text": "1+1="}]
+
+
+def test_crafted_table_name_runs_no_sql_and_writes_no_file(tmp_path, sql_log):
+    """A table name in the manifest that closes the view's quotes and appends a COPY statement."""
+    run = Run.create(tmp_path, "r", MANIFEST)
+    run.write_shard("prompts", 0, _prompt_rows())
+    assert run.query("SELECT count(*) AS n FROM prompts")["n"].item() == 1
+    assert sql_log == ["SELECT count(*) AS n FROM prompts"]  # the views are not SQL text
+    sql_log.clear()
+
+    pwned = tmp_path / "pwned.csv"
+    doc = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    evil = f"ranks\" AS SELECT 1; COPY (SELECT 42 AS x) TO '{pwned}'; CREATE VIEW \"z"
+    doc["shards"][evil] = {"shard-00000": doc["shards"]["prompts"]["shard-00000"]}
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptRunError, match="unknown table"):
+        Run.open(tmp_path / "r").query("SELECT count(*) AS n FROM prompts")
+    [info] = list_runs(tmp_path)
+    assert info.status == "corrupt" and "unknown table" in info.error
+    assert sql_log == [] and not pwned.exists()
+
+
+@pytest.mark.parametrize(
+    "shard_id", ["../../x", "/etc/passwd", "shard-00000/../../../x", "..", "shard-0.tmp"]
+)
+def test_shard_ids_that_leave_the_run_are_refused(tmp_path, shard_id):
+    run = Run.create(tmp_path / "runs", "r", MANIFEST)
+    run.write_shard("prompts", 0, _prompt_rows())
+    outside = tmp_path / "x"
+    outside.write_bytes((tmp_path / "runs" / "r" / "prompts" / "shard-00000.parquet").read_bytes())
+    doc = json.loads((tmp_path / "runs" / "r" / "manifest.json").read_text())
+    doc["shards"]["prompts"] = {shard_id: doc["shards"]["prompts"]["shard-00000"]}
+    (tmp_path / "runs" / "r" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptRunError, match="shard id"):
+        Run.open(tmp_path / "runs" / "r")
+    assert list_runs(tmp_path / "runs")[0].status == "corrupt"
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda d: d["shards"]["ranks"]["shard-00000"].update(rows="abc"), "rows of ranks/shard-00000"),
+        (lambda d: d["shards"].update(ranks=[1, 2]), "shards of 'ranks' must be an object"),
+        (lambda d: d.update(model=["tiny-arith"]), "'model' must be an object"),
+        (lambda d: d.update(settings="fast"), "'settings' must be an object"),
+        (lambda d: d.update(status=7), "status 7"),
+        (lambda d: d.update(name="../other"), "run name"),
+        (lambda d: d["shards"]["ranks"]["shard-00000"].update(sha256="../x"), "sha256"),
+        (lambda d: d.update(history={"a": 1}), "'history' must be a list"),
+    ],
+)
+def test_damaged_manifest_fields_make_the_run_corrupt_not_the_listing(tmp_path, damage, words):
+    Run.create(tmp_path, "a-good", MANIFEST).write_shard("ranks", 0, rank_rows(0))
+    Run.create(tmp_path, "b-bad", MANIFEST).write_shard("ranks", 0, rank_rows(0))
+    doc = json.loads((tmp_path / "b-bad" / "manifest.json").read_text())
+    damage(doc)
+    (tmp_path / "b-bad" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptRunError, match=words.replace("(", r"\(")):
+        Run.open(tmp_path / "b-bad")
+    good, bad = list_runs(tmp_path)
+    assert (good.name, good.status, good.rows) == ("a-good", "running", {"ranks": 6})
+    assert (bad.name, bad.status) == ("b-bad", "corrupt") and words in bad.error
+
+
+def test_runs_are_named_by_their_folder(tmp_path):
+    """A copied run keeps the original's manifest name; listing by folder keeps the two apart."""
+    import shutil
+
+    Run.create(tmp_path, "r", MANIFEST).write_shard("ranks", 0, rank_rows(0))
+    shutil.copytree(tmp_path / "r", tmp_path / "r-copy")
+    infos = list_runs(tmp_path)
+    assert [(i.name, i.path.name, i.manifest_name) for i in infos] == [
+        ("r", "r", "r"),
+        ("r-copy", "r-copy", "r"),
+    ]
+
+
+def test_atomic_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    from probes.store import atomic_write
+
+    target = tmp_path / "table.bin"
+    atomic_write(target, b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("probes.store.os.fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, b"new and longer")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["table.bin"]
+
+
+# --------------------------------------------------------------------------------------------- rank summary
+
+
+def _naive_median_interval(values, n_boot, level, seed):
+    """The definition spelled out: resample positions of the sorted finite values, median per resample."""
+    x = np.sort(np.asarray(values, dtype=float)[np.isfinite(values)])
+    med = float(np.median(x))
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    boots = np.median(x[idx], axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return med, min(lo, med), max(hi, med)
+
+
+def test_median_interval_is_the_naive_bootstrap_and_contains_the_median():
+    from probes.trajectory import median_interval
+
+    rng = np.random.default_rng(1)
+    samples = [np.exp(rng.normal(3, 2, size=n)).round() + 1 for n in (2, 3, 10, 67, 10, 101)]
+    samples.append(np.array([4.0, np.nan, 9.0, np.inf, 1.0]))  # missing cells are ignored
+    med, lo, hi = median_interval(samples, n_boot=400, level=0.9, seed=3)
+    for i, x in enumerate(samples):
+        expected = _naive_median_interval(x, 400, 0.9, 3)
+        np.testing.assert_allclose([med[i], lo[i], hi[i]], expected, rtol=0, atol=1e-12)
+        finite = x[np.isfinite(x)]
+        assert finite.min() <= lo[i] <= med[i] <= hi[i] <= finite.max()
+    med, lo, hi = median_interval([np.array([7.0]), np.array([np.nan])])
+    assert med[0] == lo[0] == hi[0] == 7.0 and np.isnan([med[1], lo[1], hi[1]]).all()
+
+
+def test_summarize_ranks_groups_do_not_depend_on_each_other():
+    """The explorer summarises a selection, the study everything: a group's numbers are the same."""
+    from probes.trajectory import summarize_ranks
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "lens": np.repeat(["logit", "coda"], 60),
+            "unrolled_index": np.tile(np.repeat([0, 1, 2], 20), 2),
+            "rank": rng.integers(1, 500, size=120),
+        }
+    )
+    everything = summarize_ranks(frame, ["lens", "unrolled_index"])
+    assert everything.columns.tolist() == [
+        "lens",
+        "unrolled_index",
+        "median",
+        "ci_low",
+        "ci_high",
+        "geo_mean",
+        "top1",
+        "n",
+    ]
+    assert everything["lens"].tolist() == ["coda"] * 3 + ["logit"] * 3 and (everything["n"] == 20).all()
+    alone = summarize_ranks(frame[frame["lens"] == "logit"], ["lens", "unrolled_index"])
+    pd.testing.assert_frame_equal(everything.iloc[3:].reset_index(drop=True), alone)
+    group = frame[(frame["lens"] == "coda") & (frame["unrolled_index"] == 1)]["rank"]
+    row = everything.iloc[1]
+    assert row["median"] == np.median(group) and row["top1"] == np.mean(group == 1)
+    np.testing.assert_allclose(row["geo_mean"], np.exp(np.log(group).mean()))
+    assert summarize_ranks(frame.iloc[:0], ["lens"]).columns.tolist()[0] == "lens"

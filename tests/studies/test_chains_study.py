@@ -43,8 +43,8 @@ def test_tables(run):
     last_value = three[three["target_kind"] == "value_3"].reset_index(drop=True)
     assert final["token_id"].equals(last_value["token_id"])  # the final answer is the chain's last value
     answers = run.table("answers")
-    assert len(answers[answers["prompt_id"] < 1_000_000]) == 12
-    assert set(answers.loc[answers["prompt_id"] >= 1_000_000, "num_steps"]) == {1, 2}
+    assert len(answers[answers["purpose"] == "probe"]) == 12
+    assert set(answers.loc[answers["purpose"] == "depth", "num_steps"]) == {1, 2}
     probes_ = run.table("linear_probes")
     assert set(probes_["anchor"]) == {"statement", "last"}
     assert set(probes_.loc[probes_["task"] == "chains_3hop", "target"]) == {f"value_{k}" for k in range(4)}

@@ -106,3 +106,24 @@ def test_eval_run_refuses_to_resume_with_other_weights(checkpoint, tmp_path):
     other.rename(checkpoint)  # same name, same architecture, other weights
     with pytest.raises(RunMismatchError, match="model.weights"):
         run_evaluation(str(checkpoint), [1], n=2, out=tmp_path / "runs")
+
+
+def test_answers_never_show_special_tokens(checkpoint):
+    """Issue #11.4: an answer ended by end-of-text is stored as the text alone."""
+    from studies.evaluation import evaluate_answers
+
+    model = lens.load_model(checkpoint)
+    eos, digit = model.tokenizer.eos_token_id, model.tokenizer.encode(" 7")[0]
+    head, calls = model.head, []
+
+    def answer_then_stop(x):
+        out = head(x)
+        out[..., digit if not calls else eos] = 1e4
+        calls.append(1)
+        return out
+
+    model.head = answer_then_stop
+    problem = arithmetic.composite(2, "*", 3, "+", 1)
+    prompt = model.tokenizer.encode(problem.context)
+    answers = evaluate_answers(model, [problem], [prompt], num_steps=2)
+    assert answers["generated"].tolist() == [" 7"] and answers["correct"].tolist() == [True]

@@ -5,15 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from lens.exit_gate import exit_distribution
+from lens.layout import UnrolledLayout
 from studies.figures import FIGURES, Layout, pick_block, render_all
 from studies.figures import depth_scaling as ds
+from studies.figures import exit_gate as eg
 from studies.figures import intermediate_vs_final as ivf
 from studies.figures import latent_dynamics as dyn
 from studies.figures import numeric_prefix as npx
 from studies.figures import rank_trajectory as rt
 from studies.figures import reference_overlay as ro
-from studies.figures.stats import bootstrap_median, last_position
+from studies.figures.stats import last_position
 from studies.reference_data import (
     FILTERED_ID_OFFSET,
     HUGINN_LAYOUT,
@@ -22,7 +26,7 @@ from studies.reference_data import (
     load_reference_topk,
 )
 
-LAYOUT = Layout(prelude=1, core=2, coda=1, steps=4)
+LAYOUT = Layout(UnrolledLayout(prelude=1, core=2, coda=1), steps=4)
 N_PROMPTS = 16
 LENSES = ("logit", "coda", "tuned")
 WRONG_RANK = 99_999  # every rank of an incorrectly answered problem, so any leak shows
@@ -163,6 +167,19 @@ def synthetic_tables(
         ]
     )
     depth["accuracy"] = depth["correct"] / depth["n"]
+    lam = torch.tensor(rng.uniform(0.05, 0.95, size=(n_prompts, layout.steps)))
+    pdf, cdf = exit_distribution(lam)
+    gate = pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.arange(n_prompts), layout.steps),
+            "position": -1,
+            "iteration": np.tile(np.arange(1, layout.steps + 1), n_prompts),
+            "num_steps": layout.steps,
+            "gate_lambda": lam.numpy().ravel(),
+            "exit_prob": pdf.numpy().ravel(),
+            "exit_cdf": cdf.numpy().ravel(),
+        }
+    )
     return {
         "ranks": ranks,
         "topk": topk,
@@ -170,6 +187,7 @@ def synthetic_tables(
         "dynamics": pd.DataFrame(dyn_rows),
         "verdicts": pd.DataFrame(verdicts),
         "depth": depth,
+        "exit_gate": gate,
     }
 
 
@@ -187,19 +205,24 @@ def test_layout_round_trip():
     assert HUGINN_LAYOUT.locate(65) == ("core", 16, 3)
 
 
-def test_layout_infer(tables):
-    assert Layout.infer(tables["ranks"]) == LAYOUT
-    assert Layout.infer(load_reference_ranks()) == HUGINN_LAYOUT
-
-
-def test_bootstrap_interval_contains_median():
-    rng = np.random.default_rng(1)
-    for n in (1, 2, 3, 10, 67):
-        x = np.exp(rng.normal(3, 2, size=n)).round() + 1
-        med, lo, hi = bootstrap_median(x, seed=2)
-        assert lo <= med <= hi
-        assert x.min() <= lo and hi <= x.max()
-        assert med == np.median(x)
+def test_layout_comes_from_the_manifest(tables):
+    manifest = {"model": {"layout": LAYOUT.layout.to_dict()}, "settings": {"steps": 4}}
+    assert Layout.from_manifest(manifest) == LAYOUT
+    legacy = {"model": {"layout": {"prelude": 1, "core": 2, "coda": 1}}, "settings": {"steps": 4}}
+    assert Layout.from_manifest(legacy) == LAYOUT  # runs from before families were Huginn's
+    # the rows agree with the layout they were written under
+    blocks = tables["ranks"].query("unrolled_index >= 0").drop_duplicates("unrolled_index")
+    expected = LAYOUT.frame().set_index("unrolled_index")
+    for row in blocks.itertuples():
+        site, iteration = (
+            expected.at[row.unrolled_index, "site"],
+            expected.at[row.unrolled_index, "iteration"],
+        )
+        assert (row.site, row.iteration) == (site, iteration)
+    ref = load_reference_ranks().query("unrolled_index >= 0")
+    assert ref["unrolled_index"].max() == HUGINN_LAYOUT.n_unrolled - 1
+    with pytest.raises(ValueError, match="no model layout"):
+        Layout.from_manifest({"model": {}, "settings": {"steps": 4}})
 
 
 def test_last_position_keeps_the_last_token():
@@ -432,6 +455,18 @@ def test_render_all_writes_every_figure(tables, tmp_path):
         assert len(pd.read_parquet(info["table"]))
     assert (tmp_path / "plotly.min.js").is_file()  # shared by every HTML file
     assert "plotly.min.js" in (tmp_path / "rank_trajectory.html").read_text()
+
+
+def test_exit_gate_table(tables):
+    tab = eg.table(tables, LAYOUT)
+    assert tab["iteration"].tolist() == [1, 2, 3, 4] and (tab["n"] == N_PROMPTS).all()
+    assert abs(tab["exit_prob_mean"].sum() - 1) < 1e-6 and abs(tab["threshold_exit_share"].sum() - 1) < 1e-9
+    gate = tables["exit_gate"]
+    first = gate[gate["exit_cdf"] >= 0.5].groupby("prompt_id")["iteration"].min()
+    assert tab.set_index("iteration")["threshold_exit_share"][1] == (first == 1).mean()
+    assert (tab["cdf_median"].diff().dropna() >= 0).all()  # cumulative
+    h = eg.headline(tab, LAYOUT)
+    assert 1 <= h["expected_exit_step"] <= 4
 
 
 def test_render_all_skips_figures_without_inputs(tables, tmp_path):

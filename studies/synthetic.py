@@ -1,4 +1,4 @@
-"""Realistic synthetic runs for the explorer's tests and benchmark, written through ``probes.store.Run``.
+"""Realistic synthetic runs, written through ``probes.store.Run``: the explorer's tests and benchmark use them.
 
 The tables follow ``probes.records`` exactly as the arithmetic study writes them (last position
 only, block outputs plus ``latent``/``final`` rows off the unrolled axis, top-5 tokens, answers
@@ -372,6 +372,7 @@ def _batch_tables(rng, probs, ids, texts, vocab, prelude, core, coda, steps, len
             {
                 "prompt_id": pid,
                 "task": "arithmetic_1dc",
+                "purpose": "probe",
                 "num_steps": steps,
                 "prompt": texts[pid],
                 "expected": f" {p.answer}",
@@ -398,8 +399,10 @@ def _depth_answers(rng: np.random.Generator, steps: int) -> pd.DataFrame:
             for i in range(10):
                 rows.append(
                     {
-                        "prompt_id": 1_000_000 * depth + i + (500 if task != "arithmetic_1dc" else 0),
+                        # ids overlap the probed prompts' on purpose: readers go by the purpose column
+                        "prompt_id": i,
                         "task": task,
+                        "purpose": "depth",
                         "num_steps": depth,
                         "prompt": "Question: …\nAnswer:",
                         "expected": " 1",

@@ -32,6 +32,7 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
+from probes.trajectory import summarize_ranks
 from studies.figures.base import (
     RANK_COLUMNS,
     FigureSpec,
@@ -42,7 +43,6 @@ from studies.figures.base import (
     to_builtin,
 )
 from studies.figures.layout import Layout
-from studies.figures.stats import summarize_ranks
 from studies.figures.style import (
     TARGET_COLORS,
     TARGET_DASH,

@@ -368,8 +368,8 @@ def evaluate(
     n: Annotated[
         int | None,
         typer.Option(
-            help="problems per task, every task (default: 400, and the whole held-out split of 1,870 for "
-            "arithmetic_1dc, as the tiny-arith card)"
+            help="problems per task, every task (default: the card's counts: 400 per arithmetic task and "
+            "the whole held-out split of 1,870 for arithmetic_1dc; 300 per chains task)"
         ),
     ] = None,
     tasks: Annotated[

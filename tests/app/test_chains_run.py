@@ -1,4 +1,5 @@
-"""The explorer, unchanged, on a chains study run (targets value_0 … value_k, a linear_probes table)."""
+"""The explorer, unchanged, on a chains study run of tiny-chains (targets value_0 … value_k, a linear_probes
+table; the live probe on the same model)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ pytest.importorskip("streamlit")
 
 from studies.chains import run_chains_study  # noqa: E402
 from tests.app.test_pages import assert_clean, charts, goto, start, texts  # noqa: E402
+from tests.conftest import tiny_chains_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def chains_runs(tmp_path_factory, model_dir):
+def chains_model(tmp_path_factory):
+    return tiny_chains_model(tmp_path_factory.mktemp("model") / "tiny-chains")
+
+
+@pytest.fixture(scope="module")
+def chains_runs(tmp_path_factory, chains_model):
     root = tmp_path_factory.mktemp("chains-runs")
     run_chains_study(
-        model=str(model_dir),
+        model=chains_model,
         n=5,
         probe_n=40,
         depth_n=3,
@@ -29,8 +36,8 @@ def chains_runs(tmp_path_factory, model_dir):
     return root
 
 
-def test_every_page_reads_a_chains_run(monkeypatch, chains_runs, model_dir):
-    at = start(monkeypatch, chains_runs, model_dir)
+def test_every_page_reads_a_chains_run(monkeypatch, chains_runs, chains_model):
+    at = start(monkeypatch, chains_runs, chains_model)
     assert_clean(at)
     assert at.sidebar.selectbox(key="run").value == "chains-small"
     assert charts(at) >= 2 and at.image  # median trajectories, accuracy vs depth; the study's PNGs

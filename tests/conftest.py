@@ -14,14 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"  # copied in with a note of origin (tests/data/ORIGIN.md)
 HUGINN_0125 = REPO / "lens" / "configs" / "huginn-0125"  # Huginn-3.5B config + tokenizer, no weights
 REFERENCE = REPO / "studies" / "reference" / "huginn-latent-cot"
-TINY_CHAINS = REPO / "lens" / "embedded" / "tiny-chains"
-TINY_CHAINS_SHIPPED = (TINY_CHAINS / "model.safetensors").is_file()
-needs_tiny_chains = pytest.mark.skipif(
-    not TINY_CHAINS_SHIPPED,
-    reason="the tiny-chains weights are not in the repository yet (see the Status of its card, "
-    "lens/embedded/tiny-chains/README.md)",
-)
-"""The tests that measure the shipped tiny-chains itself (its card's numbers, its training log)."""
 
 
 def data_path(*parts: str) -> Path:
@@ -82,21 +74,6 @@ def save_arith_model(directory: Path, family: str = "huginn", **overrides) -> Pa
         cfg = small_config(**ids, **{"block_size": 128, **overrides})
         model = lens.RecurrentDepthLM(cfg, tokenizer=tok)
     return lens.save_model(model.eval(), directory)
-
-
-def tiny_chains_model(directory: Path) -> str:
-    """The shipped tiny-chains; until its weights ship, a seeded random model of its recipe (the same
-    architecture, size and tokenizer) written to ``directory``. For tests of code paths, not accuracy."""
-    if TINY_CHAINS_SHIPPED:
-        return "tiny-chains"
-    import lens
-    from studies.tiny_arith.tokenizer import build_tokenizer
-    from studies.training import model_config, preset
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = lens.RecurrentDepthLM(model_config(preset("tiny-chains"), tok), tokenizer=tok)
-    return str(lens.save_model(model.eval(), directory))
 
 
 @pytest.fixture

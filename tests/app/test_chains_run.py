@@ -9,19 +9,15 @@ pytest.importorskip("streamlit")
 
 from studies.chains import run_chains_study  # noqa: E402
 from tests.app.test_pages import assert_clean, charts, goto, start, texts  # noqa: E402
-from tests.conftest import tiny_chains_model  # noqa: E402
+
+CHAINS_MODEL = "tiny-chains"
 
 
 @pytest.fixture(scope="module")
-def chains_model(tmp_path_factory):
-    return tiny_chains_model(tmp_path_factory.mktemp("model") / "tiny-chains")
-
-
-@pytest.fixture(scope="module")
-def chains_runs(tmp_path_factory, chains_model):
+def chains_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chains-runs")
     run_chains_study(
-        model=chains_model,
+        model=CHAINS_MODEL,
         n=5,
         probe_n=40,
         depth_n=3,
@@ -36,8 +32,8 @@ def chains_runs(tmp_path_factory, chains_model):
     return root
 
 
-def test_every_page_reads_a_chains_run(monkeypatch, chains_runs, chains_model):
-    at = start(monkeypatch, chains_runs, chains_model)
+def test_every_page_reads_a_chains_run(monkeypatch, chains_runs):
+    at = start(monkeypatch, chains_runs, CHAINS_MODEL)
     assert_clean(at)
     assert at.sidebar.selectbox(key="run").value == "chains-small"
     assert charts(at) >= 2 and at.image  # median trajectories, accuracy vs depth; the study's PNGs

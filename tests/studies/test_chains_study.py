@@ -14,7 +14,7 @@ from studies.arithmetic import run_arithmetic_study
 from studies.chains import run_chains_study, statement_positions, study_problems
 from studies.tasks import chains
 from studies.tiny_arith.tokenizer import build_tokenizer
-from tests.conftest import save_arith_model, tiny_chains_model
+from tests.conftest import save_arith_model
 
 SETTINGS = dict(n=6, probe_n=40, depth_n=3, steps=2, depths=(1, 2), hops=(1, 3), batch_size=6, seed=0)
 
@@ -140,7 +140,7 @@ def test_cli_runs_the_chains_study_and_refuses_bad_input(model_dir, tmp_path):
 
 def test_arithmetic_study_runs_unchanged_on_the_chains_model(tmp_path):
     run = run_arithmetic_study(
-        model=tiny_chains_model(tmp_path / "tiny-chains"),
+        model="tiny-chains",
         n=8,
         steps=4,
         batch_size=8,

@@ -11,7 +11,6 @@ import lens
 from lens.loading import EMBEDDED_DIR
 from lens.runtime import configure_threads
 from studies.evaluation import CARD_BEGIN, CARD_END, evaluate_tasks
-from tests.conftest import needs_tiny_chains
 
 N = 300  # a quick evaluation; the card measures the whole held-out split
 
@@ -64,7 +63,6 @@ def chains_model():
     return m
 
 
-@needs_tiny_chains
 def test_tiny_chains_loads_and_follows_a_chain(chains_model):
     assert chains_model.tokenizer is not None and chains_model.config.name == "tiny-chains"
     assert (EMBEDDED_DIR / "tiny-chains" / "model.safetensors").stat().st_size <= 10 * 2**20
@@ -72,7 +70,6 @@ def test_tiny_chains_loads_and_follows_a_chain(chains_model):
     assert chains_model.generate([ids], 2, init_state="zeros").texts[0].startswith(" 4")
 
 
-@needs_tiny_chains
 def test_tiny_chains_card_matches_a_fresh_measurement_and_meets_its_acceptance(chains_model):
     card = card_table("tiny-chains")
     default = chains_model.config.mean_recurrence

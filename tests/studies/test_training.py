@@ -23,7 +23,6 @@ from lens.loading import EMBEDDED_DIR
 from looplens.cli import app
 from studies.tiny_arith.tokenizer import build_tokenizer
 from studies.training import TrainConfig, preset, sample_depth, train
-from tests.conftest import needs_tiny_chains
 
 
 def small() -> TrainConfig:
@@ -98,7 +97,7 @@ def shipped_log(name: str) -> list[dict]:
     return json.loads((EMBEDDED_DIR / name / "training_log.json").read_text())["log"]
 
 
-@pytest.mark.parametrize("name", ["tiny-arith", pytest.param("tiny-chains", marks=needs_tiny_chains)])
+@pytest.mark.parametrize("name", ["tiny-arith", "tiny-chains"])
 def test_the_shipped_recipes_reproduce_their_logged_first_steps(name, tmp_path):
     """The one training loop, generalised to any task mix, still trains each shipped model exactly as
     logged (loss to 5 decimals and sampled depth of the first steps; within warm-up, so the shortened

@@ -332,7 +332,7 @@ def train(
 ) -> None:
     """Train an embedded model from scratch (reproducible from its seed; Ctrl-C saves a checkpoint).
 
-    tiny-arith took 29.8 min and tiny-chains about 60 min, one thread each, on a 2-core CPU machine.
+    tiny-arith took 29.8 min and tiny-chains 33.5 CPU-minutes, one thread each, on a 2-core CPU machine.
     """
     from studies.training import TrainingInterrupted, preset
     from studies.training import train as run_training

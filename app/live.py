@@ -325,17 +325,40 @@ class GenerationView:
     seconds: float
 
 
+SAMPLERS = ("autoregressive", "diffusion")
+
+
+def diffusion_applies(model_name: str) -> bool:
+    """Whether the diffusion sampler runs on this model (a prelude / core / coda layout)."""
+    from lens.diffusion import diffusion_applies
+
+    return diffusion_applies(cached_model(model_name).layout)
+
+
 def generate_adaptive(
-    model: Any, prompt: str, max_new_tokens: int, num_steps: int, exit_criterion: str = "kl"
+    model: Any,
+    prompt: str,
+    max_new_tokens: int,
+    num_steps: int,
+    exit_criterion: str = "kl",
+    sampler: str = "autoregressive",
 ) -> GenerationView:
-    """Greedy generation with an exit criterion; ``"none"`` runs every token at full depth."""
+    """Greedy generation with an exit criterion (``"none"`` runs every token at full depth), or with the
+    diffusion sampler (its defaults, zero initial states; ``num_steps`` is its prefill depth) where
+    ``steps_used`` counts the iterations each generated position received."""
     if not prompt:
         raise ValueError("type a prompt first")
     started = time.perf_counter()
-    crit = None if exit_criterion == "none" else exit_criterion
-    res = model.generate(
-        [prompt], max_new_tokens=int(max_new_tokens), num_steps=int(num_steps), exit_criterion=crit
-    )
+    if sampler == "diffusion":
+        res = model.generate(
+            [prompt], int(max_new_tokens), int(num_steps), sampler="diffusion", init_scale=0.0, seed=0
+        )
+        exit_criterion = f"diffusion ({res.stats[0].model_calls} model calls)"
+    else:
+        crit = None if exit_criterion == "none" else exit_criterion
+        res = model.generate(
+            [prompt], max_new_tokens=int(max_new_tokens), num_steps=int(num_steps), exit_criterion=crit
+        )
     tok = model.tokenizer
     new = res.tokens[0]
     text = res.texts[0] if res.texts else tok.decode(new)
@@ -343,7 +366,7 @@ def generate_adaptive(
         text=text,
         tokens=[tok.decode([t]) for t in new],
         steps_used=list(res.steps_used[0]),
-        max_steps=int(num_steps),
+        max_steps=max(int(num_steps), max(res.steps_used[0], default=0)),
         criterion=exit_criterion,
         seconds=time.perf_counter() - started,
     )
@@ -351,9 +374,16 @@ def generate_adaptive(
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def cached_generation(
-    model_name: str, prompt: str, max_new_tokens: int, num_steps: int, exit_criterion: str
+    model_name: str,
+    prompt: str,
+    max_new_tokens: int,
+    num_steps: int,
+    exit_criterion: str,
+    sampler: str = "autoregressive",
 ) -> GenerationView:
-    return generate_adaptive(cached_model(model_name), prompt, max_new_tokens, num_steps, exit_criterion)
+    return generate_adaptive(
+        cached_model(model_name), prompt, max_new_tokens, num_steps, exit_criterion, sampler
+    )
 
 
 def describe_model(model: Any, name: str) -> str:

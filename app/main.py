@@ -25,8 +25,10 @@ PAGES = [
     ("trajectories.py", "Rank trajectories", ":material/trending_down:", "trajectories"),
     ("lens_grid.py", "Lens grid", ":material/grid_on:", "lens-grid"),
     ("dynamics.py", "Latent dynamics", ":material/scatter_plot:", "dynamics"),
+    ("wavefront.py", "Wavefront", ":material/waves:", "wavefront"),
     ("live_probe.py", "Live probe", ":material/bolt:", "live"),
     ("compare.py", "Compare", ":material/compare_arrows:", "compare"),
+    ("patching.py", "Patching", ":material/swap_horiz:", "patching"),
 ]
 
 

@@ -326,9 +326,22 @@ def generation_view(
             "Huginn's adaptive-depth rules: stop iterating a token once KL between "
             "successive iterations (or entropy, latent change, …) falls below a threshold",
         )
+        sampler = "autoregressive"
+        if live.diffusion_applies(model_name):
+            sampler = (
+                st.segmented_control(
+                    "Sampler",
+                    live.SAMPLERS,
+                    default="autoregressive",
+                    key=f"{key}_gen_sampler",
+                    help="diffusion: the diffusion-forcing sampler refines a window of positions at once (the "
+                    "iteration cap is its prefill depth; each bar counts the iterations a position received)",
+                )
+                or "autoregressive"
+            )
         go = st.form_submit_button("Generate", icon=":material/auto_awesome:")
     if go:
-        st.session_state[f"{key}_gen_args"] = (prompt, int(max_new), int(steps), str(crit))
+        st.session_state[f"{key}_gen_args"] = (prompt, int(max_new), int(steps), str(crit), str(sampler))
     args = st.session_state.get(f"{key}_gen_args")
     if not args or args[0] != prompt:
         st.caption("Generate from the probed prompt to see how many iterations each new token needs.")

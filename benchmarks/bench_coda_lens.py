@@ -36,7 +36,7 @@ def per_state_with_cache_copy(
     with torch.no_grad():
         out = []
         S = ids.shape[1]
-        freqs = model.freqs_cis[:, S - 1 : S]
+        freqs = model.rope(torch.tensor([[S - 1]]))
         for state in states:  # [B, S, d] each
             scratch = copy.deepcopy(cache)
             x = model.final_norm(state[:, -1:])

@@ -1,8 +1,8 @@
 """Forward pass of a looped model at several depths, and the memory cost of streaming.
 
 CPU: a tiny-arith-sized and a wider random model at T = 1 … 64 (tokens/s), and the peak memory of
-64 iterations with a consumer that keeps one rank per state vs one that keeps every state (each in
-a fresh subprocess). ``--families``: one row per family (Huginn, retrofitted recurrence, Ouro) at the
+streaming 512 tokens into the real ``LensRecorder`` at T = 1 and T = 64 vs a consumer that keeps every
+state (each in a fresh subprocess). ``--memory``: only the memory rows. ``--families``: one row per family (Huginn, retrofitted recurrence, Ouro) at the
 same width and the same number of looped blocks per iteration, at several depths, plus Ouro's
 generation with real early exit against running every iteration. GPU (when present): the real
 Huginn-3.5B shape in bf16 with random weights.
@@ -13,13 +13,14 @@ Huginn-3.5B shape in bf16 with random weights.
 from __future__ import annotations
 
 import argparse
+import statistics
 import textwrap
 from pathlib import Path
 
 import torch
 
 import lens
-from benchmarks.common import peak_rss_in_subprocess, report, time_call
+from benchmarks.common import report, time_call
 
 SHAPES = {
     "tiny-arith-like": dict(
@@ -42,27 +43,46 @@ SHAPES = {
 
 _STREAM = textwrap.dedent("""
     import psutil, torch, lens
-    keep = {keep}
+    from probes.lenses.logit import LogitLens
+    from probes.recorder import LensRecorder
+    steps, mode = {steps}, {mode!r}
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     cfg = lens.RecurrentDepthConfig(n_embd=512, n_heads=8, intermediate_size=1408, vocab_size=1024,
                                     block_size=1024, n_layers_in_recurrent_block=4)
     model = lens.RecurrentDepthLM(cfg).eval()
     ids = torch.randint(0, 1024, (1, 512))
-    process, kept, peak = psutil.Process(), [], [0]
-    def consume(state):
-        kept.append(state.tensor if keep else int((state.tensor[0, -1] > state.tensor[0, -1, 0]).sum()))
+    process, peak, states = psutil.Process(), [0], [0]
+    def sample(state=None):
+        states[0] += state is not None
         peak[0] = max(peak[0], process.memory_info().rss)
+    def run(T):
+        kept = []
+        if mode == "recorder":  # Logit Lens ranks, entropy, top-5 and KL of every state, decoded at the end
+            consumer = LensRecorder(model, [LogitLens(model)], targets={{"answer": torch.tensor([3])}})
+        else:
+            consumer = lens.Subscription(lambda state: kept.append(state.tensor))
+        out = model(ids, num_steps=T, init_state="zeros", logits="last",
+                    consumers=[consumer, lens.Subscription(sample)])
+        if mode == "recorder":
+            consumer.finalize(out.logits)
+        sample()
     with torch.no_grad():
-        model(ids, num_steps=1, init_state="zeros", logits="last")  # warm the allocator
-        before = process.memory_info().rss
-        model(ids, num_steps=64, init_state="zeros", logits="last", consumers=[lens.Subscription(consume)])
-    print(peak[0] - before)
+        run(2)  # warm the allocator and every code path
+        before, states[0] = process.memory_info().rss, 0
+        peak[0] = before
+        run(steps)
+    print(states[0], peak[0] - before)
 """)
 
 
-def stream_memory(keep: bool) -> int:
-    """Peak resident memory above the pre-pass level, sampled at every state, in a fresh process."""
-    return peak_rss_in_subprocess(_STREAM.format(keep=keep))
+def stream_memory(steps: int, mode: str) -> tuple[int, int]:
+    """States seen and peak resident memory above the pre-pass level (sampled at every state and after
+    the recorder's ``finalize``), in a fresh process: ``mode`` is ``recorder`` or ``keep``."""
+    from benchmarks.common import run_in_subprocess
+
+    states, growth = run_in_subprocess(_STREAM.format(steps=steps, mode=mode)).split()
+    return int(states), int(growth)
 
 
 #: One model per family, same width (128), heads (4), MLP (320) and looped blocks per iteration (2);
@@ -177,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--families", action="store_true", help="only the per-family rows")
+    parser.add_argument("--memory", action="store_true", help="only the streaming-memory rows")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     depths = (1, 4, 16) if args.quick else (1, 4, 16, 64)
@@ -185,6 +206,12 @@ def main() -> None:
         report("forward_families", families(depths), args.out, "forward pass per family (CPU, 1 thread)")
         report("ouro_early_exit", ouro_early_exit(), None, "Ouro generation: early exit vs all iterations")
         return
+    if not args.memory:
+        forward_rows(depths, args.out)
+    stream_rows()
+
+
+def forward_rows(depths: tuple[int, ...], out: Path | None) -> None:
     rows = []
     for name, shape in SHAPES.items():
         torch.manual_seed(0)
@@ -210,22 +237,32 @@ def main() -> None:
             )
     if torch.cuda.is_available():
         rows += huginn_gpu(depths)
-    report("forward", rows, args.out, "forward pass (CPU unless marked)")
+    report("forward", rows, out, "forward pass (CPU unless marked)")
+
+
+def stream_rows() -> None:
     state_mb = 512 * 512 * 4 / 2**20  # one [1, 512, 512] float32 state
     memory = []
-    for name, keep in (("one rank per state", False), ("keep every state", True)):
-        growth_mb = stream_memory(keep) / 2**20
+    for name, steps, mode in (
+        ("LensRecorder (Logit Lens, last position)", 1, "recorder"),
+        ("LensRecorder (Logit Lens, last position)", 64, "recorder"),
+        ("keep every state", 64, "keep"),
+    ):
+        runs = [stream_memory(steps, mode) for _ in range(3 if mode == "recorder" else 1)]
+        growth = statistics.median(g for _, g in runs) / 2**20
         memory.append(
             {
                 "consumer": name,
-                "iterations": 64,
-                "states": 64 * 5,
+                "iterations": steps,
+                "states": runs[0][0],
                 "state_MB": state_mb,
-                "peak_growth_MB": growth_mb,
-                "growth_in_states": growth_mb / state_mb,
+                "peak_growth_MB": growth,  # median over fresh processes (the allocator's luck varies)
+                "runs_MB": [g / 2**20 for _, g in runs],
+                "growth_in_states": growth / state_mb,
             }
         )
-    report("forward_memory", memory, None, "streaming 64 iterations: peak memory above the pre-pass level")
+    memory[1]["vs_T1"] = memory[1]["peak_growth_MB"] / memory[0]["peak_growth_MB"]
+    report("forward_memory", memory, None, "streaming 512 tokens: peak memory above the pre-pass level")
 
 
 def huginn_gpu(depths: tuple[int, ...]) -> list[dict]:

@@ -36,15 +36,20 @@ def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[
     return {"median_ms": statistics.median(times), "min_ms": min(times)}
 
 
-def peak_rss_in_subprocess(code: str, timeout: int = 600) -> int:
-    """Run ``code`` in a fresh interpreter; it prints one integer, its memory growth in bytes."""
+def run_in_subprocess(code: str, timeout: int = 600) -> str:
+    """Run ``code`` in a fresh interpreter (this checkout first on the path); its last line of output."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
     )
     if out.returncode != 0:
-        raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
-    return int(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"subprocess probe failed:\n{out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def peak_rss_in_subprocess(code: str, timeout: int = 600) -> int:
+    """Run ``code`` in a fresh interpreter; it prints one integer, its memory growth in bytes."""
+    return int(run_in_subprocess(code, timeout))
 
 
 def machine() -> dict[str, Any]:

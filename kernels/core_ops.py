@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from kernels.dispatch import backend_for
+from kernels.dispatch import use_triton
 
 
 def _needs_autograd(*tensors: Tensor | None) -> bool:
@@ -30,8 +30,9 @@ def rms_norm_reference(
     """Huginn's RMSNorm of ``x (+ residual)``: normalise in float32, cast back to the input dtype, times the gain."""
     if residual is not None:
         x = x + residual
-    h = x.float()
-    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    h = x if x.dtype == torch.float32 else x.float()  # (no call at all where it would be the identity)
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed if normed.dtype == x.dtype else normed.type_as(x)) * weight
 
 
 def rms_norm(
@@ -47,7 +48,7 @@ def rms_norm(
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm: residual {tuple(residual.shape)} differs from x {tuple(x.shape)}")
-    if backend_for(x) == "triton" and not _needs_autograd(x, weight, residual):
+    if use_triton(x) and not _needs_autograd(x, weight, residual):
         from kernels import triton_core
 
         if triton_core.rms_norm_supported(x, weight, residual):
@@ -68,7 +69,7 @@ def swiglu(fc_out: Float[Tensor, "... two_h"]) -> Float[Tensor, "... h"]:
     """Gated SiLU of the fused ``fc`` output, in one pass on GPU (no ``silu(x1)`` temporary)."""
     if fc_out.shape[-1] % 2:
         raise ValueError(f"swiglu: last dim {fc_out.shape[-1]} is odd; expected the fused [gate | up] output")
-    if backend_for(fc_out) == "triton" and not _needs_autograd(fc_out):
+    if use_triton(fc_out) and not _needs_autograd(fc_out):
         from kernels import triton_core
 
         if triton_core.swiglu_supported(fc_out):
@@ -134,7 +135,7 @@ def adapter_step(
             f"adapter_step: x {tuple(x.shape)} / injection {tuple(injection.shape)} width != d = {d}"
         )
     if (
-        backend_for(x) == "triton"
+        use_triton(x)
         and injection.shape == x.shape
         and injection.dtype == x.dtype == adapter_weight.dtype
         and injection.device == x.device

@@ -37,8 +37,17 @@ _FORCED: contextvars.ContextVar[bool] = contextvars.ContextVar("looplens_force_r
 
 
 def _env_choice() -> str:
-    """The ``LOOPLENS_KERNELS`` setting, checked: a typo must not silently mean "auto"."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    """The ``LOOPLENS_KERNELS`` setting, checked: a typo must not silently mean "auto".
+
+    One read of the environment; the parsing of each distinct value is remembered.
+    """
+    raw = os.environ.get(ENV_VAR)
+    return "auto" if raw is None else _parse_env(raw)
+
+
+@functools.cache
+def _parse_env(raw: str) -> str:
+    value = raw.strip().lower() or "auto"
     if value not in _ENV_CHOICES:
         raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(_ENV_CHOICES)}")
     return value
@@ -68,13 +77,23 @@ def backend_for(tensor: Tensor) -> Backend:
     debugging switches override both. Individual ops may still fall back from ``"triton"`` to PyTorch
     for inputs the kernels do not cover (see each op), never to a silently different result.
     """
-    if reference_forced():
+    if _FORCED.get():
         return "reference"
-    if _env_choice() == "torch":
-        return "torch"
+    choice = _env_choice()
+    if choice != "auto":
+        return choice  # type: ignore[return-value]
     if tensor.device.type in TRITON_DEVICE_TYPES and triton_available():
         return "triton"
     return "torch"
+
+
+def use_triton(tensor: Tensor) -> bool:
+    """Whether a core op on ``tensor`` should run its Triton kernel.
+
+    The device is checked first, so an op on a CPU tensor (the small-model decoding path, dozens of
+    ops per block) never reads the environment; elsewhere it is :func:`backend_for`'s answer.
+    """
+    return tensor.device.type in TRITON_DEVICE_TYPES and backend_for(tensor) == "triton"
 
 
 @contextlib.contextmanager
@@ -101,4 +120,5 @@ __all__ = [
     "force_reference",
     "reference_forced",
     "triton_available",
+    "use_triton",
 ]

@@ -27,6 +27,8 @@ bf16 ``tl.dot`` is not supported by the interpreter, so the tests use fp32 and f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -292,10 +294,10 @@ def lens_statistics_triton_inputs(
     part_topv = _buffer((splits, n, k), f32, device, poison) if k else part_m
     part_topi = _buffer((splits, n, k), i32, device, poison) if k else part_m
     targets = inputs.targets if k_t else x  # an unused pointer when there are no targets
-    ref = inputs.ref_logprobs if has_ref else x
+    ref = x if inputs.ref_logprobs is None else inputs.ref_logprobs
     if has_ref and ref.stride(1) != 1:
         ref = ref.contiguous()
-    ref_index = inputs.ref_index if has_ref else x
+    ref_index = x if inputs.ref_index is None else inputs.ref_index
 
     args = (
         x,
@@ -345,7 +347,7 @@ def lens_statistics_triton_inputs(
     big, s_all, t_all = merge_softmax(part_m, part_s, part_t)
     log_s = s_all.log()
     lse = big + log_s
-    out: dict[str, Tensor | None] = {"logsumexp": lse, "entropy": log_s - t_all / s_all}
+    out: dict[str, Any] = {"logsumexp": lse, "entropy": log_s - t_all / s_all}
     if k_t:
         out.update(
             target_logits=target_logits,

@@ -106,14 +106,15 @@ class RecurrentDepthConfig:
 
     n_embd: int = 128
     n_heads: int = 4
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
+    # None in the constructor means "derive it"; __post_init__ always sets an int.
+    num_key_value_heads: int = None  # type: ignore[assignment]
+    head_dim: int = None  # type: ignore[assignment]
     n_layers_in_prelude: int = 1
     n_layers_in_recurrent_block: int = 2
     n_layers_in_coda: int = 1
     intermediate_size: int = 256
     vocab_size: int = 128
-    padded_vocab_size: int | None = None
+    padded_vocab_size: int = None  # type: ignore[assignment]  # None: vocab_size (__post_init__)
     block_size: int = 256
     norm_eps: float = 1e-6
     qk_bias: bool = True

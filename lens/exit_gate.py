@@ -43,7 +43,7 @@ class ExitTracker:
 
     def step(self, lam: Tensor, last: bool = False) -> tuple[Tensor, Tensor]:
         """``lam`` (any shape) is this iteration's λ; ``last`` gives the remaining mass to this step."""
-        if self.remaining is None:
+        if self.remaining is None or self.cdf is None:
             self.remaining = torch.ones_like(lam)
             self.cdf = torch.zeros_like(lam)
         if last:
@@ -117,7 +117,7 @@ class GateReadout:
     """
 
     def __init__(self, mode: GateExit, num_steps: int, head: Callable[[Tensor], Tensor]) -> None:
-        if mode.mode == "step" and mode.step > num_steps:
+        if mode.mode == "step" and mode.step is not None and mode.step > num_steps:
             raise InputError(f"exit step {mode.step} is beyond the {num_steps} iterations run (num_steps)")
         self.mode, self.num_steps, self.head = mode, num_steps, head
         self.tracker = ExitTracker()
@@ -142,7 +142,7 @@ class GateReadout:
                 self.logits = self.head(latent)
                 self.exit_steps.fill_(iteration)
             return
-        newly = (self.exit_steps == 0) & ((cdf >= float(self.mode.threshold)) | last)
+        newly = (self.exit_steps == 0) & ((cdf >= float(self.mode.threshold or 0.0)) | last)
         if bool(newly.any()):
             chosen = self.head(latent[newly])
             if self.logits is None:

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from lens.cache import CacheStrategy
 from lens.errors import InputError
 from lens.exit_criteria import ExitCriterion
 from lens.exit_gate import GateExit
 from lens.model import InitState, LoopedLM
 
-StopReason = Literal["eos", "stop_token", "stop_string", "max_new_tokens", "context"]
+StopReason = Literal["eos", "stop_token", "stop_string", "max_new_tokens", "context", "max_diffusion_steps"]
+SAMPLERS = ("autoregressive", "diffusion")
 
 
 @dataclass
@@ -27,8 +29,8 @@ class GenerationResult:
 
     ``tokens`` keep every generated id (an end-of-text token included); ``texts`` are those tokens
     decoded without special tokens and cut at a stop string. ``stopped`` says why each sequence ended:
-    ``"eos"``, ``"stop_token"``, ``"stop_string"``, ``"max_new_tokens"``, or ``"context"`` (the model's
-    context was full: what was generated so far is kept).
+    ``"eos"``, ``"stop_token"``, ``"stop_string"``, ``"max_new_tokens"``, ``"context"`` (the model's
+    context was full: what was generated so far is kept), or (diffusion sampler) ``"max_diffusion_steps"``.
     """
 
     tokens: list[list[int]]
@@ -98,8 +100,16 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     gate_exit: GateExit | None = None,
+    cache_lookup_strategy: str | None = None,
+    stop_at_eos: bool = True,
+    sampler: str = "autoregressive",
+    **sampler_options: Any,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt (a batch is left-padded).
+
+    ``sampler="diffusion"`` samples with the diffusion-forcing sampler instead (:mod:`lens.diffusion`;
+    ``sampler_options`` are its options, ``num_steps`` its prefill depth), returning a
+    :class:`lens.diffusion.DiffusionResult` with its counters.
 
     ``num_steps`` fixes the depth, or caps it when ``exit_criterion`` (``"kl"``, ``"entropy-diff"``,
     ``"latent-diff"``, ``"argmax-stability"``, ``"cosine"``, or ``"gate"`` for an exit-gated family:
@@ -108,11 +118,58 @@ def generate(
     ``gate_exit`` (exit-gated families) decodes each token as one of Ouro's exit modes after running
     every iteration, as the authors' code does.
     ``warm_start`` starts each new token's latent from the previous token's last latent
-    (Huginn's continuous compute). Generation stops at an end-of-text token, a stop token,
+    (Huginn's continuous compute). ``cache_lookup_strategy`` says what a deeper iteration reads for an
+    earlier token that exited shallower (:mod:`lens.cache`: ``full``, the Huginn authors' default and
+    looplens's for Huginn models, leaves it out; ``deepest``, the default of the other families, reads
+    its exit iteration's keys; ``latest-m4`` and ``…-compress-s4`` as the authors' code has them).
+    Generation stops at an end-of-text token (unless ``stop_at_eos=False``), a stop token,
     a stop string, the token budget, or a full context (``result.stopped`` says which).
     """
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if sampler == "diffusion":
+        autoregressive = {
+            "init_state": init_state is not None,
+            "exit_criterion": exit_criterion is not None,
+            "exit_threshold": exit_threshold is not None,
+            "warm_start": warm_start,
+            "use_cache": not use_cache,
+            "gate_exit": gate_exit is not None,
+            "cache_lookup_strategy": False,
+        }
+        given = [name for name, changed in autoregressive.items() if changed]
+        if given:
+            raise InputError(
+                f"{', '.join(given)}: autoregressive option(s); the diffusion sampler's are init_scale, "
+                "headway, inner_recurrence, freeze_strategy, … (lens.diffusion.DiffusionSettings)"
+            )
+        from lens.diffusion import sample
+
+        options = dict(sampler_options, cache_lookup_strategy=cache_lookup_strategy)
+        if cache_lookup_strategy is None:
+            options.pop("cache_lookup_strategy")
+        return sample(
+            model,
+            prompts,
+            max_new_tokens,
+            num_steps,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_strings=stop_strings,
+            stop_token_ids=stop_token_ids,
+            stop_at_eos=stop_at_eos,
+            generator=generator,
+            **options,
+        )
+    if sampler_options:
+        raise InputError(
+            f"unknown generation option(s) {sorted(sampler_options)} (sampler options need sampler='diffusion')"
+        )
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    CacheStrategy.parse(cache_lookup_strategy or "full")
     if warm_start and not use_cache:
         raise InputError("warm_start needs the key/value cache (use_cache=True)")
     token_lists = _as_token_lists(model, prompts)
@@ -128,13 +185,14 @@ def generate(
             else ExitCriterion(exit_criterion, exit_threshold)
         )
     stops = set(stop_token_ids or ())
-    eos = model.config.eos_token_id
+    eos = model.config.eos_token_id if stop_at_eos else None
     tok = model.tokenizer
     B = ids.shape[0]
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     steps: list[list[int]] = [[] for _ in range(B)]
     stopped: list[StopReason | None] = [None] * B
-    cache = model.new_cache() if use_cache else None
+    strategy = cache_lookup_strategy if cache_lookup_strategy is not None else model.default_cache_strategy
+    cache = model.new_cache(strategy) if use_cache else None
     step_input, step_mask = ids, mask if padded else None
     state_init: InitState = init_state
     full_ids, full_mask = ids, mask

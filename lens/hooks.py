@@ -16,9 +16,35 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
+
+#: torch's process-wide module hooks (``register_module_forward_hook`` and friends): dicts mutated in place.
+_GLOBAL_HOOKS = tuple(
+    getattr(_torch_module, name)
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    if hasattr(_torch_module, name)
+)
 
 HookFunction = Callable[..., Tensor | None]  # fn(tensor, *, hook: HookPoint) -> replacement or None
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+
+class IterationClock:
+    """The recurrent iteration the forward pass is in, shared by every hook point of a model.
+
+    Setting it is one attribute store on a plain object (not ``nn.Module.__setattr__`` on every hook
+    point, which cost about a tenth of a small model's decoding time).
+    """
+
+    __slots__ = ("iteration",)
+
+    def __init__(self) -> None:
+        self.iteration = 0
 
 
 class HookPoint(nn.Module):
@@ -27,9 +53,18 @@ class HookPoint(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.name: str | None = None
-        self.iteration: int = 0
+        self.clock = IterationClock()  # replaced by the model's shared clock in ``setup_hooks``
         self.ctx: dict[str, Any] = {}
         self._handles: list[tuple[Any, bool]] = []
+
+    @property
+    def iteration(self) -> int:
+        """The recurrent iteration (1-based) of the activation passing through; 0 outside the loop."""
+        return self.clock.iteration
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self.clock.iteration = value
 
     def add_hook(self, fn: HookFunction, dir: str = "fwd", is_permanent: bool = False) -> Any:
         """Register ``fn(activation, hook=self)``; a non-None return value replaces the activation."""
@@ -44,7 +79,7 @@ class HookPoint(nn.Module):
         return handle
 
     def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False) -> None:
-        kept = []
+        kept: list[tuple[Any, bool]] = []
         for handle, permanent in self._handles:
             if permanent and not including_permanent:
                 kept.append((handle, permanent))
@@ -58,6 +93,26 @@ class HookPoint(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The identity, without ``nn.Module``'s call machinery when nothing is attached.
+
+        A block passes its activations through four hook points; with no hook on them (the common
+        case) the call costs one check instead of the module call path. Any hook (here, global, or a
+        ``forward`` replaced on the instance, as tracing tools do) takes the full path.
+        """
+        if (
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or self._backward_hooks
+            or self._backward_pre_hooks
+            or "forward" in self.__dict__
+            or any(_GLOBAL_HOOKS)
+            or len(args) != 1
+            or kwargs
+        ):
+            return super().__call__(*args, **kwargs)
+        return args[0]
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
 
@@ -66,16 +121,19 @@ class HookedModule(nn.Module):
     """Mixin for a root module: names its hook points and runs with temporary hooks."""
 
     def setup_hooks(self) -> None:
-        """Give every hook point its dotted module path as name (call at the end of ``__init__``)."""
+        """Give every hook point its dotted module path as name and the model's one iteration clock
+        (call at the end of ``__init__``)."""
         self.hook_dict: dict[str, HookPoint] = {}
+        self.hook_clock = IterationClock()
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
                 module.name = name
+                module.clock = self.hook_clock
                 self.hook_dict[name] = module
 
     def set_hook_iteration(self, iteration: int) -> None:
-        for hook in self.hook_dict.values():
-            hook.iteration = iteration
+        """Tell every hook point which recurrent iteration runs now (one store on the shared clock)."""
+        self.hook_clock.iteration = iteration
 
     def _resolve(self, name: str | Callable[[str], bool]) -> list[HookPoint]:
         if callable(name):

@@ -178,6 +178,17 @@ class UnrolledLayout:
         kind, _ = self.parse(site)
         return kind == "final" or (kind == "latent" and self.latent_norm)
 
+    def hook_name(self, site: str) -> str:
+        """The TransformerLens-style hook point whose output is the state at ``site`` (interventions edit it).
+
+        >>> UnrolledLayout(prelude=2, core=4, coda=2).hook_name("core.3")
+        'transformer.core_block.3.hook_resid_post'
+        """
+        kind, block = self.parse(site)
+        if block < 0:
+            return f"hook_{kind}"
+        return f"{getattr(self.modules, kind)}.{block}.hook_resid_post"
+
     def lenses(self) -> tuple[str, ...]:
         """The lenses that apply: the Logit Lens and the Tuned Lens always, the Coda Lens where a coda exists."""
         return ("logit",) + (("coda",) if self.coda else ()) + ("tuned",)

@@ -193,10 +193,13 @@ def load_model(
     name_or_path: str | Path,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    compile: bool = False,
 ) -> LoopedLM:
     """Load a looped model of any family (and its tokenizer, when present) strictly by parameter name.
 
     ``dtype`` is a torch dtype or its name (``"bfloat16"``); ``device`` anything torch accepts.
+    ``compile=True`` compiles its blocks (:meth:`lens.LoopedLM.compile_blocks`, ``torch.compile`` with the
+    default backend); the first forward pass then takes the compilation time.
 
     Example:
         >>> import lens
@@ -246,6 +249,8 @@ def load_model(
         from lens.tokenizer import Tokenizer
 
         model.tokenizer = Tokenizer.from_dir(path)
+    if compile:
+        model.compile_blocks()
     return model
 
 

@@ -11,7 +11,7 @@ stop rows early.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,14 +19,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from lens.cache import KVCache
+from lens.cache import CacheStrategy, KVCache
 from lens.errors import InputError
 from lens.exit_criteria import ExitCriterion
 from lens.exit_gate import GateExit, GateReadout, exit_distribution
 from lens.hooks import HookedModule, HookPoint
-from lens.layers import causal_mask
+from lens.layers import RMSNorm, causal_mask
 from lens.layout import UnrolledLayout
-from lens.stream import Dispatcher, StateConsumer, Trace, TraceCollector
+from lens.stream import Dispatcher, StateConsumer, Trace, TraceCollector, Wavefront
 
 InitState = Literal["random", "zeros"] | Tensor | None
 Steps = int | tuple[int, int]
@@ -106,6 +106,7 @@ class LoopedLM(HookedModule):
         """Add the model-level hook points the loop fires, then name every hook point."""
         self.hook_embed = HookPoint()
         if self.layout.adapter:
+            self.hook_injection = HookPoint()  # the re-injected input, per iteration (fires only when hooked)
             self.hook_adapter = HookPoint()
         self.hook_latent = HookPoint()
         if self.layout.exit_gate:
@@ -120,9 +121,11 @@ class LoopedLM(HookedModule):
         return self.get_submodule(path) if path is not None else nn.ModuleList()
 
     @property
-    def final_norm_layer(self) -> nn.Module:
+    def final_norm_layer(self) -> RMSNorm:
         """The final norm (Huginn's ``transformer.ln_f``, Ouro's ``model.norm``): lenses decode with it."""
-        return self.get_submodule(self.layout.modules.norm)
+        norm = self.get_submodule(self.layout.modules.norm)
+        assert isinstance(norm, RMSNorm), f"{type(self).__name__}'s final norm is a {type(norm).__name__}"
+        return norm
 
     @property
     def device(self) -> torch.device:
@@ -194,6 +197,9 @@ class LoopedLM(HookedModule):
         generator: torch.Generator | None = None,
         exit_criterion: ExitCriterion | None = None,
         gate_exit: GateExit | None = None,
+        first_iteration: int = 1,
+        on_prelude: Callable[[Tensor], Tensor] | None = None,
+        wavefront: Wavefront | None = None,
     ) -> RecurrentDepthOutput:
         """Run the model; each state goes to the ``consumers`` subscribed to its site.
 
@@ -203,6 +209,12 @@ class LoopedLM(HookedModule):
         states as stacked ``[T, B, S, d]`` tensors; ``exit_criterion`` stops each sequence once its
         last position may exit (adaptive depth, ``out.steps_used``); ``gate_exit`` (exit-gated
         families) returns the readout an exit mode picks per token instead of the last iteration's.
+        ``first_iteration`` resumes the loop: ``init_state`` is then the state iteration
+        ``first_iteration - 1`` handed on (``out.state`` of a shorter run, or a traced one), the loop runs
+        iterations ``first_iteration..T`` with their own numbers, and the result equals the full run's
+        (an exit gate's ``exit_lambda`` / ``exit_pdf`` then cover the iterations run).
+        ``on_prelude`` replaces the prelude output the recurrence re-injects (the diffusion sampler's
+        moving average of input embeddings); ``wavefront`` rides along on every emitted state.
         """
         consumers = list(consumers)
         collector = None
@@ -220,6 +232,9 @@ class LoopedLM(HookedModule):
             generator,
             exit_criterion,
             gate_exit,
+            first_iteration,
+            on_prelude,
+            wavefront,
         )
         while True:
             try:
@@ -243,6 +258,9 @@ class LoopedLM(HookedModule):
         generator: torch.Generator | None = None,
         exit_criterion: ExitCriterion | None = None,
         gate_exit: GateExit | None = None,
+        first_iteration: int = 1,
+        on_prelude: Callable[[Tensor], Tensor] | None = None,
+        wavefront: Wavefront | None = None,
     ) -> Iterator[tuple[str, int, Tensor]]:
         """The forward pass as a generator of ``(site, iteration, tensor)``; returns the output.
 
@@ -251,6 +269,8 @@ class LoopedLM(HookedModule):
         n_free, n_grad = self._check_steps(num_steps)
         T = n_free + n_grad
         self._check_inputs(input_ids, attention_mask, cache)
+        if cache is not None:
+            cache.active = None
         if logits not in ("all", "last", "none"):
             raise InputError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         layout = self.layout
@@ -267,7 +287,9 @@ class LoopedLM(HookedModule):
                 f"the 'gate' exit criterion needs an exit gate; {layout.family} models have none"
             )
         B, S = input_ids.shape
-        dispatch = Dispatcher(consumers, layout)
+        if first_iteration != 1:
+            self._check_resume(first_iteration, T, init_state, gate_exit, (B, S))
+        dispatch = Dispatcher(consumers, layout, wavefront)
         rope, mask = self._positions(B, S, attention_mask, cache, input_ids.device)
 
         def emit(
@@ -283,40 +305,40 @@ class LoopedLM(HookedModule):
             e = block(e, rope, layout.cache_index("prelude", 0, i), mask, cache)
             yield from emit(f"prelude.{i}", 0, e)
 
-        x = self.initial_state(e, init_state, generator)
+        if on_prelude is not None:
+            e = on_prelude(e)
+        if first_iteration == 1:
+            x = self.initial_state(e, init_state, generator)
+        else:  # resuming: the state iteration first_iteration - 1 handed on
+            x = init_state.to(device=e.device, dtype=e.dtype).expand_as(e).clone()
         injection = self.injection(e) if layout.adapter else None
         exited = torch.zeros(B, dtype=torch.bool, device=x.device)
+        any_exited = False  # exited.any(), kept in Python: it changes only where an exit criterion runs
         steps_used = torch.full((B,), T, dtype=torch.long, device=x.device)
         lambdas: list[Tensor] = []
         kept = slice(None) if logits == "all" else slice(-1, None)
         readout = GateReadout(gate_exit, T, self.head) if gate_exit is not None and logits != "none" else None
         if exit_criterion is not None:
-            exit_criterion.reset()
+            exit_criterion.reset(x, attention_mask)
         core = self.stage("core")
-        for t in range(1, T + 1):
+        for t in range(first_iteration, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t > n_free):
                 self.set_hook_iteration(t)
                 previous = x
+                if cache is not None:  # rows that exited compute on, unseen, and write no keys
+                    cache.active = ~exited if any_exited else None
                 if layout.adapter:
-                    x = self.hook_adapter(self.inject(x, injection, t))
+                    inj = self.hook_injection(injection) if self.hook_injection._forward_hooks else injection
+                    x = self.hook_adapter(self.inject(x, inj, t))
                     yield from emit("adapter", t, x)
                 for j, block in enumerate(core):
                     x = block(x, rope, layout.cache_index("core", t, j), mask, cache)
                     yield from emit(f"core.{j}", t, x)
-                if exited.any():  # finished rows keep their exit state and keys, as if they had stopped
+                if any_exited:  # finished rows keep their exit state (and wrote no keys: cache.active)
                     x = torch.where(exited[:, None, None], previous, x)
-                    if cache is not None:
-                        for s_exit in steps_used[exited].unique().tolist():
-                            rows = exited & (steps_used == s_exit)
-                            for j in range(layout.core):
-                                cache.freeze_rows(
-                                    layout.cache_index("core", t, j),
-                                    rows,
-                                    layout.cache_index("core", s_exit, j),
-                                )
                 lam = None
                 if layout.latent_per_iteration:
-                    if not exited.any():
+                    if not any_exited:
                         x = self.hook_latent(self.final_norm(x))
                     else:  # exited rows' state is already their (normalised) exit latent
                         x = torch.where(exited[:, None, None], x, self.hook_latent(self.final_norm(x)))
@@ -334,13 +356,18 @@ class LoopedLM(HookedModule):
             check_logits = None
             if exit_criterion.needs_logits:
                 check_logits = self.head(self.readout(x, rope, mask, cache)[:, -1])
-            _, stop = exit_criterion.update(x[:, -1], check_logits, lam[:, -1] if lam is not None else None)
+            _, stop = exit_criterion.update(
+                x, check_logits, lam[:, -1] if lam is not None else None, attention_mask
+            )
             newly = stop & ~exited
             steps_used[newly] = t
             exited |= newly
-            if bool(exited.all()):
+            any_exited = bool(exited.any())
+            if any_exited and bool(exited.all()):
                 break
         self.set_hook_iteration(0)
+        if cache is not None:
+            cache.active = None
         state = x
         if layout.latent_per_iteration:
             latent = x
@@ -369,8 +396,15 @@ class LoopedLM(HookedModule):
         return out
 
     # ---- helpers ----------------------------------------------------------------------------------
-    def new_cache(self) -> KVCache:
-        return KVCache(self.layout)
+    def new_cache(self, strategy: str | CacheStrategy = "deepest") -> KVCache:
+        """An empty key/value cache for this model's layout (``strategy``: see :mod:`lens.cache`)."""
+        return KVCache(self.layout, strategy)
+
+    @property
+    def default_cache_strategy(self) -> str:
+        """The lookup strategy adaptive generation uses unless told: the authors' ``full`` for Huginn,
+        looplens's ``deepest`` for the other families (whose authors' code runs every iteration)."""
+        return "full" if self.layout.family == "huginn" else "deepest"
 
     @property
     def default_steps(self) -> int:
@@ -398,6 +432,26 @@ class LoopedLM(HookedModule):
         self._check_step_limit(num_steps)
         return num_steps, 0
 
+    def _check_resume(
+        self, first: Any, T: int, init_state: Any, gate_exit: GateExit | None, shape: tuple[int, int]
+    ) -> None:
+        if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= T:
+            raise InputError(f"first_iteration must be an integer in 1..{T} (num_steps), got {first!r}")
+        d = self.config.n_embd
+        if not isinstance(init_state, Tensor) or init_state.dim() != 3 or init_state.shape[-1] != d:
+            raise InputError(
+                f"resuming at iteration {first} needs init_state = the state iteration {first - 1} handed on, "
+                f"a [B, S, {d}] tensor"
+            )
+        try:
+            torch.broadcast_shapes(tuple(init_state.shape), (*shape, d))
+        except RuntimeError:
+            raise InputError(
+                f"init_state {tuple(init_state.shape)} does not fit the input [{shape[0]}, {shape[1]}]"
+            ) from None
+        if gate_exit is not None:
+            raise InputError("gate_exit reads every iteration's readout; it cannot resume a loop midway")
+
     def _check_step_limit(self, total: int) -> None:
         if total > self.max_num_steps:
             raise InputError(
@@ -421,9 +475,13 @@ class LoopedLM(HookedModule):
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is outside the vocabulary [0, {V})")
         past = cache.seq_len if cache is not None else 0
-        if past + input_ids.shape[1] > self.config.block_size:
+        total = past + input_ids.shape[1]
+        if cache is not None and cache.ragged:  # each row's own length plus its own (right-padded) tokens
+            new = attention_mask.sum(1) if attention_mask is not None else input_ids.shape[1]
+            total = int((cache.row_lengths(input_ids.shape[0], input_ids.device) + new).max())
+        if total > self.config.block_size:
             raise InputError(
-                f"sequence of {past + input_ids.shape[1]} tokens is longer than the model's context "
+                f"sequence of {total} tokens is longer than the model's context "
                 f"(block_size = {self.config.block_size})"
             )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -434,11 +492,18 @@ class LoopedLM(HookedModule):
     def _positions(
         self, B: int, S: int, attention_mask: Tensor | None, cache: KVCache | None, device: torch.device
     ) -> tuple[Tensor, Tensor | None]:
-        """Rotary angles and the attention mask for this call (left padding shifts positions)."""
+        """Rotary angles and the attention mask for this call (left padding shifts positions; a ragged
+        cache gives each row its own start, and ``attention_mask`` then marks right padding)."""
+        if cache is not None and cache.ragged:
+            positions, mask = cache.positions(B, S, device)
+            return self.rope(positions.clamp(max=self.config.block_size - 1)), mask[:, None]
         past = cache.seq_len if cache is not None else 0
         past_mask = cache.key_mask if cache is not None else None
         if attention_mask is None and past_mask is None:
-            return self.rope(torch.arange(past, past + S, device=device)[None]), None
+            rope = self.rope(torch.arange(past, past + S, device=device)[None])
+            # with cached keys the queries are the last S of past + S keys: one mask for every block
+            # (none for a single query, which sees every key)
+            return rope, causal_mask(S, past + S, device)[None, None] if past and S > 1 else None
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.bool, device=device)
         if past_mask is None and past:
@@ -454,6 +519,15 @@ class LoopedLM(HookedModule):
         mask = mask | diag[None]  # a padding query sees itself: no empty softmax rows
         return self.rope(positions), mask[:, None]
 
+    def run_with_interventions(
+        self, input_ids: Tensor, interventions: Sequence[Any], num_steps: Steps | None = None, **kwargs: Any
+    ) -> RecurrentDepthOutput:
+        """Shortcut for :func:`lens.interventions.run_with_interventions` (patch, ablate, steer, freeze,
+        re-inject; ``fwd_hooks`` and every ``forward`` argument pass through)."""
+        from lens.interventions import run_with_interventions
+
+        return run_with_interventions(self, input_ids, interventions, num_steps, **kwargs)
+
     def generate(
         self, prompts: Any, max_new_tokens: int = 16, num_steps: int | None = None, **kwargs: Any
     ) -> Any:
@@ -461,6 +535,28 @@ class LoopedLM(HookedModule):
         from lens.generation import generate
 
         return generate(self, prompts, max_new_tokens, num_steps, **kwargs)
+
+    def compile_blocks(
+        self, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True
+    ) -> LoopedLM:
+        """Opt in to ``torch.compile`` of every block around the key/value cache (:mod:`lens.compiled`):
+        one graph per block class for all iterations and decoding steps; results equal the eager path's
+        up to float rounding. Returns the model; :meth:`uncompile_blocks` undoes it."""
+        from lens.compiled import compile_blocks
+
+        return compile_blocks(self, backend=backend, mode=mode, dynamic=dynamic)
+
+    def uncompile_blocks(self) -> LoopedLM:
+        """Back to the eager blocks (the bit-stable reference path)."""
+        from lens.compiled import uncompile_blocks
+
+        return uncompile_blocks(self)
+
+    @property
+    def blocks_compiled(self) -> bool:
+        from lens.compiled import is_compiled
+
+        return is_compiled(self)
 
     def num_parameters(self) -> int:
         """Unique parameters (tied embeddings counted once)."""

@@ -10,6 +10,7 @@ Nothing is kept unless a consumer keeps it, so probing 128 iterations costs the 
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -23,6 +24,44 @@ from lens.layout import UnrolledLayout
 
 Positions = Literal["all", "last"] | Sequence[int]
 
+_CONSUMING: contextvars.ContextVar[bool] = contextvars.ContextVar("looplens_consuming", default=False)
+
+
+def inside_consumer() -> bool:
+    """Whether a stream consumer is running (its own passes, say the Coda Lens decoding a state through
+    the coda, are reads of the run: interventions leave them alone)."""
+    return _CONSUMING.get()
+
+
+@dataclass
+class Wavefront:
+    """What the diffusion sampler knows about the positions of one of its forward passes (its window).
+
+    ``step`` is the diffusion step (-1 for the prefill pass over the prompt). Every tensor is ``[B, P]``,
+    one entry per row and window position: ``positions`` the absolute token
+    position (-1 for padding, when rows' windows differ in length), ``recurrence`` the core iterations
+    the position had received before this step, ``token`` its current token guess, ``frozen`` whether
+    it is already frozen (the last frozen position stays in the window), ``stability`` how often its
+    proposal has agreed with the guess so far. ``sequence`` ``[B]`` says which prompt of the sampler's
+    call each row is (finished sequences leave the batch).
+    """
+
+    step: int
+    positions: Tensor
+    recurrence: Tensor
+    token: Tensor
+    frozen: Tensor
+    stability: Tensor
+    sequence: Tensor
+
+    def select(self, positions: Positions) -> Wavefront:
+        """The same positions a consumer selected from the states (``"all"``, ``"last"`` or indices)."""
+        fields = [select_positions(t[..., None], positions)[0][..., 0] for t in self._tensors()]
+        return Wavefront(self.step, *fields, self.sequence)
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        return (self.positions, self.recurrence, self.token, self.frozen, self.stability)
+
 
 @dataclass
 class State:
@@ -30,6 +69,8 @@ class State:
 
     ``positions`` are the token positions of the second axis (``None`` = all positions). At the
     ``latent`` of an exit-gated family, ``exit_lambda`` carries the gate's reading at the same positions.
+    States of the diffusion sampler's forward passes carry its ``wavefront`` (the diffusion step, and per
+    position the recurrence count, token guess, frozen flag and stability count).
     """
 
     site: str
@@ -42,6 +83,17 @@ class State:
     exit_lambda: Float[Tensor, "B P"] | None = (
         None  # the exit gate's λ_t at this latent (exit-gated families)
     )
+    wavefront: Wavefront | None = None  # the diffusion sampler's window (its forward passes only)
+
+    @property
+    def diffusion_step(self) -> int | None:
+        """The diffusion step this state belongs to (None outside the diffusion sampler)."""
+        return self.wavefront.step if self.wavefront is not None else None
+
+    @property
+    def frozen(self) -> Tensor | None:
+        """``[B, P]``: whether each position is frozen (None outside the diffusion sampler)."""
+        return self.wavefront.frozen if self.wavefront is not None else None
 
     @property
     def kind(self) -> str:
@@ -88,8 +140,11 @@ def select_positions(tensor: Tensor, positions: Positions) -> tuple[Tensor, Tens
 class Dispatcher:
     """Routes each produced state to the consumers that subscribed to its site."""
 
-    def __init__(self, consumers: Iterable[StateConsumer], layout: UnrolledLayout) -> None:
+    def __init__(
+        self, consumers: Iterable[StateConsumer], layout: UnrolledLayout, wavefront: Wavefront | None = None
+    ) -> None:
         self.consumers = list(consumers)
+        self.wavefront = wavefront
         for consumer in self.consumers:
             for site in getattr(consumer, "sites", None) or ():
                 if site not in ("prelude", "core", "coda"):  # a stage name subscribes to all its blocks
@@ -111,13 +166,18 @@ class Dispatcher:
             return
         kind, block = self.layout.parse(site)
         unrolled = self.layout.unrolled_index(site, iteration, num_steps)
-        for consumer in self.consumers:
-            if not self._subscribed(consumer, site):
-                continue
-            wanted = getattr(consumer, "positions", "all")
-            selected, positions = select_positions(tensor, wanted)
-            gate = select_positions(exit_lambda, wanted)[0] if exit_lambda is not None else None
-            consumer(State(site, iteration, block, unrolled, selected, positions, num_steps, gate))
+        token = _CONSUMING.set(True)
+        try:
+            for consumer in self.consumers:
+                if not self._subscribed(consumer, site):
+                    continue
+                wanted = getattr(consumer, "positions", "all")
+                selected, positions = select_positions(tensor, wanted)
+                gate = select_positions(exit_lambda, wanted)[0] if exit_lambda is not None else None
+                front = self.wavefront.select(wanted) if self.wavefront is not None else None
+                consumer(State(site, iteration, block, unrolled, selected, positions, num_steps, gate, front))
+        finally:
+            _CONSUMING.reset(token)
 
 
 @dataclass

@@ -79,22 +79,43 @@ def _check_device(device: str) -> None:
         raise InputError(f"--device {device!r}: use cpu or cuda (cuda:N)")
 
 
+def _numbers(text: str, kind: type, option: str) -> list:
+    from lens.errors import InputError
+
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
 @app.command(context_settings={"allow_extra_args": True})
 def study(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="the study to run: arithmetic or chains")] = "arithmetic",
+    name: Annotated[
+        str, typer.Argument(help="the study to run: arithmetic, chains, patching or sampler")
+    ] = "arithmetic",
     model: Annotated[
         str | None,
-        typer.Option(help="embedded model name or checkpoint directory (default: tiny-arith / tiny-chains)"),
+        typer.Option(
+            help="embedded model name or checkpoint directory (default: tiny-arith; chains: tiny-chains)"
+        ),
     ] = None,
     n: Annotated[
         int | None,
-        typer.Option(help="problems to probe (arithmetic: 100 one-digit composite; chains: 60 per hops)"),
+        typer.Option(
+            help="one-digit composite problems (arithmetic, default 100), problems per hop count (chains, "
+            "60), prompt pairs (patching, 50) or prompts (sampler, 48)"
+        ),
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="recurrent iterations (arithmetic: 16; chains: the model's default)")
+        int | None,
+        typer.Option(
+            help="recurrent iterations (default 16; chains: the model's default; sampler: the reference)"
+        ),
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="prompts per forward pass")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="prompts per forward pass (default 25; chains 60)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed for problems and initial states")] = 0,
     out: Annotated[Path, typer.Option(help="directory holding runs")] = Path("runs"),
     run_name: Annotated[str | None, typer.Option("--name", help="run name (default: derived)")] = None,
@@ -110,6 +131,12 @@ def study(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of other settings")] = False,
+    init_state: Annotated[
+        str, typer.Option(help="patching: the loop's start, 'random' (seeded per pair) or 'zeros'")
+    ] = "random",
+    keep_incorrect: Annotated[
+        bool, typer.Option(help="patching: keep prompt pairs the model answers wrongly (weak models)")
+    ] = False,
     ray: Annotated[
         bool,
         typer.Option("--ray", help="run shards on Ray: a local cluster, or the address given after --ray"),
@@ -117,14 +144,34 @@ def study(
     workers: Annotated[
         int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU)")
     ] = None,
+    new_tokens: Annotated[
+        int | None, typer.Option(help="sampler: tokens per prompt (>= 16; default 24 or the longest answer)")
+    ] = None,
+    thresholds: Annotated[str, typer.Option(help="sampler: exit thresholds (latent-diff)")] = "0.01,0.03,0.1",
+    inner: Annotated[str, typer.Option(help="sampler: inner recurrences of the diffusion sampler")] = "2,4,8",
+    headways: Annotated[str, typer.Option(help="sampler: headways of the diffusion sampler")] = "1,2,4",
+    wavefront_n: Annotated[int, typer.Option(help="sampler: prompts whose wavefront is traced")] = 2,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="sampler: arithmetic_1dc, … (default), or chains_2hop_trace (default for tiny-chains)"
+        ),
+    ] = None,
 ) -> None:
-    """Run a batch study and write its run (tables + figures)."""
+    """Run a batch study and write its run (tables + figures).
+
+    ``arithmetic``: the latent chain-of-thought analysis. ``patching``: activation patching across
+    iterations (operand pairs, state and re-injection sweeps, the chain-of-thought check). ``sampler``: autoregressive decoding (fixed depth,
+    adaptive exit) against the diffusion sampler over its main settings (``--thresholds``, ``--inner``,
+    ``--headways``), on ``--new-tokens`` long continuations.
+    """
     from studies import STUDIES
 
     if name not in STUDIES:
         _fail(ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}"))
     given = {"model": model, "n": n, "steps": steps, "batch_size": batch_size}
     with _user_errors():
+        from lens.errors import InputError
         from lens.loading import resolve_dtype
 
         if depths is not None:
@@ -134,17 +181,52 @@ def study(
                 raise ValueError(f"--depths must be integers separated by commas, got {depths!r}") from None
         _check_device(device)
         address, _ = _ray_address(ray, list(ctx.args))
-        STUDIES[name](
-            **{k: v for k, v in given.items() if v is not None},
+        chains = name == "chains"
+        common = dict(
+            model=model or ("tiny-chains" if chains else "tiny-arith"),
             seed=seed,
             out=out,
             name=run_name,
             device=device,
             dtype=resolve_dtype(dtype),
             template=template,
-            tuned_lens=tuned_lens,
             overwrite=overwrite,
             console=console,
+        )
+        if not chains or steps is not None:
+            common["steps"] = 16 if steps is None else steps
+        if name != "arithmetic" and (address is not None or workers is not None):
+            raise InputError(
+                f"--ray / --workers run the arithmetic study's shards; the {name} study runs in one process"
+            )
+        if name == "patching":
+            STUDIES[name](
+                **common, n=50 if n is None else n, init_state=init_state, keep_incorrect=keep_incorrect
+            )
+            return
+        if name == "sampler":
+            STUDIES[name](
+                **common,
+                batch_size=25 if batch_size is None else batch_size,
+                n=48 if n is None else n,
+                new_tokens=new_tokens,
+                thresholds=_numbers(thresholds, float, "--thresholds"),
+                inner=_numbers(inner, int, "--inner"),
+                headways=_numbers(headways, int, "--headways"),
+                wavefront_n=wavefront_n,
+                task=task,
+            )
+            return
+        optional = {k: v for k, v in given.items() if k in ("n", "batch_size", "depths") and v is not None}
+        if chains:
+            STUDIES[name](**common, **optional, tuned_lens=tuned_lens)
+            return
+        STUDIES[name](
+            **common,
+            n=optional.get("n", 100),
+            batch_size=optional.get("batch_size", 25),
+            tuned_lens=tuned_lens,
+            depths=optional.get("depths", [1, 2, 4, 8, 16, 32, 64]),
             ray=address,
             num_workers=workers,
         )
@@ -455,6 +537,140 @@ def explore(
     console.print(f"looplens explorer on http://{host}:{port}  (runs: {runs})")
     sys.stdout.flush()
     os.execv(sys.executable, cmd)  # become the server: signals reach Streamlit directly
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt text (or token ids with --ids: '5 17 300')")],
+    model: Annotated[str, typer.Option(help="embedded model name or checkpoint directory")] = "tiny-arith",
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 16,
+    steps: Annotated[int | None, typer.Option(help="iterations (diffusion: the prefill's depth)")] = None,
+    sampler: Annotated[str, typer.Option(help="autoregressive or diffusion")] = "autoregressive",
+    ids: Annotated[bool, typer.Option(help="the prompt is space-separated token ids")] = False,
+    exit_criterion: Annotated[
+        str | None, typer.Option(help="autoregressive: kl, minp-kl, entropy-diff, latent-diff, cosine, …")
+    ] = None,
+    exit_threshold: Annotated[
+        float | None, typer.Option(help="autoregressive: the criterion's threshold")
+    ] = None,
+    cache_lookup_strategy: Annotated[
+        str | None, typer.Option(help="full, latest-m4, deepest, …-compress-s4, …-compress")
+    ] = None,
+    warm_start: Annotated[bool, typer.Option(help="autoregressive: continuous compute")] = False,
+    headway: Annotated[int, typer.Option(help="diffusion: new positions per step")] = 1,
+    inner_recurrence: Annotated[int, typer.Option(help="diffusion: core iterations per step")] = 4,
+    freeze_strategy: Annotated[
+        str, typer.Option(help="diffusion: latent-diff, token-stability, fixed, …")
+    ] = ("latent-diff"),
+    exit_t: Annotated[float, typer.Option(help="diffusion: latent convergence threshold")] = 0.03,
+    max_wavefront: Annotated[
+        int, typer.Option(help="diffusion: most positions in the window (0: none)")
+    ] = 128,
+    init_scale: Annotated[
+        float, typer.Option(help="diffusion: scale of random initial states (0: zeros)")
+    ] = 1.0,
+    state_noise_mixing: Annotated[
+        float, typer.Option(help="diffusion: noise mixed into states per step")
+    ] = 0.5,
+    ema_embeds: Annotated[float, typer.Option(help="diffusion: moving average of prelude outputs")] = 0.1,
+    continuous_compute: Annotated[
+        bool, typer.Option(help="diffusion: new positions copy the last states")
+    ] = (False),
+    full_prefill: Annotated[
+        bool, typer.Option(help="diffusion: run the prompt once at --steps first")
+    ] = True,
+    faithful: Annotated[
+        bool, typer.Option(help="diffusion: reproduce the original's defects (see docs)")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="seed of random states and guesses")] = 0,
+) -> None:
+    """Generate a continuation autoregressively (fixed or adaptive depth) or with the diffusion sampler."""
+    import torch
+
+    import lens
+    from lens.errors import InputError
+
+    with _user_errors():
+        net = lens.load_model(model)
+        if ids:
+            try:
+                prompts: list = [[int(t) for t in prompt.split()]]
+            except ValueError:
+                raise InputError(
+                    f"--ids: the prompt must be space-separated integers, got {prompt!r}"
+                ) from None
+        else:
+            prompts = [prompt]
+        given = {
+            "--exit-criterion": exit_criterion,
+            "--exit-threshold": exit_threshold,
+            "--warm-start": warm_start,
+        }
+        if sampler == "diffusion" and any(given.values()):
+            named = ", ".join(k for k, v in given.items() if v)
+            raise InputError(f"{named}: an autoregressive option, not one of the diffusion sampler")
+        diffusion_only = {
+            "--headway": headway != 1,
+            "--inner-recurrence": inner_recurrence != 4,
+            "--freeze-strategy": freeze_strategy != "latent-diff",
+            "--exit-t": exit_t != 0.03,
+            "--max-wavefront": max_wavefront != 128,
+            "--init-scale": init_scale != 1.0,
+            "--state-noise-mixing": state_noise_mixing != 0.5,
+            "--ema-embeds": ema_embeds != 0.1,
+            "--continuous-compute": continuous_compute,
+            "--no-full-prefill": not full_prefill,
+            "--no-faithful": not faithful,
+        }
+        if sampler != "diffusion" and any(diffusion_only.values()):
+            named = ", ".join(k for k, v in diffusion_only.items() if v)
+            raise InputError(f"{named}: an option of the diffusion sampler; add --sampler diffusion")
+        if sampler == "diffusion":
+            res = net.generate(
+                prompts,
+                max_new_tokens,
+                steps,
+                sampler="diffusion",
+                cache_lookup_strategy=cache_lookup_strategy,
+                headway=headway,
+                inner_recurrence=inner_recurrence,
+                freeze_strategy=freeze_strategy,
+                exit_t=exit_t,
+                max_wavefront=max_wavefront,
+                init_scale=init_scale,
+                state_noise_mixing=state_noise_mixing,
+                ema_embeds=ema_embeds,
+                continuous_compute=continuous_compute,
+                full_prefill=full_prefill,
+                faithful=faithful,
+                seed=seed,
+            )
+        else:
+            res = net.generate(
+                prompts,
+                max_new_tokens,
+                steps,
+                sampler=sampler,
+                exit_criterion=exit_criterion,
+                exit_threshold=exit_threshold,
+                cache_lookup_strategy=cache_lookup_strategy,
+                warm_start=warm_start,
+                generator=torch.Generator().manual_seed(seed),
+            )
+    text = res.texts[0] if res.texts is not None else " ".join(map(str, res.tokens[0]))
+    console.print(text, markup=False, highlight=False)
+    used = res.steps_used[0]
+    console.print(
+        f"[dim]{len(res.tokens[0])} tokens ({res.stopped[0]}); iterations per token: "
+        f"mean {sum(used) / max(len(used), 1):.1f}, min {min(used, default=0)}, max {max(used, default=0)}[/]"
+    )
+    if sampler == "diffusion":
+        stats = res.stats[0]
+        console.print(
+            f"[dim]diffusion steps {stats.diffusion_steps}, model calls {stats.model_calls}, core forward "
+            f"passes {stats.num_core_forward_passes}, tokens forwarded {stats.num_tokens_forward}, cache clears "
+            f"{stats.num_cache_clears}, standing waves {stats.num_standing_waves}[/]"
+        )
 
 
 @app.command()

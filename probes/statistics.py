@@ -69,9 +69,9 @@ def token_statistics(
             first = parts[0]
             return dataclasses.replace(
                 first,
-                target_logits=torch.cat([p.target_logits for p in parts], 1),
-                target_ranks=torch.cat([p.target_ranks for p in parts], 1),
-                target_logprobs=torch.cat([p.target_logprobs for p in parts], 1),
+                target_logits=torch.cat([p.require("target_logits") for p in parts], 1),
+                target_ranks=torch.cat([p.require("target_ranks") for p in parts], 1),
+                target_logprobs=torch.cat([p.require("target_logprobs") for p in parts], 1),
             )
     if not bool(torch.isfinite(hidden).all()):
         bad = int((~torch.isfinite(hidden)).flatten(1).any(-1).sum())

@@ -600,7 +600,7 @@ class Run:
         record = {"rows": staged.rows, "bytes": staged.bytes, "sha256": staged.sha256, "written": _now()}
         self._manifest["shards"].setdefault(staged.table, {})[shard_id] = record
         self._save()
-        self._checked[path] = (stat.st_size, stat.st_mtime_ns, record["sha256"])
+        self._checked[path] = (stat.st_size, stat.st_mtime_ns, staged.sha256)
         return dict(record)
 
     def write_file(self, name: str, data: bytes) -> Path:

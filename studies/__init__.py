@@ -18,5 +18,22 @@ def _chains(**kwargs: Any) -> Any:
     return run_chains_study(**kwargs)
 
 
-STUDIES: dict[str, Callable[..., Any]] = {"arithmetic": _arithmetic, "chains": _chains}
+def _patching(**kwargs: Any) -> Any:
+    from studies.patching import run_patching_study
+
+    return run_patching_study(**kwargs)
+
+
+def _sampler(**kwargs: Any) -> Any:
+    from studies.sampler import run_sampler_study
+
+    return run_sampler_study(**kwargs)
+
+
+STUDIES: dict[str, Callable[..., Any]] = {
+    "arithmetic": _arithmetic,
+    "chains": _chains,
+    "patching": _patching,
+    "sampler": _sampler,
+}
 """Study name → its runner; every runner takes the options of ``looplens study`` as keywords."""

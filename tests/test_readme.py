@@ -10,6 +10,7 @@ suite inside the suite would recurse. A block that starts the explorer is run un
 
 from __future__ import annotations
 
+import linecache
 import os
 import re
 import signal
@@ -42,7 +43,9 @@ def test_the_readme_test_command_is_what_ci_runs():
 )
 def test_python_block_runs(index, code, scratch, monkeypatch):
     monkeypatch.chdir(scratch)
-    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+    name = f"README.md python block {index}"
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # nnsight reads a trace's source
+    exec(compile(code, name, "exec"), {"__name__": "__readme__"})
 
 
 @pytest.fixture

@@ -6,11 +6,22 @@ term, strict-greater counts for the target ranks, a running top-k, the KL sums).
 few ``[row_block, chunk]`` buffers; the time is close to the bare matmul because every reduction runs
 on a block that is still in cache and no ``[N, V]`` temporary is ever allocated.
 
+With more than one torch thread on the CPU, blocks of rows are shared out to Python threads whose ops
+run single-threaded (:func:`_run_in_threads`): the dozen reductions per block then end in no OpenMP
+barrier, which is what made the pass 5-10x slower than the matmul on a loaded machine. The row blocks are
+smaller there (``WORK_ITEMS_PER_THREAD`` per thread), so the logits' fp32 rounding can differ from a
+one-thread pass (equal bit for bit at equal row blocks). Each chunk's maximum is read off its top-k
+values when top-k is asked for, saving a pass over the block.
+
 The Triton kernel's vocabulary splits are merged with the same formulas, in batch form
 (:func:`merge_softmax`, :func:`merge_topk`).
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -70,7 +81,7 @@ class _RunningStats:
 
     def __init__(self, inputs: LensInputs, device: torch.device, chunk: int) -> None:
         n = inputs.num_states
-        f32 = {"dtype": torch.float32, "device": device}
+        f32: dict[str, Any] = {"dtype": torch.float32, "device": device}
         self.inputs = inputs
         self.m = torch.full((n,), _NO_MAX, **f32)
         self.s = torch.zeros(n, **f32)
@@ -89,6 +100,7 @@ class _RunningStats:
         if self.has_ref:
             self.kl_sum = torch.zeros(n, **f32)  # sum_v q_v (r_v - z_v)
             self.q_sum = torch.zeros(n, **f32)  # sum_v q_v (1 up to the reference's rounding)
+            assert inputs.ref_logprobs is not None and inputs.ref_index is not None
             self.ref_rows_are_states = bool(
                 inputs.ref_logprobs.shape[0] == n
                 and torch.equal(inputs.ref_index, torch.arange(n, device=device))
@@ -101,20 +113,18 @@ class _RunningStats:
         """
         cols = block.shape[1]
         m_old = self.m[rows]
-        m_new = torch.maximum(m_old, block.amax(1))
-        if self.targets is not None:
-            self._count_greater(block, rows, v0, scratch)
         if self.k:  # each chunk's top-k are kept as candidates and merged once at the end
             kc = min(self.k, cols)
             c0 = (v0 // self.chunk) * self.k
-            torch.topk(
-                block,
-                kc,
-                dim=1,
-                sorted=False,
-                out=(self.top_values[rows, c0 : c0 + kc], self.top_ids[rows, c0 : c0 + kc]),
-            )
+            top_values = self.top_values[rows, c0 : c0 + kc]
+            torch.topk(block, kc, dim=1, sorted=False, out=(top_values, self.top_ids[rows, c0 : c0 + kc]))
             self.top_ids[rows, c0 : c0 + kc] += v0
+            block_max = top_values.amax(1)  # the chunk's maximum is among its top k: no pass over the block
+        else:
+            block_max = block.amax(1)
+        m_new = torch.maximum(m_old, block_max)
+        if self.targets is not None:
+            self._count_greater(block, rows, v0, scratch)
         shifted = block.sub_(m_new[:, None])  # z - m_new
         if self.has_ref:
             self._kl_terms(shifted, rows, v0, m_new, scratch, scratch2)
@@ -136,6 +146,7 @@ class _RunningStats:
         for j in range(tz.shape[1]):
             # a float 0/1 buffer: summing it is ~10x faster than summing a bool one, and exact below 2**24
             greater[:, j] += torch.gt(block, tz[:, j : j + 1], out=flags).sum(1)
+        assert self.targets is not None  # only called when targets were asked for
         rel = self.targets[rows] - v0
         inside = (rel >= 0) & (rel < block.shape[1])
         if bool(inside.any()):
@@ -146,8 +157,10 @@ class _RunningStats:
         self, shifted: Tensor, rows: slice, v0: int, m_new: Tensor, scratch: Tensor, scratch2: Tensor
     ) -> None:
         """Accumulate ``sum q (r - z)`` and ``sum q`` for ``KL(q || p) = sum q (r - z) + lse * sum q``."""
-        ref = self.inputs.ref_logprobs[:, v0 : v0 + shifted.shape[1]]
-        ref = ref[rows] if self.ref_rows_are_states else ref[self.inputs.ref_index[rows]]
+        ref_logprobs, ref_index = self.inputs.ref_logprobs, self.inputs.ref_index
+        assert ref_logprobs is not None and ref_index is not None  # only called with a reference
+        ref = ref_logprobs[:, v0 : v0 + shifted.shape[1]]
+        ref = ref[rows] if self.ref_rows_are_states else ref[ref_index[rows]]
         # -inf (q = 0) becomes a huge finite number: q = exp(r) = 0 and 0 * (r - z) = 0 instead of nan
         r = torch.clamp(ref, min=_NO_MAX / 4, out=_view(scratch2, shifted.shape))
         q = torch.exp(r, out=_view(scratch, shifted.shape))
@@ -159,7 +172,7 @@ class _RunningStats:
     def finish(self) -> LensStatistics:
         log_s = self.s.log()
         lse = self.m + log_s
-        out: dict[str, Tensor | None] = {"logsumexp": lse, "entropy": log_s - self.t / self.s}
+        out: dict[str, Any] = {"logsumexp": lse, "entropy": log_s - self.t / self.s}
         if self.targets is not None:
             out.update(
                 target_logits=self.target_logits,
@@ -203,21 +216,99 @@ def lens_statistics_chunked(
             ids = state.targets[rows]
             tw = w.index_select(0, ids.flatten()).view(*ids.shape, -1).float()  # [rows, K, d]
             state.target_logits[rows] = torch.bmm(tw, x[rows, :, None])[..., 0]
-    new = torch.full if poison else torch.empty
-    fill = (float("nan"),) if poison else ()
-    block_buf = new((rb * chunk,), *fill, dtype=torch.float32, device=x.device)
-    scratch = new((rb * chunk,), *fill, dtype=torch.float32, device=x.device)
-    scratch2 = new((rb * chunk,), *fill, dtype=torch.float32, device=x.device) if state.has_ref else scratch
-    for v0 in range(0, v, chunk):
-        w_chunk = w[v0 : v0 + chunk]
-        w_t = (w_chunk if w_chunk.dtype == torch.float32 else w_chunk.float()).T
-        cols = w_t.shape[1]
-        for r0 in range(0, n, rb):
-            rows = slice(r0, min(n, r0 + rb))
-            x_rows = x[rows]
-            block = torch.mm(x_rows, w_t, out=_view(block_buf, (x_rows.shape[0], cols)))
+    threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+    if threads > 1 and row_block is None:  # enough row blocks that the workers stay busy to the end
+        rb = max(1, min(rb, -(-n // (WORK_ITEMS_PER_THREAD * threads))))
+
+    def buffers() -> tuple[Tensor, Tensor, Tensor]:
+        new = torch.full if poison else torch.empty
+        fill = (float("nan"),) if poison else ()
+        block_buf = new((rb * chunk,), *fill, dtype=torch.float32, device=x.device)
+        scratch = new((rb * chunk,), *fill, dtype=torch.float32, device=x.device)
+        scratch2 = (
+            new((rb * chunk,), *fill, dtype=torch.float32, device=x.device) if state.has_ref else scratch
+        )
+        return block_buf, scratch, scratch2
+
+    def run_rows(rows: slice, bufs: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Every vocabulary chunk for one block of rows (each row's chunks in order, as a serial pass)."""
+        block_buf, scratch, scratch2 = bufs
+        x_rows = x[rows]
+        for v0 in range(0, v, chunk):
+            w_chunk = w[v0 : v0 + chunk]
+            w_t = (w_chunk if w_chunk.dtype == torch.float32 else w_chunk.float()).T
+            block = torch.mm(x_rows, w_t, out=_view(block_buf, (x_rows.shape[0], w_t.shape[1])))
             state.update(block, rows, v0, scratch, scratch2)
+
+    row_blocks = [slice(r0, min(n, r0 + rb)) for r0 in range(0, n, rb)]
+    if threads > 1 and len(row_blocks) > 1:
+        _run_in_threads(row_blocks, run_rows, buffers, threads)
+    else:
+        bufs = buffers()
+        for rows in row_blocks:
+            run_rows(rows, bufs)
     return state.finish()
+
+
+#: Row blocks per worker thread in the threaded CPU pass (load balance on a machine other jobs share).
+WORK_ITEMS_PER_THREAD = 4
+
+
+def _run_in_threads(
+    row_blocks: list[slice],
+    run_rows: Callable[[slice, tuple[Tensor, Tensor, Tensor]], None],
+    buffers: Callable[[], tuple[Tensor, Tensor, Tensor]],
+    threads: int,
+) -> None:
+    """Row blocks on ``threads`` Python threads whose ops each run single-threaded (torch's thread count
+    is set to 1 for the duration of the pass, then restored).
+
+    Every op of the pass is its own OpenMP region; with torch's threads, each of the dozen reductions per
+    block ends in a barrier, and on a machine whose cores other jobs also use, a barrier waits for a
+    descheduled thread (5-10x slower than the one big matmul at a load of 8 on 2 cores). Disjoint rows on
+    separate threads need no barrier: each thread runs its blocks at its own pace (torch ops release the
+    GIL), the threads share the remaining blocks, and the result is the serial pass's, bit for bit (each
+    row still sees its vocabulary chunks in order).
+    """
+    pending = list(reversed(row_blocks))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    # autograd modes are thread-local: a new thread would record a graph (and refuse ``out=``) under a
+    # caller's no_grad, or refuse in-place work on inference tensors; the workers run in the caller's modes
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def work() -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            run_pending()
+
+    def run_pending() -> None:
+        bufs = buffers()
+        while not errors:
+            with lock:
+                if not pending:
+                    return
+                rows = pending.pop()
+            try:
+                run_rows(rows, bufs)
+            except BaseException as err:  # re-raised in the caller's thread
+                errors.append(err)
+
+    with _THREADS_LOCK:  # the thread count is process-wide: one threaded pass at a time sets and restores it
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            workers = [threading.Thread(target=work, name=f"lens-stats-{i}") for i in range(threads)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+        finally:
+            torch.set_num_threads(previous)
+    if errors:
+        raise errors[0]
+
+
+_THREADS_LOCK = threading.Lock()
 
 
 __all__ = [

@@ -6,6 +6,8 @@ what runs under :func:`kernels.force_reference`. It needs ``O(N x V)`` memory; u
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -28,7 +30,7 @@ def lens_statistics_reference(inputs: LensInputs) -> LensStatistics:
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits - lse[:, None]
     entropy = -(logp.exp() * logp).sum(-1)
-    out: dict[str, Tensor | None] = {"logsumexp": lse, "entropy": entropy}
+    out: dict[str, Any] = {"logsumexp": lse, "entropy": entropy}
     if inputs.targets is not None:
         tl = logits.gather(1, inputs.targets)
         ranks = torch.stack([(logits > tl[:, j : j + 1]).sum(-1) for j in range(tl.shape[1])], dim=1)

@@ -67,6 +67,13 @@ class LensStatistics:
             if all(present) and len({v.shape for v in values}) != 1:
                 raise ValueError(f"LensStatistics: {', '.join(group)} differ in shape")
 
+    def require(self, name: str) -> Tensor:
+        """The field ``name``, which the caller asked the kernel for (an error if it was not computed)."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"LensStatistics.{name} was not requested from the kernel")
+        return value
+
     @property
     def num_states(self) -> int:
         """``N``, the number of states (rows)."""
@@ -78,7 +85,8 @@ class LensStatistics:
 
     def to(self, device: torch.device | str) -> LensStatistics:
         """The same statistics on another device."""
-        return LensStatistics(**{k: None if v is None else v.to(device) for k, v in self.to_dict().items()})
+        moved = {k: None if v is None else v.to(device) for k, v in self.to_dict().items()}
+        return LensStatistics(**moved)  # type: ignore[arg-type]  # the optional fields stay None
 
     def cpu(self) -> LensStatistics:
         """The same statistics on the CPU."""

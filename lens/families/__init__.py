@@ -43,7 +43,7 @@ class Family:
     name: str
     summary: str
     model_type: str
-    config_class: type
+    config_class: Any  # a config dataclass with a from_dict classmethod
     model_class: type[LoopedLM]
     expects: str  # the weights that identify it, in words (for error messages)
     matches: Callable[[Collection[str]], bool]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import kernels
 from lens.config import RecurrentDepthConfig
 from lens.errors import InputError
-from lens.layers import RMSNorm, SandwichBlock, init_block_, precompute_freqs_cis
+from lens.layers import RMSNorm, SandwichBlock, init_block_, precompute_freqs_cis, rotary_rotation
 from lens.layout import ModulePaths, UnrolledLayout
 from lens.looped import InitState, LoopedLM
 
@@ -46,6 +46,22 @@ def huginn_layout(
     )
 
 
+class HuginnTransformer(nn.Module):
+    """The checkpoint's ``transformer.*`` modules: embeddings, prelude, adapter, core, coda, final norm."""
+
+    def __init__(self, config: RecurrentDepthConfig, block_class: type[nn.Module]) -> None:
+        super().__init__()
+        d = config.n_embd
+        self.wte = nn.Embedding(config.padded_vocab_size, d)
+        self.prelude = nn.ModuleList(block_class(config) for _ in range(config.n_layers_in_prelude))
+        self.adapter = nn.Linear(2 * d, d, bias=config.bias)
+        self.core_block = nn.ModuleList(
+            block_class(config) for _ in range(config.n_layers_in_recurrent_block)
+        )
+        self.coda = nn.ModuleList(block_class(config) for _ in range(config.n_layers_in_coda))
+        self.ln_f = RMSNorm(d, eps=config.norm_eps)
+
+
 class RecurrentDepthLM(LoopedLM):
     """A Huginn-architecture model whose forward pass streams its states to consumers.
 
@@ -65,17 +81,7 @@ class RecurrentDepthLM(LoopedLM):
         self.config = config
         self.layout = self.build_layout(config)
         d = config.n_embd
-        Block = self.block_class
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, d),
-                prelude=nn.ModuleList(Block(config) for _ in range(config.n_layers_in_prelude)),
-                adapter=nn.Linear(2 * d, d, bias=config.bias),
-                core_block=nn.ModuleList(Block(config) for _ in range(config.n_layers_in_recurrent_block)),
-                coda=nn.ModuleList(Block(config) for _ in range(config.n_layers_in_coda)),
-                ln_f=RMSNorm(d, eps=config.norm_eps),
-            )
-        )
+        self.transformer = HuginnTransformer(config, self.block_class)
         self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -111,8 +117,8 @@ class RecurrentDepthLM(LoopedLM):
         nn.init.trunc_normal_(self.transformer.adapter.weight, std=std, a=-3 * std, b=3 * std)
         if self.transformer.adapter.bias is not None:
             nn.init.zeros_(self.transformer.adapter.bias)
-        for stage in ("prelude", "core_block", "coda"):
-            for block in self.transformer[stage]:
+        for stage in (self.transformer.prelude, self.transformer.core_block, self.transformer.coda):
+            for block in stage:
                 init_block_(block, std, out_std)
         nn.init.ones_(self.transformer.ln_f.weight)
         if not self.config.tie_embeddings:
@@ -139,7 +145,19 @@ class RecurrentDepthLM(LoopedLM):
         return self.transformer.wte(input_ids) * self.config.embed_scale
 
     def rope(self, positions: Tensor) -> Tensor:
-        return self.freqs_cis[0, positions]
+        """The rotations of ``freqs_cis`` at ``positions``, in the form :func:`lens.layers.apply_rotary` multiplies."""
+        return self._rotations()[0, positions]
+
+    def _rotations(self) -> Tensor:
+        """:func:`~lens.layers.rotary_rotation` of the whole ``freqs_cis`` table, rebuilt only when the table
+        changes (another tensor, device or dtype, or an in-place write: its version counter)."""
+        table = self.freqs_cis
+        key = (table.data_ptr(), table._version, table.device, table.dtype, tuple(table.shape))
+        cached = self.__dict__.get("_rotation_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, rotary_rotation(table))
+            self.__dict__["_rotation_cache"] = cached  # a plain attribute: not a buffer, not in checkpoints
+        return cached[1]
 
     def initial_state(
         self, embedded: Tensor, init_state: InitState = None, generator: torch.Generator | None = None

@@ -54,8 +54,9 @@ class OuroConfig:
     intermediate_size: int = 5632
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
+    # None in the constructor means "derive it"; __post_init__ always sets an int.
+    num_key_value_heads: int = None  # type: ignore[assignment]
+    head_dim: int = None  # type: ignore[assignment]
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
@@ -204,6 +205,18 @@ def ouro_layout(config: OuroConfig) -> UnrolledLayout:
     )
 
 
+class OuroStack(nn.Module):
+    """The checkpoint's ``model.*`` modules (embeddings, the looped layers, the final norm, the exit gate)."""
+
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(OuroBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(d, 1, bias=True)
+
+
 class OuroLM(LoopedLM):
     """Ouro under looplens's stream: per-iteration states, readouts and exit-gate readings.
 
@@ -227,14 +240,7 @@ class OuroLM(LoopedLM):
         self.config = config
         self.layout = ouro_layout(config)
         d = config.hidden_size
-        self.model = nn.ModuleDict(
-            dict(
-                embed_tokens=nn.Embedding(config.vocab_size, d),
-                layers=nn.ModuleList(OuroBlock(config) for _ in range(config.num_hidden_layers)),
-                norm=RMSNorm(d, eps=config.rms_norm_eps),
-                early_exit_gate=nn.Linear(d, 1, bias=True),
-            )
-        )
+        self.model = OuroStack(config)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

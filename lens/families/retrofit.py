@@ -16,6 +16,7 @@ block and are not implemented.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -92,7 +93,7 @@ class RetrofitLM(RecurrentDepthLM):
         return self.rotary(positions)
 
 
-def check_config(data: dict[str, Any]) -> None:
+def check_config(data: Mapping[str, Any]) -> None:
     """A retrofit's config must say which RoPE base its Llama layers use."""
     if "rope_theta" not in data:
         raise ConfigError(

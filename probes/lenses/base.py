@@ -27,6 +27,7 @@ class Lens(nn.Module, ABC):
 
     name: str = "lens"
     needs_sequence: bool = False  # True: decoding a position needs the states of all positions
+    model: LoopedLM
 
     def __init__(self, model: LoopedLM) -> None:
         super().__init__()

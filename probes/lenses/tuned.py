@@ -79,7 +79,8 @@ class TunedLens(Lens):
         if site not in self.sites:
             raise ValueError(f"the Tuned Lens has no translator for site {site!r}; it has {self.sites}")
         layer = self.translators[self._key(site, iteration)]
-        return h + layer(h.to(layer.weight.dtype)).to(h.dtype)
+        weight: Tensor = layer.weight  # type: ignore[assignment]  # an nn.Linear's
+        return h + layer(h.to(weight.dtype)).to(h.dtype)
 
     # ---- persistence -----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

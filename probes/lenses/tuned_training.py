@@ -7,7 +7,7 @@ Lens and each trained Tuned Lens, the table the ``looplens tuned-lens`` command 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from lens.errors import InputError
 from lens.model import LoopedLM
 from lens.stream import TraceCollector
 from probes.batching import forward_batches
@@ -58,6 +59,7 @@ def collect_states(
         for site, tensors in collector.trace.states.items():
             for tensor, it in zip(tensors, collector.trace.iterations[site], strict=True):
                 states.setdefault((site, it), []).append(tensor[real].float())
+        assert out.logits is not None  # logits='all' was asked for
         finals.append(F.log_softmax(out.logits[real].float(), dim=-1))
     return StateSet({k: torch.cat(v) for k, v in states.items()}, torch.cat(finals))
 
@@ -98,7 +100,7 @@ def fit_tuned_lens(
     try:
         for _ in tqdm(range(steps), desc=f"tuned lens ({mode})", disable=not progress, mininterval=2):
             idx = torch.randint(0, n, (min(batch_tokens, n),), generator=gen).to(data.final_logprobs.device)
-            loss = 0.0
+            loss = torch.zeros(())
             for (site, it), h in data.states.items():
                 if site not in lens.sites:
                     continue
@@ -115,7 +117,9 @@ def fit_tuned_lens(
 
 
 @torch.no_grad()
-def compare_lenses(model: LoopedLM, data: StateSet, tuned: dict[str, TunedLens]) -> pd.DataFrame:
+def compare_lenses(
+    model: LoopedLM, data: StateSet, tuned: Mapping[Mode, TunedLens] | Mapping[str, TunedLens]
+) -> pd.DataFrame:
     """Held-out mean KL(final ‖ lens) per (site, iteration): the Logit Lens and each Tuned Lens."""
     rows = []
     for (site, it), h in data.states.items():
@@ -144,10 +148,10 @@ def train_and_compare(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[dict[str, TunedLens], pd.DataFrame]:
+) -> tuple[dict[Mode, TunedLens], pd.DataFrame]:
     """Split prompts, fit one Tuned Lens per mode, and return held-out KL per site for every lens."""
     if len(prompts) < 4:
-        raise ValueError("training a Tuned Lens needs at least 4 prompts (some are held out)")
+        raise InputError("training a Tuned Lens needs at least 4 prompts (some are held out)")
     num_steps = num_steps or model.config.mean_recurrence
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, int(len(prompts) * val_fraction))

@@ -12,6 +12,9 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 ``latent_dynamics``         step norms, cosine to the last state, verdicts, PCA trajectories
 ``reference_overlay``       figures 1–3 for Huginn-3.5B (reference study) next to ours
 ``exit_gate``               exit-gate λ_t, exit distribution and threshold exits (Ouro runs only)
+``patching_*``, ...         the patching study's figures (:mod:`studies.figures.patching`)
+``sampler_frontier``        accuracy vs sequential calls and wall time per token (sampler study)
+``wavefront``               diffusion step × position: frozen, iterations, lens ranks (sampler study)
 ==========================  =====================================================================
 
 :func:`render_all` draws every figure whose input tables are present. The chains study adds
@@ -24,7 +27,7 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 
 Example:
     >>> sorted(FIGURES)[:3]
-    ['depth_scaling', 'exit_gate', 'intermediate_vs_final']
+    ['attribution_agreement', 'cot_patching', 'depth_scaling']
 """
 
 from __future__ import annotations
@@ -46,10 +49,13 @@ from studies.figures import (
     numeric_prefix,
     rank_trajectory,
     reference_overlay,
+    sampler_frontier,
+    wavefront,
 )
 from studies.figures.base import Figure, FigureSpec, Headline, Tables
 from studies.figures.intermediate_vs_final import pick_block
 from studies.figures.layout import Layout
+from studies.figures.patching import PATCHING_FIGURES
 from studies.figures.style import LENS_COLORS, save_html, save_png, save_table
 
 __all__ = [
@@ -78,6 +84,9 @@ FIGURES: dict[str, FigureSpec] = {
         latent_dynamics.FIGURE,
         reference_overlay.FIGURE,
         exit_gate.FIGURE,
+        *PATCHING_FIGURES.values(),
+        sampler_frontier.FIGURE,
+        wavefront.FIGURE,
     )
 }
 

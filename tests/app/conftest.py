@@ -64,6 +64,19 @@ def ouro_runs_dir(tmp_path_factory, ouro_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sampler_runs_dir(tmp_path_factory, model_dir) -> Path:
+    """A real (small) sampler-study run of the random model: sampler rows and one traced wavefront."""
+    from studies.sampler import run_sampler_study
+
+    root = tmp_path_factory.mktemp("sampler-runs")
+    run_sampler_study(
+        model=str(model_dir), out=root, name="sampler-small", n=2, steps=2, new_tokens=16, batch_size=2,
+        thresholds=(0.1,), inner=(2,), headways=(1,), wavefront_n=1,
+    )  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="session")
 def partial_runs_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("partial")
     write_run(root, "arith-partial", n_prompts=6, status="running")

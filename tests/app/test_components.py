@@ -313,6 +313,13 @@ def test_adaptive_generation(model):
     assert all(1 <= s <= 8 for s in gen.steps_used)
     fixed = live.generate_adaptive(model, "Question:", 2, 3, "none")
     assert fixed.steps_used == [3] * len(fixed.steps_used)
+    diffusion = live.generate_adaptive(model, "Question:", 5, 3, "none", sampler="diffusion")
+    assert diffusion.criterion.startswith("diffusion (") and "model calls" in diffusion.criterion
+    assert 1 <= len(diffusion.tokens) == len(diffusion.steps_used) <= 5
+    assert all(s >= 1 for s in diffusion.steps_used) and diffusion.max_steps >= max(diffusion.steps_used)
+    # the same tokens as the sampler called directly (seed 0, zero initial states)
+    direct = model.generate(["Question:"], 5, 3, sampler="diffusion", init_scale=0.0, seed=0)
+    assert diffusion.text == direct.texts[0]
 
 
 def test_load_model_errors_are_plain_messages(tmp_path):

@@ -11,7 +11,7 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
-PAGES = ["overview", "trajectories", "lens_grid", "dynamics", "live_probe", "compare"]
+PAGES = ["overview", "trajectories", "lens_grid", "dynamics", "wavefront", "live_probe", "compare"]
 
 
 def start(monkeypatch, runs: Path, model: Path | str) -> AppTest:
@@ -153,6 +153,40 @@ def test_live_probe_and_generation(monkeypatch, runs_dir, model_dir):
     specs = [c.proto.spec for c in at.get("plotly_chart")]
     assert any('"type":"bar"' in s.replace(" ", "") for s in specs)
     assert at.code  # the generated text
+
+
+def test_live_generation_with_the_diffusion_sampler(monkeypatch, runs_dir, model_dir):
+    at = goto(start(monkeypatch, runs_dir, model_dir), "live_probe")
+    at.text_area(key="live_text").input("Question: What is (4 + 3) - 2?\nAnswer:")
+    probe(at)
+    assert at.segmented_control(key="live_gen_sampler").options == ["autoregressive", "diffusion"]
+    at.segmented_control(key="live_gen_sampler").set_value("diffusion")
+    next(b for b in at.button if b.label == "Generate").click().run()
+    assert_clean(at)
+    assert "diffusion (" in texts(at) and at.code
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any('"type":"bar"' in s.replace(" ", "") for s in specs)
+
+
+def test_wavefront_page(monkeypatch, sampler_runs_dir, model_dir):
+    at = goto(start(monkeypatch, sampler_runs_dir, model_dir), "wavefront")
+    assert_clean(at)
+    assert at.sidebar.selectbox(key="run").value == "sampler-small"
+    step = at.slider(key="wave_step")
+    first = at.dataframe[0].value
+    assert {"guess", "final next token", "frozen", "iterations so far", "logit rank"} <= set(first.columns)
+    assert charts(at) == 2  # the wavefront heat maps and the speed-accuracy frontier
+    assert step.max > step.min
+    step.set_value(step.max).run()
+    assert_clean(at)
+    last = at.dataframe[0].value
+    assert last["iterations so far"].max() >= 1 and f"step {int(step.max)}:" in texts(at)
+
+
+def test_wavefront_page_on_a_run_without_one(monkeypatch, runs_dir, model_dir):
+    at = goto(start(monkeypatch, runs_dir, model_dir), "wavefront")
+    assert_clean(at)
+    assert "no wavefront records" in " ".join(i.value for i in at.info)
 
 
 def test_live_probe_arithmetic_picker(monkeypatch, runs_dir, model_dir):
@@ -323,6 +357,9 @@ def test_every_page_on_an_ouro_run_and_model(monkeypatch, ouro_runs_dir, ouro_mo
     specs = [c.proto.spec for c in at.get("plotly_chart")]
     assert any("P(exited)" in s for s in specs)  # the exit-gate map of the live prompt
     assert "gate" in at.selectbox(key="live_gen_crit").options
+    assert not at.get("segmented_control") or all(
+        c.key != "live_gen_sampler" for c in at.segmented_control
+    )  # no diffusion sampler for Ouro
     at.selectbox(key="live_gen_crit").set_value("gate")
     next(b for b in at.button if b.label == "Generate").click().run()
     assert_clean(at)

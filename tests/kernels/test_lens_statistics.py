@@ -107,6 +107,57 @@ def test_chunked_options(gen, chunk, k_targets, topk, with_ref, norm):
     assert_matches(stats, expected(args), args, topk, ATOL[torch.float32])
 
 
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_threaded_cpu_pass_equals_the_serial_pass(gen, with_ref, monkeypatch):
+    """Issue #15.4: with torch threads the CPU pass splits rows over Python threads (single-threaded ops,
+    no barrier per op); with the same row blocks every field equals the one-thread pass bit for bit, and
+    the thread count is restored."""
+    args = make_inputs(gen, 61, 96, 3001, torch.float32, k_targets=3, with_ref=with_ref)
+    inputs = prepare_lens_inputs(**args, topk=5)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = lens_statistics_chunked(inputs, chunk_size=700, row_block=6, poison=True)
+        torch.set_num_threads(3)
+        threaded = lens_statistics_chunked(inputs, chunk_size=700, row_block=6, poison=True)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)
+    for name, value in serial.to_dict().items():
+        other = threaded.to_dict()[name]
+        assert (value is None) == (other is None), name
+        if value is not None:
+            assert torch.equal(value, other), name
+    assert_matches(threaded, expected(args), args, 5, ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_threaded_cpu_pass_runs_in_the_callers_autograd_mode(gen, mode):
+    """The worker threads take the caller's grad / inference mode (torch keeps them per thread): weights
+    that require grad under ``no_grad`` and inference tensors under ``inference_mode`` both work."""
+    args = make_inputs(gen, 40, 32, 1500, torch.float32, k_targets=2, with_ref=True)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = lens_statistics_chunked(prepare_lens_inputs(**args, topk=3), chunk_size=500, row_block=5)
+        torch.set_num_threads(2)
+        if mode == "no_grad":
+            args["unembedding"] = torch.nn.Parameter(args["unembedding"].clone())
+            with torch.no_grad():
+                inputs = prepare_lens_inputs(**args, topk=3)
+                threaded = lens_statistics_chunked(inputs, chunk_size=500, row_block=5)
+        else:
+            with torch.inference_mode():
+                inputs = prepare_lens_inputs(**{k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                for k, v in args.items()}, topk=3)  # fmt: skip
+                threaded = lens_statistics_chunked(inputs, chunk_size=500, row_block=5)
+    finally:
+        torch.set_num_threads(previous)
+    for name, value in serial.to_dict().items():
+        if value is not None:
+            assert torch.equal(value, threaded.to_dict()[name]), name
+
+
 def test_ref_index_maps_states_to_reference_rows(gen):
     args = make_inputs(gen, 31, 64, 1000, torch.float32, ref_rows=5)
     stats = lens_statistics(**args, chunk_size=300)

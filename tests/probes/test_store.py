@@ -56,16 +56,9 @@ def rank_rows(batch: int, prompts: int = 2, layers: int = 3) -> list[dict]:
 
 def test_schemas_name_the_tables_and_nullable_columns():
     assert set(SCHEMAS) == {
-        "ranks",
-        "topk",
-        "answers",
-        "dynamics",
-        "prompts",
-        "verdicts",
-        "exit_gate",
-        "prompt_meta",
-        "linear_probes",
-    }
+        "ranks", "topk", "answers", "dynamics", "prompts", "verdicts", "exit_gate", "prompt_meta", "patching",
+        "patch_pairs", "linear_probes",
+    }  # fmt: skip
     nullable = {name: sorted(f.name for f in s if f.nullable) for name, s in SCHEMAS.items()}
     assert nullable == {
         "ranks": ["kl_to_final"],
@@ -77,7 +70,12 @@ def test_schemas_name_the_tables_and_nullable_columns():
         "linear_probes": [],
         "exit_gate": [],
         "prompt_meta": ["error", "metadata", "steps_used", "targets"],
-    }
+        "patching": [
+            "clean_prob", "clean_rank", "corrupt_prob", "corrupt_rank", "effect", "exit_step", "follow_prob",
+            "follow_rank", "outcome", "positions", "top_prob", "top_token_id", "top_tokens",
+        ],
+        "patch_pairs": ["clean_exit_step", "corrupt_exit_step", "follow_answer_id", "group"],
+    }  # fmt: skip
     assert SCHEMAS["topk"].field("k").type == pa.int8()
     assert SCHEMAS["ranks"].field("position").type == pa.int32()
 

@@ -264,6 +264,7 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("corrupt_top_id", pa.int64(), "the unpatched corrupted run's top-1 token"),
         _f("clean_exit_step", pa.float32(), "expected exit iteration of the clean run", nullable=True),
         _f("corrupt_exit_step", pa.float32(), "expected exit iteration of the corrupted run", nullable=True),
+    ],
     "wavefront": [
         _RUN,
         _PROMPT,

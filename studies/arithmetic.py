@@ -409,9 +409,13 @@ def _drop_missing(ranks: pd.DataFrame, missing: dict[str, list[bool]], start: in
 
 def _tuned_lens(net: LoopedLM, run: Run, template: PromptTemplate, steps: int, seed: int) -> TunedLens:
     """Train (once per run; reloaded on resume) a shared Tuned Lens on training-split prompts."""
+    return tuned_lens_for_run(net, run, template, study_tuned_lens_problems(seed), steps, seed)
+
+
+def study_tuned_lens_problems(seed: int = 0) -> list[arithmetic.Problem]:
+    """The arithmetic problems (training split, with answers) the study's Tuned Lens is fitted on."""
     training = TUNED_LENS_TRAINING
-    problems = arithmetic.sample(TASK, training["prompts"], split=training["split"], seed=seed + 1)
-    return tuned_lens_for_run(net, run, template, problems, steps, seed)
+    return arithmetic.sample(TASK, training["prompts"], split=training["split"], seed=seed + 1)
 
 
 def tuned_lens_for_run(
@@ -421,15 +425,24 @@ def tuned_lens_for_run(
     where = run.path / "tuned_lens"
     if (where / "tuned_lens.json").is_file():
         return TunedLens.load(where, net)
-    tuned = fit_study_tuned_lens(net, template, steps, seed)
+    tuned = fit_study_tuned_lens(net, template, steps, seed, problems)
     tuned.save(where)
     return tuned
 
 
-def fit_study_tuned_lens(net: LoopedLM, template: PromptTemplate, steps: int, seed: int = 0) -> TunedLens:
-    """The study's Tuned Lens (``TUNED_LENS_TRAINING``: shared over iterations, fitted on training-split
-    arithmetic problems with their answers); the explorer trains the same one for its live model."""
+def fit_study_tuned_lens(
+    net: LoopedLM,
+    template: PromptTemplate,
+    steps: int,
+    seed: int = 0,
+    problems: Sequence[Any] | None = None,
+) -> TunedLens:
+    """The study's Tuned Lens (``TUNED_LENS_TRAINING``: shared over iterations, fitted on ``problems``,
+    by default training-split arithmetic problems with their answers); the explorer trains the same one
+    for its live model."""
     training = TUNED_LENS_TRAINING
+    if problems is None:
+        problems = study_tuned_lens_problems(seed)
     prompts = [
         net.tokenizer.encode(template.render(p.context, net.tokenizer) + p.completion) for p in problems
     ]

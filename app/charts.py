@@ -21,7 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -34,22 +37,39 @@ from probes.palette import LENS_ORDER, TARGET_ORDER, lens_color, rgba, target_co
 
 __all__ = [
     "DASHES",
+    "PROMPT_HOVER",
+    "RANK_FLOOR",
+    "RUN_COLORS",
     "accuracy_by_depth",
+    "cell_budget",
     "compare_trajectories",
     "empty_figure",
     "exit_gate_curves",
     "exit_gate_heatmap",
+    "exit_trace_chart",
     "heatmap_grid",
+    "hover_by_layer",
+    "intermediate_vs_final",
     "layer_label",
     "lens_grid",
+    "numeric_share",
+    "overlay_trajectories",
+    "overview_figure",
+    "pca_projections",
     "pca_trajectories",
+    "power_label",
+    "probability_entropy",
     "rank_heatmap",
+    "rank_range",
     "rank_trajectory",
     "series_label",
+    "short_token",
     "step_curves",
     "steps_used_bar",
-    "token_text",
+    "token_html",
+    "token_label",
     "verdict_bar",
+    "verdict_help",
 ]
 
 #: With several targets on one figure each gets the next dash (lenses and targets keep the colours and
@@ -60,16 +80,54 @@ _MARGIN = dict(l=60, r=20, t=60, b=50)
 _HOVER = dict(
     bgcolor="rgba(255,255,255,0.95)", bordercolor="#999", font=dict(size=12, color="#222"), align="left"
 )
-_LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.2, x=0, xanchor="left")
 _MARGIN_LEGEND = dict(l=60, r=20, t=60, b=110)
+_LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.2, x=0, xanchor="left")
 
 
-def token_text(token: str | None) -> str:
-    """A token made visible in a cell or hover: spaces ``␣``, newlines ``↵``, tabs ``⇥``, HTML escaped."""
+def _legend_below(height: int, margin: dict = _MARGIN_LEGEND) -> dict:
+    """A horizontal legend 58 px under the plot area (under the x-axis title), whatever the height."""
+    plot = max(height - margin["t"] - margin["b"], 100)
+    return {**_LEGEND_BELOW, "y": -58 / plot}
+
+
+_SPECIAL = re.compile(r"^<\|(.+)\|>$")
+
+
+def token_label(token: str | None) -> str:
+    """A token as plain text for a widget, a table or a metric: spaces ``␣``, newlines ``↵``, tabs ``⇥``.
+
+    Streamlit shows widget labels as they are, so nothing is HTML-escaped here (``token_html`` is the
+    escaped form for plotly, which reads markup).
+    """
     if token is None or (isinstance(token, float) and math.isnan(token)):
         return ""
-    text = str(token).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+    return str(token).replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def token_html(token: str | None) -> str:
+    """``token_label`` HTML-escaped, for plotly text, ticks and hover (plotly reads ``<b>``, ``<br>``)."""
+    return _escape(token_label(token))
+
+
+def short_token(token: str | None, budget: int) -> str:
+    """``token_label`` cut to ``budget`` characters for a narrow cell (HTML-escaped after cutting, so an
+    entity is never cut in half); special tokens ``<|end_text|>`` are written ``⟨end_text⟩`` first."""
+    text = token_label(token)
+    special = _SPECIAL.match(text)
+    if special:
+        text = f"⟨{special.group(1)}⟩"
+    if len(text) > budget:
+        text = text[: max(budget - 1, 1)] + "…"
+    return _escape(text)
+
+
+def cell_budget(columns: int, width_px: int = 1000, char_px: float = 7.5) -> int:
+    """Characters that fit in one of ``columns`` equal cells across ``width_px`` (at least 2, at most 10)."""
+    return int(min(10, max(2, width_px / max(columns, 1) / char_px)))
 
 
 def layer_label(site: str, iteration: int) -> str:
@@ -112,7 +170,12 @@ def empty_figure(message: str, height: int = 260) -> go.Figure:
 
 
 def _stage_shapes(
-    layout: Unrolled | None, *, x_scale: float = 1.0, col: int | None = None, labels: bool = True
+    layout: Unrolled | None,
+    *,
+    x_scale: float = 1.0,
+    col: int | None = None,
+    labels: bool = True,
+    inside: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """Shapes shading prelude and coda and marking iteration boundaries, and annotations naming the
     stages along the top: plain dicts, set in one layout update by the caller (``add_vline`` per
@@ -163,10 +226,10 @@ def _stage_shapes(
         notes = [
             dict(
                 x=x,
-                y=1.0,
+                y=0.99 if inside else 1.0,
                 xref=xref,
-                yref="paper",
-                yanchor="bottom",
+                yref=yref if inside else "paper",
+                yanchor="top" if inside else "bottom",
                 text=text,
                 showarrow=False,
                 font=dict(size=11, color="#666"),
@@ -176,13 +239,27 @@ def _stage_shapes(
     return shapes, notes
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def power_label(exponent: int) -> str:
+    """``10**exponent`` as a plain number up to 1,000 and as ``10⁴`` beyond (never an SI prefix: a rank
+    or a relative step is a pure number, ``1k`` or ``100μ`` would read as a unit)."""
+    if 0 <= exponent <= 3:
+        return f"{10**exponent:,}"
+    return "10" + str(exponent).translate(_SUPERSCRIPT)
+
+
 def _log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
-    """Tick positions (log10 values) and labels 1, 10, 100, 1k, … covering ``[lo, hi]`` ranks."""
-    vals, text = [], []
-    for e in range(0, max(1, math.ceil(math.log10(max(hi, 1)))) + 1):
-        vals.append(float(e))
-        text.append(f"{10**e:,}" if e < 3 else f"{10 ** (e - 3):g}k" if e < 6 else f"1e{e}")
-    return vals, text
+    """Tick positions (log10 values) and labels 1, 10, 100, 1,000, 10⁴ … covering ``[lo, hi]`` ranks."""
+    top = max(1, math.ceil(math.log10(max(hi, 1))))
+    exponents = range(0, top + 1)
+    return [float(e) for e in exponents], [power_label(e) for e in exponents]
+
+
+#: Room kept below rank 1 on a log rank axis (in decades): a lens that reaches the top is drawn clearly
+#: above the bottom edge, not on it.
+RANK_FLOOR = 0.45
 
 
 def _hover_lookup(hover: pd.DataFrame | None, keys: Sequence[str]) -> dict[tuple, str]:
@@ -216,7 +293,7 @@ def _trajectory_traces(
         name = series_label(lens, kind)
         group = group.sort_values(["prompt_id", "unrolled_index"])
         if show_prompts and many:
-            x, y, text = _prompt_lines(group, hover, lens, x_scale)
+            x, y, custom = _prompt_lines(group, x_scale)
             traces.append(
                 go.Scatter(
                     x=x,
@@ -226,9 +303,9 @@ def _trajectory_traces(
                     name=f"{name} (prompts)",
                     legendgroup=name,
                     showlegend=False,
-                    text=text,
+                    customdata=custom,
                     connectgaps=False,
-                    hovertemplate="%{text}<br>rank %{y}<extra></extra>",
+                    hovertemplate=PROMPT_HOVER,
                 )
             )
         med = (
@@ -257,55 +334,52 @@ def _trajectory_traces(
                 showlegend=legend,
                 line=dict(color=color, width=3, dash=dash),
                 marker=dict(size=5, color=color),
+                customdata=None
+                if many
+                else np.stack([np.full(len(med), pid), med["unrolled_index"]], axis=1),
                 hovertemplate=[t + "<extra></extra>" for t in text],
             )
         )
     return traces
 
 
-def _layer_labels(frame: pd.DataFrame) -> pd.Series:
-    """``layer_label`` for every row, vectorised."""
-    site = frame["site"].astype(str)
-    recurrent = site.str.startswith(("core", "adapter", "latent"))
-    return site.where(~recurrent, site + " · t=" + frame["iteration"].astype(str))
+#: Hover of a thin per-prompt line: which prompt and layer (``customdata``), and that a click opens it.
+PROMPT_HOVER = (
+    "prompt #%{customdata[0]} · layer %{customdata[1]}<br>rank %{y:,.0f}<br>"
+    "<i>click to open this prompt</i><extra></extra>"
+)
 
 
-def _prompt_lines(
-    group: pd.DataFrame, hover: pd.DataFrame | None, lens: str, x_scale: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All prompts of one series as one line with a gap (NaN) between prompts, and its hover text.
+def _prompt_lines(group: pd.DataFrame, x_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All prompts of one series as one line with a gap (NaN) between prompts; ``customdata`` holds
+    ``(prompt_id, unrolled_index)`` per point.
 
-    Built with array operations: a 100-prompt × 68-layer series has 6,800 points, and plotly
-    validates numpy arrays far faster than Python lists.
+    Only numbers are shipped per point (a 100-prompt × 68-layer series has 6,800 points): the decoded
+    top tokens are on the bold median's hover and in the prompt's own view, one click away.
     """
-    g = group[["prompt_id", "unrolled_index", "site", "iteration", "rank"]]
-    if hover is not None and not hover.empty:
-        tops = hover[hover["lens"] == lens][["prompt_id", "unrolled_index", "top"]]
-        g = g.merge(tops, on=["prompt_id", "unrolled_index"], how="left")
-    else:
-        g = g.assign(top="")
-    g = g.sort_values(["prompt_id", "unrolled_index"])
-    text = (
-        "prompt #"
-        + g["prompt_id"].astype(str)
-        + " · "
-        + _layer_labels(g)
-        + "<br>"
-        + g["top"].fillna("").astype(str)
-    ).to_numpy(dtype=object)
-    starts = np.flatnonzero(np.diff(g["prompt_id"].to_numpy())) + 1  # where each next prompt begins
-    x = np.insert(g["unrolled_index"].to_numpy(dtype=float) * x_scale, starts, np.nan)
-    y = np.insert(g["rank"].to_numpy(dtype=float), starts, np.nan)
-    return x, y, np.insert(text, starts, "")
+    g = group.sort_values(["prompt_id", "unrolled_index"])
+    pid = g["prompt_id"].to_numpy(dtype=np.float32)  # float32: exact for ids, layers and ranks < 2**24,
+    layer = g["unrolled_index"].to_numpy(dtype=np.float32)  # and half the bytes sent to the browser
+    starts = np.flatnonzero(np.diff(pid)) + 1  # where each next prompt begins
+    x = np.insert(layer * np.float32(x_scale), starts, np.nan)
+    y = np.insert(g["rank"].to_numpy(dtype=np.float32), starts, np.nan)
+    custom = np.stack([np.insert(pid, starts, np.nan), np.insert(layer, starts, np.nan)], axis=1)
+    return x, y, custom
 
 
 def _rank_axis(y_range: tuple[float, float] | None) -> dict:
-    axis = dict(
-        type="log", title="rank (log, 1 = top)", gridcolor="rgba(0,0,0,0.08)", zeroline=False, dtick=1
+    """A log rank axis: 1 (the top) drawn with room below it, ticks 1, 10, 100, 1,000, 10⁴ …"""
+    hi = max(y_range[1], 10.0) if y_range is not None else 10.0
+    tickvals, ticktext = _log_ticks(1, hi * 1.3)
+    return dict(
+        type="log",
+        title="rank (log, 1 = top)",
+        gridcolor="rgba(0,0,0,0.08)",
+        zeroline=False,
+        range=[math.log10(RANK_FLOOR), math.log10(hi * 1.3)],
+        tickvals=[10**v for v in tickvals],
+        ticktext=ticktext,
     )
-    if y_range is not None:
-        axis["range"] = [math.log10(max(y_range[0], 0.8)), math.log10(max(y_range[1], 1.0) * 1.3)]
-    return axis
 
 
 def rank_range(*frames: pd.DataFrame) -> tuple[float, float] | None:
@@ -347,7 +421,7 @@ def rank_trajectory(
         margin=_MARGIN_LEGEND,
         hovermode="closest",
         plot_bgcolor="white",
-        legend=_LEGEND_BELOW,
+        legend=_legend_below(height),
         xaxis=dict(
             title="unrolled layer (prelude → core iterations → coda)",
             gridcolor="rgba(0,0,0,0.05)",
@@ -360,13 +434,14 @@ def rank_trajectory(
 
 
 def heatmap_grid(
-    rows: pd.DataFrame, layout: Unrolled | None = None
+    rows: pd.DataFrame, layout: Unrolled | None = None, like: pd.DataFrame | None = None
 ) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Median rank per unrolled layer laid out as stage/iteration rows × block columns.
 
     Returns ``(cells, row_labels, col_labels)`` where ``cells`` has ``row, col, unrolled_index,
     site, iteration, rank`` (rows: ``prelude``, ``t=1`` … ``t=T``, ``coda``; top to bottom). With the
-    model's ``layout`` every stage row and block column is shown, recorded or not.
+    model's ``layout`` every stage row and block column is shown, recorded or not; without it the rows
+    and columns are those of ``like`` (every panel's rows, so panels side by side line up) or ``rows``.
     """
     med = (
         rows.groupby("unrolled_index")
@@ -378,24 +453,30 @@ def heatmap_grid(
         )
         .reset_index()
     )
-    kind = med["site"].astype(str).str.split(".").str[0]
-    med["row"] = np.where(kind == "core", "t=" + med["iteration"].astype(str), kind)
-    steps = sorted(med.loc[kind == "core", "iteration"].unique())
-    row_labels = (
-        (["prelude"] if (kind == "prelude").any() else [])
-        + [f"t={t}" for t in steps]
-        + (["coda"] if (kind == "coda").any() else [])
-    )
-    width = int(med["block"].max()) + 1 if len(med) else 0
+    med["row"] = _grid_row(med)
+    med["col"] = med["block"].astype(int)
     if layout is not None:
         row_labels = (
             (["prelude"] if layout.prelude else [])
             + [f"t={t}" for t in range(1, layout.steps + 1)]
             + (["coda"] if layout.coda else [])
         )
-        width = max(layout.prelude, layout.core, layout.coda)
-    med["col"] = med["block"].astype(int)
+        return med, row_labels, [f"b{j}" for j in range(max(layout.prelude, layout.core, layout.coda))]
+    ref = like if like is not None and len(like) else rows
+    kind = ref["site"].astype(str).str.split(".").str[0]
+    steps = sorted(ref.loc[kind == "core", "iteration"].unique())
+    row_labels = (
+        (["prelude"] if (kind == "prelude").any() else [])
+        + [f"t={t}" for t in steps]
+        + (["coda"] if (kind == "coda").any() else [])
+    )
+    width = int(ref["block"].max()) + 1 if len(ref) else 0
     return med, row_labels, [f"b{j}" for j in range(width)]
+
+
+def _grid_row(frame: pd.DataFrame) -> np.ndarray:
+    kind = frame["site"].astype(str).str.split(".").str[0]
+    return np.where(kind == "core", "t=" + frame["iteration"].astype(str), kind)
 
 
 def rank_heatmap(
@@ -407,23 +488,37 @@ def rank_heatmap(
     height: int | None = None,
     show_scale: bool = True,
     layout: Unrolled | None = None,
+    like: pd.DataFrame | None = None,
+    missing: str = "not decoded by this lens",
 ) -> go.Figure:
     """Iteration × block heat map of the (median) rank of one lens and target, log colour scale.
 
-    ``hover`` maps ``unrolled_index`` to top-token text (column ``top``).
+    ``hover`` maps ``unrolled_index`` to top-token text (column ``top``). Rows and columns come from
+    the model's ``layout`` (or ``like``), so panels of different lenses line up; a cell the lens does
+    not decode (the Coda Lens at the coda) is grey, and its hover says why (``missing``).
     """
     if rows is None or rows.empty:
         return empty_figure("no rank records for this selection")
-    cells, row_labels, col_labels = heatmap_grid(rows, layout)
+    cells, row_labels, col_labels = heatmap_grid(rows, layout, like)
     R, C = len(row_labels), len(col_labels)
     z = np.full((R, C), np.nan)
     text = np.full((R, C), "", dtype=object)
     hover_text = np.full((R, C), "", dtype=object)
+    blocks = {"prelude": layout.prelude, "coda": layout.coda} if layout is not None else {}
+    for r, label in enumerate(row_labels):
+        stage = label if label in ("prelude", "coda") else "core"
+        have = blocks.get(stage, layout.core if layout is not None else C)
+        for k in range(C):
+            hover_text[r, k] = f"<b>{label} · b{k}</b><br>" + (
+                missing if k < have else f"the {stage} has {have} block{'s' if have != 1 else ''}"
+            )
     tops = (
         {} if hover is None or hover.empty else dict(zip(hover["unrolled_index"], hover["top"], strict=False))
     )
     rindex = {label: i for i, label in enumerate(row_labels)}
     for c in cells.itertuples():
+        if c.row not in rindex or c.col >= C:
+            continue
         r, k = rindex[c.row], c.col
         z[r, k] = math.log10(max(c.rank, 1))
         text[r, k] = f"{c.rank:,.0f}"
@@ -435,7 +530,7 @@ def rank_heatmap(
         z_range if z_range is not None else (1.0, float(np.nanmax(10**z)) if np.isfinite(z).any() else 10.0)
     )
     tickvals, ticktext = _log_ticks(lo, hi)
-    show_text = R * C <= 160
+    show_text = R * C <= 160 and R <= 40  # numbers in cells only where rows are tall enough to read them
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -446,6 +541,7 @@ def rank_heatmap(
             textfont=dict(size=11),
             customdata=hover_text,
             hovertemplate="%{customdata}<extra></extra>",
+            hoverongaps=True,
             colorscale="Viridis_r",
             zmin=math.log10(max(lo, 1)),
             zmax=max(math.log10(max(hi, 1)), 0.5),
@@ -461,7 +557,7 @@ def rank_heatmap(
         font=_FONT,
         hoverlabel=_HOVER,
         margin=_MARGIN,
-        plot_bgcolor="white",
+        plot_bgcolor="#e9e9ee",  # cells without a value (not decoded, no such block) show as grey
         yaxis=dict(autorange="reversed", title=None, tickfont=dict(size=11)),
         xaxis=dict(side="bottom", title=dict(text="core block", font=dict(size=12)), tickangle=0),
     )
@@ -491,13 +587,16 @@ def lens_grid(
     z = np.full((len(rows), len(positions)), np.nan)
     text = np.full(z.shape, "", dtype=object)
     hov = np.full(z.shape, "", dtype=object)
+    budget = cell_budget(len(positions))  # characters that fit in a cell: wide grids get short labels
     for c in cells.itertuples():
         i, j = rindex[c.row], pindex[c.position]
         z[i, j] = c.prob
-        tok = token_text(c.token)
-        text[i, j] = tok if len(tok) <= 10 else tok[:9] + "…"
-        hov[i, j] = getattr(c, "hover", None) or f"{tok} {c.prob:.3f}"
-    labels = [f"{token_text(position_tokens[p]) if 0 <= p < len(position_tokens) else p}" for p in positions]
+        text[i, j] = short_token(c.token, budget)
+        hov[i, j] = getattr(c, "hover", None) or f"{token_html(c.token)} {c.prob:.3f}"
+    labels = [
+        short_token(position_tokens[p], max(budget, 4)) if 0 <= p < len(position_tokens) else str(p)
+        for p in positions
+    ]
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -614,6 +713,7 @@ def step_curves(
             title=names.get(metric, metric),
             type="log" if metric == "step_norm" else "linear",
             dtick=1 if metric == "step_norm" else None,
+            exponentformat="power",  # 10⁻⁴, not "100μ": a relative step has no unit
             gridcolor="rgba(0,0,0,0.08)",
         ),
     )
@@ -715,6 +815,66 @@ def pca_trajectories(
     return fig
 
 
+def pca_projections(
+    dyn: pd.DataFrame,
+    *,
+    color_by: str = "prompt_id",
+    labels: Mapping | None = None,
+    title: str | None = None,
+    height: int = 400,
+) -> go.Figure:
+    """The first three principal components as three flat views (PC1–PC2, PC1–PC3, PC2–PC3): the third
+    dimension of a trajectory without a WebGL scene (which a browser without a GPU draws slowly)."""
+    cols = ["pc1", "pc2", "pc3"]
+    data = dyn.dropna(subset=cols) if dyn is not None and len(dyn) else None
+    if data is None or data.empty:
+        return empty_figure("no PCA coordinates for this selection")
+    pairs = [("pc1", "pc2"), ("pc1", "pc3"), ("pc2", "pc3")]
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        horizontal_spacing=0.06,
+        subplot_titles=[f"{a.upper()} × {b.upper()}" for a, b in pairs],
+    )
+    groups = list(data.groupby(color_by, sort=True))
+    T = int(data["iteration"].max())
+    for (key, g), color in zip(groups, _palette(len(groups)), strict=True):
+        g = g.sort_values("iteration")
+        label = _trajectory_label(key, color_by, labels)
+        symbols = ["circle-open" if t == 1 else "diamond" if t == T else "circle" for t in g["iteration"]]
+        sizes = [9 if t in (1, T) else 4 for t in g["iteration"]]
+        for col, (a, b) in enumerate(pairs, start=1):
+            fig.add_trace(
+                go.Scatter(
+                    x=g[a],
+                    y=g[b],
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=label,
+                    showlegend=col == 1,
+                    line=dict(color=color, width=1.5),
+                    marker=dict(color=color, size=sizes, symbol=symbols),
+                    customdata=g["iteration"],
+                    hovertemplate=f"{label}<br>t=%{{customdata}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+    fig.update_xaxes(zeroline=False, gridcolor="rgba(0,0,0,0.06)")
+    fig.update_yaxes(zeroline=False, gridcolor="rgba(0,0,0,0.06)")
+    fig.update_layout(
+        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN,
+        plot_bgcolor="white",
+        showlegend=len(groups) <= 12,
+        legend=dict(font=dict(size=11)),
+    )
+    return fig
+
+
 def steps_used_bar(
     tokens: Sequence[str],
     steps: Sequence[int],
@@ -726,7 +886,7 @@ def steps_used_bar(
     """Iterations each generated token used before the exit criterion fired (dashed: the cap)."""
     if not len(steps):
         return empty_figure("no tokens generated")
-    labels = [f"{i}: {token_text(t)}" for i, t in enumerate(tokens)]
+    labels = [f"{i}: {token_html(t)}" for i, t in enumerate(tokens)]
     colors = ["#ff7f0e" if s >= max_steps else "#1f77b4" for s in steps]
     fig = go.Figure(
         go.Bar(
@@ -756,7 +916,7 @@ def steps_used_bar(
         xaxis=dict(
             tickmode="array",
             tickvals=list(range(len(steps))),
-            ticktext=[token_text(t) for t in tokens],
+            ticktext=[short_token(t, cell_budget(len(tokens))) for t in tokens],
             title="generated token",
             tickangle=0 if len(steps) <= 16 else -60,
         ),
@@ -766,21 +926,26 @@ def steps_used_bar(
 
 
 def accuracy_by_depth(frame: pd.DataFrame, *, title: str | None = None, height: int = 340) -> go.Figure:
-    """Exact-match accuracy per task against the number of iterations (log₂ axis)."""
+    """Exact-match accuracy per task against the number of iterations (log₂ axis); tasks are named in
+    words (``studies.tasks.arithmetic.task_label``) in a legend beside the plot, never over the lines."""
+    from studies.tasks.arithmetic import task_label
+
     if frame is None or frame.empty or frame["num_steps"].nunique() < 2:
         return empty_figure("no depth-scaling answers in this run")
     fig = go.Figure()
     for (task, g), color in zip(frame.groupby("task"), _palette(frame["task"].nunique()), strict=True):
         g = g.sort_values("num_steps")
+        label = task_label(str(task))
         fig.add_trace(
             go.Scatter(
                 x=g["num_steps"],
                 y=g["accuracy"],
                 mode="lines+markers",
-                name=str(task),
+                name=label,
                 line=dict(color=color, width=2.5),
                 customdata=g["n"],
-                hovertemplate=f"{task}<br>T=%{{x}}: %{{y:.0%}} of %{{customdata}}<extra></extra>",
+                hovertemplate=f"{label} ({task})<br>T=%{{x}}: %{{y:.0%}} of %{{customdata}} problems"
+                "<extra></extra>",
             )
         )
     fig.update_layout(
@@ -788,7 +953,7 @@ def accuracy_by_depth(frame: pd.DataFrame, *, title: str | None = None, height: 
         height=height,
         font=_FONT,
         hoverlabel=_HOVER,
-        margin=_MARGIN,
+        margin=dict(l=60, r=10, t=60, b=50),
         plot_bgcolor="white",
         xaxis=dict(
             title="iterations T",
@@ -797,16 +962,35 @@ def accuracy_by_depth(frame: pd.DataFrame, *, title: str | None = None, height: 
             gridcolor="rgba(0,0,0,0.06)",
         ),
         yaxis=dict(title="accuracy", tickformat=".0%", range=[0, 1.05], gridcolor="rgba(0,0,0,0.08)"),
-        legend=dict(
-            x=0.99,
-            xanchor="right",
-            y=0.02,
-            yanchor="bottom",
-            bgcolor="rgba(255,255,255,0.75)",
-            font=dict(size=11),
-        ),
+        legend=dict(x=1.02, xanchor="left", y=1, yanchor="top", font=dict(size=11)),  # beside the plot
     )
     return fig
+
+
+@functools.cache
+def _verdict_tolerances() -> dict[str, float]:
+    """The tolerances ``probes.dynamics.classify_trajectory`` decides with (its defaults)."""
+    from probes.dynamics import classify_trajectory
+
+    params = inspect.signature(classify_trajectory).parameters
+    return {name: params[name].default for name in ("fixed_tol", "cycle_tol", "max_period")}
+
+
+def verdict_help(verdict: str) -> str:
+    """What a latent-trajectory verdict (``fixed-point``, ``cycle-k``, ``drift``) means, in one line."""
+    tol = _verdict_tolerances()
+    verdict = str(verdict or "")
+    if verdict == "fixed-point":
+        return f"the latent has stopped moving: its last relative step ‖hT − hT−1‖ / ‖hT‖ is below {tol['fixed_tol']:g}"
+    if verdict.startswith("cycle-"):
+        k = verdict.split("-", 1)[1]
+        return (
+            f"not a fixed point, but the latent comes back within {tol['cycle_tol']:.0%} of itself every "
+            f"{k} iterations (periods up to {tol['max_period']} are looked for)"
+        )
+    if verdict == "drift":
+        return "neither a fixed point nor a cycle: the latent is still moving at the last iteration"
+    return ""
 
 
 def verdict_bar(counts: pd.DataFrame, *, height: int = 260) -> go.Figure:
@@ -822,7 +1006,8 @@ def verdict_bar(counts: pd.DataFrame, *, height: int = 260) -> go.Figure:
             text=counts["n"],
             textposition="auto",
             marker_color=[colors.get(v, "#9467bd") for v in counts["verdict"]],
-            hovertemplate="%{y}: %{x}<extra></extra>",
+            customdata=[verdict_help(v) for v in counts["verdict"]],
+            hovertemplate="<b>%{y}</b>: %{x} trajectories<br>%{customdata}<extra></extra>",
         )
     )
     fig.update_layout(
@@ -884,7 +1069,9 @@ def compare_trajectories(
             rows, None, agg, show_prompts=show_prompts, x_scale=scale, legend=False
         ):  # the subplot titles name each side
             fig.add_trace(trace, row=1, col=col)
-        shapes += _stage_shapes(layout, x_scale=scale, col=col, labels=False)[0]
+        panel_shapes, panel_notes = _stage_shapes(layout, x_scale=scale, col=col, inside=True)
+        shapes += panel_shapes
+        notes += panel_notes
         fig.update_xaxes(
             title_text="fraction of unrolled depth" if relative_depth else "unrolled layer",
             row=1,
@@ -945,6 +1132,7 @@ def overview_figure(
                 x=list(g["unrolled_index"]) + list(g["unrolled_index"][::-1]),
                 y=list(g["ci_high"]) + list(g["ci_low"][::-1]),
                 fill="toself",
+                mode="lines",  # a band: no markers (plotly adds them to short traces by default)
                 fillcolor=rgba(color, 0.10),
                 line=dict(width=0),
                 hoverinfo="skip",
@@ -976,7 +1164,7 @@ def overview_figure(
         margin=_MARGIN_LEGEND,
         plot_bgcolor="white",
         hovermode="closest",
-        legend=_LEGEND_BELOW,
+        legend=_legend_below(height),
         xaxis=dict(title="unrolled layer", gridcolor="rgba(0,0,0,0.05)", zeroline=False),
         yaxis=_rank_axis((max(float(data["ci_low"].min()), 1), float(data["ci_high"].max()))),
     )
@@ -1024,6 +1212,7 @@ def exit_gate_curves(rows: pd.DataFrame, *, threshold: float = 0.5, height: int 
             x=t + t[::-1],
             y=per_t["q75"].tolist() + per_t["q25"].tolist()[::-1],
             fill="toself",
+            mode="lines",
             fillcolor=rgba(_GATE_COLORS["cdf"], 0.15),
             line=dict(width=0),
             hoverinfo="skip",
@@ -1060,7 +1249,7 @@ def exit_gate_curves(rows: pd.DataFrame, *, threshold: float = 0.5, height: int 
         hoverlabel=_HOVER,
         margin=_MARGIN_LEGEND,
         plot_bgcolor="white",
-        legend=_LEGEND_BELOW,
+        legend=_legend_below(height),
     )
     return fig
 
@@ -1075,7 +1264,12 @@ def exit_gate_heatmap(
     grid = rows.pivot_table(index="iteration", columns="position", values="exit_cdf")
     lam = rows.pivot_table(index="iteration", columns="position", values="gate_lambda").reindex_like(grid)
     positions = list(grid.columns)
-    labels = [token_text(position_tokens[p]) if 0 <= p < len(position_tokens) else str(p) for p in positions]
+    labels = [
+        short_token(position_tokens[p], cell_budget(len(positions)))
+        if 0 <= p < len(position_tokens)
+        else str(p)
+        for p in positions
+    ]
     exits = (grid >= threshold).idxmax().where((grid >= threshold).any(), grid.index.max())
     fig = go.Figure(
         go.Heatmap(
@@ -1120,5 +1314,384 @@ def exit_gate_heatmap(
             tickangle=0 if len(positions) <= 24 else -60,
         ),
         yaxis=dict(autorange="reversed", title=None),
+    )
+    return fig
+
+
+def probability_entropy(
+    rows: pd.DataFrame, *, title: str | None = None, height: int = 520, layout: Unrolled | None = None
+) -> go.Figure:
+    """Two panels along the unrolled depth, one line per lens: the probability the lens gives the target
+    (``prob``) and the entropy (nats) of its whole distribution (``entropy``)."""
+    if rows is None or rows.empty:
+        return empty_figure("no records for this selection")
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.06,  # no subplot titles: they would sit on the stage labels; the y axes say it
+    )
+    for lens in sorted(rows["lens"].unique(), key=lambda name: _series_order(name, "")[:2]):
+        g = rows[rows["lens"] == lens].sort_values("unrolled_index")
+        labels = [layer_label(s, t) for s, t in zip(g["site"], g["iteration"], strict=True)]
+        for row, column, fmt in ((1, "prob", ".3f"), (2, "entropy", ".3f")):
+            fig.add_trace(
+                go.Scatter(
+                    x=g["unrolled_index"],
+                    y=g[column],
+                    mode="lines+markers",
+                    name=f"{lens} lens",
+                    legendgroup=lens,
+                    showlegend=row == 1,
+                    line=dict(color=lens_color(lens), width=2.2),
+                    marker=dict(size=4),
+                    customdata=labels,
+                    hovertemplate=f"<b>{lens} lens</b> · %{{customdata}}<br>{column} %{{y:{fmt}}}<extra></extra>",
+                ),
+                row=row,
+                col=1,
+            )
+    shapes, notes = _stage_shapes(layout, col=1)
+    shapes += _stage_shapes(layout, col=2, labels=False)[0] if layout is not None else []
+    fig.update_yaxes(
+        range=[-0.03, 1.03], title_text="p of the target", row=1, col=1, gridcolor="rgba(0,0,0,0.08)"
+    )
+    fig.update_yaxes(
+        title_text="entropy (nats)", rangemode="tozero", row=2, col=1, gridcolor="rgba(0,0,0,0.08)"
+    )
+    fig.update_xaxes(title_text="unrolled layer", row=2, col=1, gridcolor="rgba(0,0,0,0.05)")
+    fig.update_layout(
+        shapes=shapes,
+        annotations=list(fig.layout.annotations) + notes,
+        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN_LEGEND,
+        plot_bgcolor="white",
+        legend=_legend_below(height),
+    )
+    return fig
+
+
+#: Values of an exit criterion at or below this are drawn at it: float32 noise, numerically zero.
+EXIT_FLOOR = 1e-9
+
+
+def exit_trace_chart(
+    trace: pd.DataFrame, criterion: str, *, title: str | None = None, height: int = 360
+) -> go.Figure:
+    """An exit criterion's value at every iteration (``probes.adaptive.exit_trace``) with its threshold
+    dashed and the first iteration where it lets the token stop marked. Divergences and differences are
+    drawn on a log axis (values at or below ``EXIT_FLOOR`` are drawn there: numerically zero)."""
+    data = trace.dropna(subset=["value"]) if trace is not None and len(trace) else None
+    if data is None or data.empty:
+        return empty_figure("nothing to draw: the criterion needs at least two iterations")
+    threshold = float(trace["threshold"].iloc[0])
+    log = criterion in ("kl", "entropy-diff", "latent-diff")
+    y = data["value"].clip(lower=EXIT_FLOOR) if log else data["value"]
+    fig = go.Figure(
+        go.Scatter(
+            x=data["iteration"],
+            y=y,
+            mode="lines+markers",
+            name=criterion,
+            line=dict(color="#0072B2", width=2.5),
+            customdata=data["value"],
+            hovertemplate=f"t=%{{x}} · {criterion} %{{customdata:.3g}}<extra></extra>",
+        )
+    )
+    shapes = [
+        dict(
+            type="line",
+            xref="paper",
+            x0=0,
+            x1=1,
+            yref="y",
+            y0=threshold,  # shapes take data values on a log axis (annotations take their log)
+            y1=threshold,
+            line=dict(color="#D55E00", dash="dash", width=1.5),
+        )
+    ]
+    notes = [
+        dict(
+            xref="paper",
+            x=1,
+            xanchor="right",
+            yref="y",
+            y=math.log10(threshold) if log else threshold,
+            yanchor="bottom",
+            text=f"threshold {threshold:g}",
+            showarrow=False,
+            font=dict(size=11, color="#D55E00"),
+        )
+    ]
+    stops = data[data["exits"]]
+    if len(stops):
+        t = int(stops["iteration"].iloc[0])
+        shapes.append(
+            dict(
+                type="line",
+                xref="x",
+                x0=t,
+                x1=t,
+                yref="paper",
+                y0=0,
+                y1=1,
+                line=dict(color="#009E73", width=2),
+            )
+        )
+        notes.append(
+            dict(
+                x=t, xref="x", y=1, yref="paper", yanchor="bottom", text=f"exits after t={t}", showarrow=False
+            )
+        )
+    fig.update_layout(
+        shapes=shapes,
+        annotations=notes,
+        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN,
+        plot_bgcolor="white",
+        showlegend=False,
+        xaxis=dict(
+            title="iteration t", gridcolor="rgba(0,0,0,0.06)", dtick=max(1, math.ceil(len(trace) / 16))
+        ),
+        yaxis=dict(
+            title=f"{criterion} (log)" if log else criterion,
+            type="log" if log else "linear",
+            exponentformat="power",
+            gridcolor="rgba(0,0,0,0.08)",
+        ),
+    )
+    return fig
+
+
+#: Colours of the runs overlaid in Compare (distinct from each other; lenses keep their dash).
+RUN_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
+
+
+def overlay_trajectories(
+    series: Sequence[tuple[str, pd.DataFrame, Unrolled | None]],
+    *,
+    relative_depth: bool = True,
+    height: int = 480,
+    title: str | None = None,
+) -> go.Figure:
+    """Median rank trajectories of several runs (or lenses) on one log axis: one colour per series,
+    a legend naming each, and each series' stages marked along the top in its colour (prelude end,
+    coda start) so runs of different depth can be read against each other."""
+    if not series or all(rows is None or rows.empty for _, rows, _ in series):
+        return empty_figure("no records for this selection")
+    fig = go.Figure()
+    notes: list[dict] = []
+    shapes: list[dict] = []
+    for i, (label, rows, layout) in enumerate(series):
+        if rows is None or rows.empty:
+            continue
+        color = RUN_COLORS[i % len(RUN_COLORS)]
+        width = layout.n_unrolled if layout is not None else int(rows["unrolled_index"].max()) + 1
+        scale = 1.0 / max(width - 1, 1) if relative_depth else 1.0
+        med = (
+            rows.groupby("unrolled_index")
+            .agg(rank=("rank", "median"), site=("site", "first"), iteration=("iteration", "first"))
+            .reset_index()
+        )
+        n = rows["prompt_id"].nunique()
+        text = [layer_label(s, t) for s, t in zip(med["site"], med["iteration"], strict=True)]
+        fig.add_trace(
+            go.Scatter(
+                x=med["unrolled_index"] * scale,
+                y=med["rank"],
+                mode="lines+markers",
+                name=f"{label} ({n} prompt{'s' if n != 1 else ''})",
+                line=dict(color=color, width=2.6),
+                marker=dict(size=4, color=color),
+                customdata=np.stack([med["unrolled_index"], text], axis=1),
+                hovertemplate=f"<b>{label}</b><br>layer %{{customdata[0]}} · %{{customdata[1]}}<br>"
+                "median rank %{y:,.0f}<extra></extra>",
+            )
+        )
+        if layout is not None:
+            marks = []
+            if layout.prelude:
+                marks.append((layout.prelude - 0.5, "▏prelude | core"))
+            if layout.coda:
+                marks.append((layout.n_unrolled - layout.coda - 0.5, "▏core | coda"))
+            for x, name in marks:
+                shapes.append(
+                    dict(
+                        type="line",
+                        xref="x",
+                        x0=x * scale,
+                        x1=x * scale,
+                        yref="paper",
+                        y0=0,
+                        y1=1,
+                        line=dict(color=rgba(color, 0.6), dash="dot", width=1.2),
+                    )
+                )
+                notes.append(
+                    dict(
+                        x=x * scale,
+                        y=1.0 + 0.045 * i,
+                        xref="x",
+                        yref="paper",
+                        xanchor="left",
+                        yanchor="bottom",
+                        text=name,
+                        showarrow=False,
+                        font=dict(size=10, color=color),
+                    )
+                )
+    all_rows = [rows for _, rows, _ in series if rows is not None and len(rows)]
+    fig.update_layout(
+        shapes=shapes,
+        annotations=notes,
+        title=dict(text=title, x=0, xanchor="left", font=dict(size=16), y=0.98) if title else None,
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=dict(l=60, r=20, t=60 + 18 * len(series), b=110),
+        plot_bgcolor="white",
+        hovermode="closest",
+        legend=_legend_below(height),
+        xaxis=dict(
+            title="fraction of unrolled depth" if relative_depth else "unrolled layer",
+            gridcolor="rgba(0,0,0,0.05)",
+            zeroline=False,
+            tickformat=".0%" if relative_depth else None,
+        ),
+        yaxis=_rank_axis(rank_range(*all_rows)),
+    )
+    return fig
+
+
+def intermediate_vs_final(
+    table: pd.DataFrame,
+    lens: str,
+    block: int,
+    *,
+    targets: Sequence[str] | None = None,
+    height: int = 440,
+    title: str | None = None,
+) -> go.Figure:
+    """The paper's question, interactively: across iterations at one core block of one lens, the median
+    rank (band: 95 % bootstrap interval) of the intermediate result, the final answer, the control token
+    and the other digits (``studies.figures.intermediate_vs_final.table``)."""
+    from probes.palette import TARGET_ORDER, target_label
+
+    d = table[(table["lens"] == lens) & (table["block"] == block)]
+    if targets is not None:
+        d = d[d["target"].isin(list(targets))]
+    if d.empty:
+        return empty_figure("no intermediate-vs-final records for this lens and block")
+    fig = go.Figure()
+    dashes = {"final": "solid", "intermediate": "dash", "control": "dot", "digit_baseline": "dashdot"}
+    for target in [t for t in TARGET_ORDER if t in set(d["target"])]:
+        s = d[d["target"] == target].sort_values("iteration")
+        color = target_color(target)
+        x = s["iteration"].tolist()
+        fig.add_trace(
+            go.Scatter(
+                x=x + x[::-1],
+                y=s["ci_high"].tolist() + s["ci_low"].tolist()[::-1],
+                fill="toself",
+                mode="lines",
+                fillcolor=rgba(color, 0.13),
+                line=dict(width=0),
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=target,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=s["median"],
+                mode="lines+markers",
+                name=target_label(target),
+                legendgroup=target,
+                line=dict(color=color, width=2.4, dash=dashes.get(target, "solid")),
+                marker=dict(size=5),
+                customdata=np.stack([s["ci_low"], s["ci_high"], s["n"]], axis=1),
+                hovertemplate=f"<b>{target_label(target)}</b><br>t=%{{x}} · median rank %{{y:,.4g}} "
+                "[%{customdata[0]:,.4g}, %{customdata[1]:,.4g}] · %{customdata[2]} problems<extra></extra>",
+            )
+        )
+    steps = int(d["iteration"].max())
+    fig.update_layout(
+        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN_LEGEND,
+        plot_bgcolor="white",
+        hovermode="closest",
+        legend=_legend_below(height),
+        xaxis=dict(
+            title="recurrent iteration t",
+            range=[0.5, steps + 0.5],
+            dtick=max(1, math.ceil(steps / 16)),
+            gridcolor="rgba(0,0,0,0.05)",
+        ),
+        yaxis=_rank_axis((1.0, float(d["ci_high"].max()))),
+    )
+    return fig
+
+
+def numeric_share(
+    table: pd.DataFrame, *, height: int = 400, title: str | None = None, layout: Unrolled | None = None
+) -> go.Figure:
+    """Share of each lens's top-5 decodings that are digits or a minus sign, along the unrolled depth
+    (``studies.figures.numeric_prefix.table``)."""
+    if table is None or table.empty:
+        return empty_figure("no top-k decodings in this run")
+    fig = go.Figure()
+    for lens in sorted(table["lens"].unique(), key=lambda name: _series_order(name, "")[:2]):
+        d = table[table["lens"] == lens].sort_values("unrolled_index")
+        custom = np.stack(
+            [
+                [
+                    layer_label(s, t)
+                    for s, t in zip(d["stage"] + "." + d["block"].astype(str), d["iteration"], strict=True)
+                ],
+                d["n_tokens"],
+            ],
+            axis=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=d["unrolled_index"],
+                y=d["share"],
+                mode="lines+markers",
+                name=f"{lens} lens",
+                line=dict(color=lens_color(lens), width=2.2),
+                marker=dict(size=4),
+                customdata=custom,
+                hovertemplate=f"<b>{lens} lens</b> · layer %{{x}} · %{{customdata[0]}}<br>"
+                "numeric share %{y:.0%} of %{customdata[1]} decoded tokens<extra></extra>",
+            )
+        )
+    shapes, notes = _stage_shapes(layout)
+    fig.update_layout(
+        shapes=shapes,
+        annotations=notes,
+        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=_MARGIN_LEGEND,
+        plot_bgcolor="white",
+        legend=_legend_below(height),
+        xaxis=dict(title="unrolled layer", gridcolor="rgba(0,0,0,0.05)", zeroline=False),
+        yaxis=dict(
+            title="numeric share of top-5",
+            tickformat=".0%",
+            range=[-0.03, 1.03],
+            gridcolor="rgba(0,0,0,0.08)",
+        ),
     )
     return fig

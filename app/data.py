@@ -1,7 +1,8 @@
 """The explorer's reads: DuckDB queries over a run's Parquet tables, cached per run version.
 
 Every query takes ``(path, mtime)``, the run directory and its manifest's modification time in
-nanoseconds (``run_ref`` gives both). A study adds shards by rewriting the manifest, so a run that
+nanoseconds (``run_ref`` gives both; the reference study's released Huginn-3.5B results, which have
+no folder, are ``app.reference.REFERENCE_KEY`` at mtime 0). A study adds shards by rewriting the manifest, so a run that
 is still being written gets a new key, and fresh results, as soon as something new is recorded;
 a finished run is read once per process. Each query exists twice: ``q_*`` (plain, used by the
 benchmark for uncached timings) and the ``st.cache_data``-wrapped name without the prefix (used by
@@ -9,8 +10,11 @@ the pages). Reads go through ``probes.store.Run.query``, which checks every shar
 manifest checksum and raises ``CorruptRunError`` naming the file when one does not match.
 
 Example:
-    >>> path, mtime = run_ref("runs/arithmetic-tiny-arith-T16-n100-s0")  # doctest: +SKIP
-    >>> rank_rows(path, mtime, ("coda",), ("final",)).head()  # doctest: +SKIP
+    >>> from app.reference import REFERENCE_KEY
+    >>> path, mtime = run_ref(REFERENCE_KEY)
+    >>> rows = q_rank_rows(path, mtime, ("logit",), ("final",))
+    >>> int(rows["prompt_id"].nunique()), int(rows["unrolled_index"].max()) + 1
+    (67, 68)
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from app.reference import REFERENCE_KEY, ReferenceRun, is_reference
 from lens.errors import LooplensError
 from lens.layout import Unrolled, UnrolledLayout
 from probes.dataset import last_position_sql
@@ -40,11 +45,15 @@ __all__ = [
     "find_runs",
     "headline",
     "hover_aggregate",
+    "intermediate_table",
+    "numeric_table",
     "hover_per_prompt",
     "layout",
     "median_trajectories",
     "open_run",
+    "prompt_ranks",
     "prompt_table",
+    "prompt_topk",
     "rank_rows",
     "run_ref",
     "verdict_counts",
@@ -82,6 +91,8 @@ class _Params(list):
 
 def run_ref(path: str | os.PathLike[str]) -> tuple[str, int]:
     """``(resolved path, manifest mtime in ns)``: the cache key of a run's current contents."""
+    if is_reference(path):
+        return REFERENCE_KEY, 0
     resolved = Path(path).resolve()
     return str(resolved), (resolved / MANIFEST).stat().st_mtime_ns
 
@@ -92,9 +103,11 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunInfo]:
 
 
 @functools.lru_cache(maxsize=16)
-def open_run(path: str, mtime: int) -> Run:
+def open_run(path: str, mtime: int) -> Run | ReferenceRun:
     """One read-only ``Run`` per run version, so shard checksums are verified once per process."""
     del mtime  # part of the cache key only
+    if is_reference(path):
+        return ReferenceRun.get()
     return Run.open(path)
 
 
@@ -199,7 +212,9 @@ def q_hover_per_prompt(
     params = _Params()
     sql = f"""
     SELECT lens, prompt_id, unrolled_index,
-           string_agg(printf('%d. %s  %.3f', k, {_TOKEN_SQL}, exp(logprob)), '<br>' ORDER BY k) AS top
+           string_agg(CASE WHEN logprob IS NULL THEN printf('%d. %s', k, {_TOKEN_SQL})
+                           ELSE printf('%d. %s  p = %.3f', k, {_TOKEN_SQL}, exp(logprob)) END,
+                      '<br>' ORDER BY k) AS top
     FROM topk
     WHERE unrolled_index >= 0 AND {last_position_sql("topk")}
       {params.isin("lens", lenses)}{params.isin("prompt_id", prompt_ids, int)}
@@ -211,7 +226,8 @@ def q_hover_per_prompt(
 def q_hover_aggregate(
     path: str, mtime: int, lenses: Sequence[str], prompt_ids: Sequence[int] | None = None
 ) -> pd.DataFrame:
-    """``lens, unrolled_index, top``: the most frequent top-1 tokens over the prompts, with their counts."""
+    """``lens, unrolled_index, top``: the most frequent top-1 tokens over the prompts, in words
+    (``' 7'  top-1 in 15 of 20 prompts, mean p = 0.83``)."""
     params = _Params()
     sql = f"""
     WITH t AS (SELECT lens, unrolled_index, {_TOKEN_SQL} AS tok, count(*) AS n, avg(exp(logprob)) AS p
@@ -219,9 +235,12 @@ def q_hover_aggregate(
                WHERE k = 1 AND unrolled_index >= 0 AND {last_position_sql("topk")}
                  {params.isin("lens", lenses)}{params.isin("prompt_id", prompt_ids, int)}
                GROUP BY ALL),
-    r AS (SELECT *, row_number() OVER (PARTITION BY lens, unrolled_index ORDER BY n DESC, p DESC) AS i FROM t)
+    r AS (SELECT *, row_number() OVER (PARTITION BY lens, unrolled_index ORDER BY n DESC, p DESC) AS i,
+                 sum(n) OVER (PARTITION BY lens, unrolled_index) AS total FROM t)
     SELECT lens, unrolled_index,
-           string_agg(printf('%s ×%d (p̄ %.2f)', tok, n, p), '<br>' ORDER BY i) AS top
+           string_agg(printf('%s  top-1 in %d of %d prompts', tok, n, total)
+                      || CASE WHEN p IS NULL THEN '' ELSE printf(', mean p = %.2f', p) END,
+                      '<br>' ORDER BY i) AS top
     FROM r WHERE i <= 5 GROUP BY ALL
     """
     return _query(path, mtime, sql, params)
@@ -318,15 +337,94 @@ def q_headline(path: str, mtime: int) -> dict[str, Any]:
     }
 
 
+def q_prompt_topk(path: str, mtime: int, prompt_id: int, lenses: Sequence[str] | None = None) -> pd.DataFrame:
+    """One prompt's decoded top-k tokens at every layer it recorded (block outputs, ``latent``,
+    ``final``), at its last position: ``lens, unrolled_index, site, iteration, block, k, token, token_id,
+    prob`` (``prob`` is NULL where a run recorded no probabilities, as in the reference study)."""
+    params = _Params([int(prompt_id)])
+    sql = f"""
+    SELECT lens, unrolled_index, site, iteration, block, k, token, token_id, exp(logprob) AS prob
+    FROM topk WHERE prompt_id = ? AND {last_position_sql("topk")} {params.isin("lens", lenses)}
+    ORDER BY lens, unrolled_index, site, k
+    """
+    return _query(path, mtime, sql, params)
+
+
+def q_prompt_ranks(path: str, mtime: int, prompt_id: int) -> pd.DataFrame:
+    """Every lens and target of one prompt, at block outputs (its rank trajectories), with the target
+    token and its probability."""
+    params = _Params([int(prompt_id)])
+    sql = f"""
+    SELECT prompt_id, lens, target_kind, token, unrolled_index, site, iteration, block, rank,
+           exp(logprob) AS prob, entropy
+    FROM ranks WHERE prompt_id = ? AND unrolled_index >= 0 AND {last_position_sql("ranks")}
+    ORDER BY lens, target_kind, unrolled_index
+    """
+    return _query(path, mtime, sql, params)
+
+
+def q_intermediate_table(path: str, mtime: int) -> pd.DataFrame:
+    """The study's intermediate-vs-final-vs-control table (``studies.figures.intermediate_vs_final``) of
+    the run: median rank with its bootstrap interval per lens, core block, iteration and target, on the
+    correctly answered problems. Empty when the run tracked no intermediate results."""
+    from studies.figures import intermediate_vs_final
+
+    layout = q_study_layout(path, mtime)
+    if layout is None:
+        return pd.DataFrame(columns=intermediate_vs_final.COLUMNS)
+    ranks = _query(
+        path,
+        mtime,
+        f"""SELECT prompt_id, position, site, iteration, block, unrolled_index, lens, target_kind, token_id, rank
+        FROM ranks WHERE unrolled_index >= 0 AND {last_position_sql("ranks")}
+          AND (target_kind IN ('final', 'intermediate', 'intermediate_alt', 'control')
+               OR regexp_matches(target_kind, '^digit_[0-9]$'))""",
+    )
+    if not (ranks["target_kind"].isin(["intermediate", "intermediate_alt"])).any():
+        return pd.DataFrame(columns=intermediate_vs_final.COLUMNS)
+    answers = _query(
+        path,
+        mtime,
+        "SELECT prompt_id, num_steps, correct, expected, intermediate FROM answers WHERE purpose = 'probe'",
+    )
+    return intermediate_vs_final.table({"ranks": ranks, "answers": answers}, layout)
+
+
+def q_numeric_table(path: str, mtime: int) -> pd.DataFrame:
+    """The study's numeric-prefix table (``studies.figures.numeric_prefix``): the share of top-5 decodings
+    that are digits or a minus sign, per lens and unrolled layer."""
+    from studies.figures import numeric_prefix
+
+    layout = q_study_layout(path, mtime)
+    if layout is None:
+        return pd.DataFrame(columns=numeric_prefix.COLUMNS)
+    topk = _query(
+        path,
+        mtime,
+        f"""SELECT prompt_id, position, site, iteration, block, unrolled_index, lens, k, token
+        FROM topk WHERE unrolled_index >= 0 AND k <= 5 AND {last_position_sql("topk")}""",
+    )
+    return numeric_prefix.table({"topk": topk}, layout)
+
+
+def q_study_layout(path: str, mtime: int) -> Any:
+    """``q_layout`` as the study figures take it (``studies.figures.Layout``), or ``None``."""
+    from studies.figures.layout import Layout
+
+    unrolled = q_layout(path, mtime)
+    return None if unrolled is None else Layout(unrolled.layout, unrolled.steps)
+
+
 def figure_files(path: str | os.PathLike[str]) -> dict[str, list[Path]]:
-    """The study's saved figures by kind (``png``, ``html``, ``parquet``), sorted by name.
+    """The study's saved figures by kind (``png``, ``html``, ``parquet``), sorted by name (none for the
+    reference study, which is not a folder).
 
     A ``.png`` that is not a readable PNG image (truncated, or another file under that name) is
     listed under ``damaged`` instead, so the page shows the other figures and names that one.
     """
     folder = Path(path) / "figures"
     out: dict[str, list[Path]] = {"png": [], "html": [], "parquet": [], "damaged": []}
-    if folder.is_dir():
+    if not is_reference(path) and folder.is_dir():
         for kind in ("png", "html", "parquet"):
             out[kind] = sorted(p for p in folder.glob(f"*.{kind}") if p.is_file())
         out["damaged"] = [p for p in out["png"] if not _is_png(p)]
@@ -361,6 +459,10 @@ dynamics_rows = _cached(q_dynamics_rows)
 depth_accuracy = _cached(q_depth_accuracy)
 verdict_counts = _cached(q_verdict_counts)
 headline = _cached(q_headline)
+prompt_topk = _cached(q_prompt_topk)
+prompt_ranks = _cached(q_prompt_ranks)
+intermediate_table = _cached(q_intermediate_table)
+numeric_table = _cached(q_numeric_table)
 
 #: name → (uncached, cached) for the benchmark.
 QUERIES = {
@@ -377,4 +479,8 @@ QUERIES = {
     "depth_accuracy": (q_depth_accuracy, depth_accuracy),
     "verdict_counts": (q_verdict_counts, verdict_counts),
     "headline": (q_headline, headline),
+    "prompt_topk": (q_prompt_topk, prompt_topk),
+    "prompt_ranks": (q_prompt_ranks, prompt_ranks),
+    "intermediate_table": (q_intermediate_table, intermediate_table),
+    "numeric_table": (q_numeric_table, numeric_table),
 }

@@ -8,7 +8,6 @@ a path the user gave (a read-only ``--out``, a missing file). Anything else is a
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -446,31 +445,40 @@ def explore(
 
     spec = find_spec("app.main")
     script = Path(spec.origin)  # type: ignore[union-attr, arg-type]
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(script),
-        "--server.address",
-        host,
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        "--client.toolbarMode",
-        "minimal",
-        "--",
-        "--runs",
-        str(runs),
-        "--model",
-        model,
-    ]
+    options = {
+        "server.address": host,
+        "server.port": str(port),
+        "server.headless": "true",
+        "browser.gatherUsageStats": "false",
+        "client.toolbarMode": "minimal",
+    }
+    argv = ["run", str(script), *[f"--{k}={v}" for k, v in options.items()], "--", "--runs", str(runs)]
+    argv += ["--model", model]
     console.print(f"looplens explorer on http://{host}:{port}  (runs: {runs})")
     sys.stdout.flush()
-    os.execv(sys.executable, cmd)  # become the server: signals reach Streamlit directly
+    import threading
+
+    from streamlit.web import cli as streamlit_cli
+
+    # The server answers at once; meanwhile this thread pays the one-time costs (imports, the live
+    # model, the reference study's tables) so that the first page a browser opens is already warm.
+    threading.Thread(target=_warm_explorer, args=(model,), name="warm-explorer", daemon=True).start()
+    streamlit_cli.main(args=argv, prog_name="streamlit", standalone_mode=True)
+
+
+def _warm_explorer(model: str) -> None:
+    """Import what every page needs and load the live model (in the server's process, shared caches)."""
+    import logging
+
+    try:
+        from app import charts, data, live, sections  # noqa: F401
+        from app.reference import ReferenceRun
+        from studies import figures  # noqa: F401
+
+        ReferenceRun.get()
+        live.cached_model(model)
+    except Exception:  # noqa: BLE001 - a warm-up failure is shown by the page that needs it
+        logging.getLogger("looplens.app").debug("warm-up failed", exc_info=True)
 
 
 @app.command()

@@ -412,17 +412,23 @@ def _tuned_lens(net: LoopedLM, run: Run, template: PromptTemplate, steps: int, s
     where = run.path / "tuned_lens"
     if (where / "tuned_lens.json").is_file():
         return TunedLens.load(where, net)
+    tuned = fit_study_tuned_lens(net, template, steps, seed)
+    tuned.save(where)
+    return tuned
+
+
+def fit_study_tuned_lens(net: LoopedLM, template: PromptTemplate, steps: int, seed: int = 0) -> TunedLens:
+    """The study's Tuned Lens (``TUNED_LENS_TRAINING``: shared over iterations, fitted on training-split
+    arithmetic problems with their answers); the explorer trains the same one for its live model."""
     training = TUNED_LENS_TRAINING
     problems = arithmetic.sample(TASK, training["prompts"], split=training["split"], seed=seed + 1)
     prompts = [
         net.tokenizer.encode(template.render(p.context, net.tokenizer) + p.completion) for p in problems
     ]
     data = collect_states(net, prompts, steps, net.layout.block_sites(), seed=seed)
-    tuned = fit_tuned_lens(
+    return fit_tuned_lens(
         net, data, training["kind"], steps, epochs=training["epochs"], lr=training["lr"], seed=seed
     )
-    tuned.save(where)
-    return tuned
 
 
 def _render(run: Run, steps: int) -> dict[str, dict]:

@@ -1,7 +1,8 @@
 """Realistic synthetic runs, written through ``probes.store.Run``: the explorer's tests and benchmark use them.
 
 The tables follow ``probes.records`` exactly as the arithmetic study writes them (last position
-only, block outputs plus ``latent``/``final`` rows off the unrolled axis, top-5 tokens, answers
+only, block outputs plus ``latent``/``final`` rows off the unrolled axis, the Coda Lens ending at
+``latent``, top-5 tokens, answers
 including depth-scaling rows, latent dynamics with verdicts). Numbers are drawn so the figures
 look like a real study: the answer's rank falls over the iterations (earlier under the Coda
 Lens), the intermediate result surfaces mid-way and fades, the control token stays far down.
@@ -383,12 +384,20 @@ def _batch_tables(rng, probs, ids, texts, vocab, prelude, core, coda, steps, len
             }
         )
     return {
-        "ranks": pd.concat(ranks, ignore_index=True),
-        "topk": pd.concat(topk, ignore_index=True),
+        "ranks": _coda_lens_stops_at_latent(pd.concat(ranks, ignore_index=True)),
+        "topk": _coda_lens_stops_at_latent(pd.concat(topk, ignore_index=True)),
         "dynamics": pd.concat(dyn, ignore_index=True),
         "verdicts": pd.DataFrame(verdicts),
         "answers": pd.DataFrame(answers),
     }
+
+
+def _coda_lens_stops_at_latent(frame: pd.DataFrame) -> pd.DataFrame:
+    """As a study records it: the Coda Lens decodes a state through the coda, so it has no rows at the
+    coda blocks nor at ``final`` (at ``latent`` it already equals the model's output)."""
+    site = frame["site"].astype(str)
+    beyond = (frame["lens"] == "coda") & (site.str.startswith("coda.") | (site == "final"))
+    return frame[~beyond].reset_index(drop=True)
 
 
 def _depth_answers(rng: np.random.Generator, steps: int) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Compare: two runs (say Huginn-3.5B against tiny-arith) or two lenses, side by side on shared axes."""
+"""Compare: two runs (say Huginn-3.5B against tiny-arith) or two lenses, overlaid on one axis or side
+by side on shared axes."""
 
 from __future__ import annotations
 
@@ -62,7 +63,13 @@ def _summary(panels: list[dict]) -> pd.DataFrame:
                 "model": p["model"],
                 "prompts": rows["prompt_id"].nunique(),
                 "unrolled layers": layers,
-                "accuracy": None if head["accuracy"] is None else f"{head['accuracy']:.0%}",
+                "accuracy": None
+                if head["accuracy"] is None
+                else "— (selected problems)"
+                if (data.manifest(p["handle"].path, p["handle"].mtime).get("settings") or {}).get(
+                    "answers_selected"
+                )
+                else f"{head['accuracy']:.0%}",
                 "median rank at the end": float(med.iloc[-1]) if len(med) else None,
                 "first top-1 layer": "never"
                 if first is None
@@ -78,10 +85,9 @@ def render() -> None:
         "Two runs — for instance a Huginn-3.5B reference run and tiny-arith — or two lenses "
         "of one run, drawn the same way on a shared log rank axis.",
     )
-    runs = [r for r in ui.runs_found()]
-    if not runs:
+    runs = ui.runs_found()
+    if not ui.own_runs(runs):
         ui.no_runs_message(ui.settings().runs)
-        return
     current = st.session_state.get(ui.RUN_KEY) or runs[0].name
     others = [r.name for r in runs if r.name != current and r.status != "corrupt"]
     left_col, right_col = st.columns(2, gap="large")
@@ -94,22 +100,42 @@ def render() -> None:
         right = _panel("right", runs, others[0] if others else current, "logit" if others else "coda")
     if left is None or right is None:
         return
-    c1, c2, _ = st.columns([1, 1, 3])
+    c0, c1, c2 = st.columns([2, 2, 2], vertical_alignment="bottom")
+    mode = (
+        c0.segmented_control("Layout", ["overlay", "side by side"], default="overlay", key="cmp_mode")
+        or "overlay"
+    )
     relative = c1.toggle(
         "relative depth",
         value=left["rows"]["unrolled_index"].max() != right["rows"]["unrolled_index"].max(),
         key="cmp_relative",
         help="x axis as a fraction of the unrolled depth, so models of different depth line up",
     )
-    thin = c2.toggle("individual prompts", value=False, key="cmp_thin")
-    fig = charts.compare_trajectories(
-        [(left["title"], left["rows"]), (right["title"], right["rows"])],
-        [left["agg"], right["agg"]],
-        relative_depth=relative,
-        show_prompts=thin,
-        layouts=[left["layout"], right["layout"]],
-    )
-    ui.chart(fig, key="cmp_fig")
+    thin = c2.toggle("individual prompts", value=False, key="cmp_thin", disabled=mode == "overlay")
+    if mode == "overlay":
+        same_run = left["name"] == right["name"]
+        fig = charts.overlay_trajectories(
+            [
+                (
+                    p["title"] if same_run else f"{p['name']} · {p['lens']} · {p['kind']}",
+                    p["rows"],
+                    p["layout"],
+                )
+                for p in (left, right)
+            ],
+            relative_depth=relative,
+            title="Median rank over each run's prompts, on one axis (dotted: where each run's stages change)",
+        )
+    else:
+        fig = charts.compare_trajectories(
+            [(left["title"], left["rows"]), (right["title"], right["rows"])],
+            [left["agg"], right["agg"]],
+            relative_depth=relative,
+            show_prompts=thin,
+            layouts=[left["layout"], right["layout"]],
+        )
+    both_rows = pd.concat([p["rows"].assign(run=p["name"]) for p in (left, right)], ignore_index=True)
+    ui.chart(fig, key="cmp_fig", data=both_rows, file_name="compare-ranks")
     st.dataframe(_summary([left, right]), hide_index=True, width="stretch")
 
     st.subheader("Iteration × block", divider="gray")
@@ -133,8 +159,11 @@ def render() -> None:
                     z_range=z_range,
                     height=height,
                     layout=p["layout"],
+                    missing=ui.MISSING.get(p["lens"], f"not decoded by the {p['lens']} lens"),
                 ),
                 key=f"cmp_heat_{side}",
+                data=lambda p=p: charts.heatmap_grid(p["rows"], p["layout"])[0],
+                file_name=f"compare-{side}-iteration-block",
             )
 
 

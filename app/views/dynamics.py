@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, data, live, sections, ui
+from app import charts, data, sections, ui
 
 RUN, LIVE = "Selected run", "Live prompt"
 
@@ -29,10 +29,14 @@ def _from_run() -> None:
     if len(sites) > 1:
         site = st.segmented_control("Site", sites, default=sites[-1], key="dyn_site") or sites[-1]
         dyn = dyn[dyn["site"] == site]
-    sections.trajectory_views(dyn, key="dyn_run", color_by="prompt_id")
+    # a fragment: switching the PCA view reruns only these charts, not the whole page
+    st.fragment(sections.trajectory_views)(dyn, key="dyn_run", color_by="prompt_id")
     a, b = st.columns([1, 2], gap="large")
     with a:
-        ui.chart(charts.verdict_bar(data.verdict_counts(path, mtime)), key="dyn_verdicts")
+        counts = data.verdict_counts(path, mtime)
+        ui.chart(
+            charts.verdict_bar(counts), key="dyn_verdicts", data=counts, file_name=f"{handle.name}-verdicts"
+        )
     with b:
         last = dyn.sort_values("iteration").groupby("prompt_id").tail(1).sort_values("prompt_id")
         st.dataframe(
@@ -46,18 +50,9 @@ def _from_run() -> None:
 
 
 def _live() -> None:
-    name = ui.settings().model
-    model = ui.load_model_or_explain(name)
-    if model is None:
-        return
-    sections.model_caption(model, name)
-    args = sections.live_prompt_form("dynlive", model, choose_lenses=False)
-    if args is None:
-        st.info("Choose a prompt and press **Probe** to follow the latent at every position.")
-        return
-    with st.spinner("Probing…"):
-        probe = live.cached_probe(name, args.prompt, args.num_steps, args.lenses, args.targets)
-    sections.live_dynamics_view(probe, key="dyn_live")
+    session = sections.live_session("dynlive", choose_lenses=False)
+    if session is not None:
+        sections.live_dynamics_view(session.probe, key="dyn_live")
 
 
 def render() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import data, live, sections, ui
+from app import data, sections, ui
 
 
 def _run_prompts():
@@ -26,18 +26,9 @@ def render() -> None:
         "Runs keep only the last position, so the grid probes the live model at every position of "
         "one prompt: each row a layer, each column a position, each cell the decoded top-1 token.",
     )
-    name = ui.settings().model
-    model = ui.load_model_or_explain(name)
-    if model is None:
-        return
-    sections.model_caption(model, name)
-    args = sections.live_prompt_form("grid", model, run_prompts=_run_prompts(), choose_lenses=False)
-    if args is None:
-        st.info("Choose a prompt and press **Probe**.")
-        return
-    with st.spinner("Probing every position…"):
-        probe = live.cached_probe(name, args.prompt, args.num_steps, args.lenses, args.targets)
-    sections.lens_grid_view(probe, key="grid")
+    session = sections.live_session("grid", run_prompts=_run_prompts(), choose_lenses=False)
+    if session is not None:
+        st.fragment(sections.lens_grid_view)(session, key="grid")  # the grid's widgets rerun only the grid
 
 
 ui.guarded(render)

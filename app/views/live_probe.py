@@ -6,44 +6,42 @@ import streamlit as st
 
 from app import live, sections, ui
 
+TABS = ["Rank trajectory", "Probability & entropy", "Lens grid", "Latent dynamics", "Adaptive exit"]
+
 
 def render() -> None:
     ui.page_header(
         "Live probe",
-        "Probe the model given on the command line: rank trajectories, the iteration × block map, the "
-        "lens grid and latent dynamics for one prompt, and adaptive-depth generation.",
+        "Probe the model given on the command line: rank trajectories, probability and entropy per layer, "
+        "the iteration × block map, the lens grid, latent dynamics, and why adaptive depth exits where it "
+        "does. Only the open tab is drawn.",
     )
-    name = ui.settings().model
-    model = ui.load_model_or_explain(name)
-    if model is None:
+    session = sections.live_session("live")
+    if session is None:
         return
-    sections.model_caption(model, name)
-    args = sections.live_prompt_form("live", model)
-    if args is None:
-        st.info(
-            "Type a prompt (or pick a problem) and press **Probe**: a small model answers in about a second "
-            "on a CPU."
-        )
-        return
-    with st.spinner("Probing…"):
-        probe = live.cached_probe(name, args.prompt, args.num_steps, args.lenses, args.targets)
+    probe = session.probe
     sections.probe_summary(probe)
-    names = ["Rank trajectory", "Lens grid", "Latent dynamics", "Adaptive generation"]
-    gated = model.layout.exit_gate
-    tabs = st.tabs(names + (["Exit gate"] if gated else []))
-    with tabs[0]:
-        sections.live_rank_view(probe, key="live_rank")
-    with tabs[1]:
-        sections.lens_grid_view(probe, key="live_grid")
-    with tabs[2]:
-        sections.live_dynamics_view(probe, key="live_dyn")
-    with tabs[3]:
-        sections.generation_view(
-            name, args.prompt, args.num_steps, key="live", criteria=live.exit_criteria(model)
-        )
-    if gated:
-        with tabs[4]:
-            sections.exit_gate_view(probe, key="live")
+    _views(session)
+
+
+@st.fragment
+def _views(session: sections.LiveSession) -> None:
+    """The probe's views in lazy tabs (a fragment: a tab or a widget in it reruns only this part)."""
+    probe = session.probe
+    gated = session.model.layout.exit_gate
+    tabs = sections.lazy_tabs(TABS + (["Exit gate"] if gated else []), key="live_tab")
+    views = [
+        lambda: sections.live_rank_view(probe, key="live_rank"),
+        lambda: sections.probability_view(probe, key="live_prob"),
+        lambda: sections.lens_grid_view(session, key="live_grid"),
+        lambda: sections.live_dynamics_view(probe, key="live_dyn"),
+        lambda: sections.adaptive_view(session, key="live", criteria=live.exit_criteria(session.model)),
+        lambda: sections.exit_gate_view(probe, key="live"),
+    ]
+    for tab, view in zip(tabs, views, strict=False):
+        if tab.open:
+            with tab:
+                view()
 
 
 ui.guarded(render)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app import charts, data, ui
+from app import charts, data, sections, ui
+from app.reference import is_reference
 from lens.errors import LooplensError
 from lens.layout import UnrolledLayout
+from probes.palette import target_label
 
 
 def _runs_table(runs) -> pd.DataFrame:
     rows = []
-    for r in runs:
+    for r in ui.own_runs(runs):
         model = ""
         if r.status != "corrupt":
             try:
@@ -81,14 +83,25 @@ def _headline_metrics(head: dict, manifest: dict) -> None:
         pass
     if settings.get("study"):
         facts.append(f"study `{settings['study']}`")
+    if settings.get("task"):
+        from studies.tasks.arithmetic import task_label
+
+        facts.append(f"task: {task_label(str(settings['task']))} (`{settings['task']}`)")
     st.markdown(" · ".join(facts))
+    if manifest.get("source"):
+        st.caption(manifest["source"])
     cols = st.columns(max(4, 2 + len(head["settle"])))
     cols[0].metric("prompts probed", f"{head['prompts']:,}")
     acc = head["accuracy"]
+    selected = bool(settings.get("answers_selected"))
     cols[1].metric(
         "accuracy",
-        "—" if acc is None else f"{acc:.0%}",
-        help=f"exact match on the {head['answered']} answers of the probed prompts",
+        "—" if acc is None or selected else f"{acc:.0%}",
+        help=(
+            "not measured: the released problems were selected as those the model answered correctly"
+            if selected
+            else f"exact match on the {head['answered']} answers of the probed prompts"
+        ),
     )
     for col, (lens, s) in zip(cols[2:], head["settle"].items(), strict=False):
         layer = s["first_top1_layer"]
@@ -98,9 +111,40 @@ def _headline_metrics(head: dict, manifest: dict) -> None:
             delta=None if layer is None else s["first_top1_site"],
             delta_color="off",
             delta_arrow="off",
-            help=f"first unrolled layer (of {s['layers']}) where the median rank of the {s['target_kind']} "
-            f"token over prompts reaches 1; at the last layer it is {s['final_median_rank']:g}",
+            help=f"first unrolled layer (of {s['layers']}) where the median rank of the "
+            f"{target_label(s['target_kind'])} token ({s['target_kind']}) over prompts reaches 1; at the "
+            f"last layer it is {s['final_median_rank']:g}",
         )
+
+
+@st.fragment
+def _median_chart(handle: ui.RunHandle) -> None:
+    """The targets picker and the median-rank chart (a fragment: picking a target reruns only this)."""
+    path, mtime = handle.path, handle.mtime
+    medians = data.median_trajectories(path, mtime)
+    kinds = [k for k in data.choices(path, mtime)["target_kinds"] if not k.startswith("digit_")]
+    default = [k for k in ("final", "intermediate", "control") if k in kinds] or kinds[:3]
+    chosen = st.pills(
+        "Targets",
+        kinds,
+        default=default,
+        selection_mode="multi",
+        key="overview_targets",
+        help=" · ".join(f"**{k}**: {target_label(k)}" for k in kinds),
+    )
+    shown = medians[medians["target_kind"].isin(chosen or default)]
+    ui.chart(
+        charts.overview_figure(
+            medians,
+            chosen or default,
+            height=460,
+            title="Median rank over all prompts (band: 95 % bootstrap interval; line style: lens)",
+            layout=data.layout(path, mtime),
+        ),
+        key="overview_fig",
+        data=shown,
+        file_name=f"{handle.name}-median-rank",
+    )
 
 
 def render() -> None:
@@ -110,8 +154,9 @@ def render() -> None:
         "run's tables (hover for values, drag to zoom, double-click to reset).",
     )
     runs = ui.runs_found()
-    if runs:
-        with st.expander(f"All runs in `{ui.settings().runs}` ({len(runs)})", expanded=len(runs) > 1):
+    own = ui.own_runs(runs)
+    if own:
+        with st.expander(f"All runs in `{ui.settings().runs}` ({len(own)})", expanded=len(own) > 1):
             st.dataframe(_runs_table(runs), hide_index=True, width="stretch")
     handle = ui.current_run(runs)
     if handle is None:
@@ -122,20 +167,7 @@ def render() -> None:
     head = data.headline(path, mtime)
     _headline_metrics(head, manifest)
 
-    medians = data.median_trajectories(path, mtime)
-    kinds = [k for k in data.choices(path, mtime)["target_kinds"] if not k.startswith("digit_")]
-    default = [k for k in ("final", "intermediate", "control") if k in kinds] or kinds[:3]
-    chosen = st.pills("Targets", kinds, default=default, selection_mode="multi", key="overview_targets")
-    ui.chart(
-        charts.overview_figure(
-            medians,
-            chosen or default,
-            height=460,
-            title="Median rank over all prompts (band: 95 % bootstrap interval; line style: lens)",
-            layout=data.layout(path, mtime),
-        ),
-        key="overview_fig",
-    )
+    _median_chart(handle)
     gate = data.exit_gate_rows(path, mtime)
     if len(gate):
         st.subheader("Exit gate", divider="gray")
@@ -144,29 +176,53 @@ def render() -> None:
             "iteration t if not stopped before; the cumulative exit probability (dotted: the 0.5 threshold "
             "of the threshold exit mode); the exit distribution p_t averaged over prompts."
         )
-        ui.chart(charts.exit_gate_curves(gate), key="overview_gate")
+        ui.chart(
+            charts.exit_gate_curves(gate),
+            key="overview_gate",
+            data=gate,
+            file_name=f"{handle.name}-exit-gate",
+        )
 
-    a, b, c = st.columns([5, 4, 4], gap="large")
+    depth = data.depth_accuracy(path, mtime)
+    verdicts = data.verdict_counts(path, mtime)
+    a, b = st.columns([3, 2], gap="large")
     with a:
         ui.chart(
-            charts.accuracy_by_depth(data.depth_accuracy(path, mtime), title="Accuracy vs iterations"),
+            charts.accuracy_by_depth(depth, title="Accuracy vs iterations"),
             key="overview_depth",
+            data=depth,
+            file_name=f"{handle.name}-accuracy-by-depth",
         )
     with b:
-        ui.chart(charts.verdict_bar(data.verdict_counts(path, mtime), height=340), key="overview_verdicts")
-    with c:
-        st.markdown("**Manifest**")
-        _manifest_panel(manifest)
+        ui.chart(
+            charts.verdict_bar(verdicts, height=340),
+            key="overview_verdicts",
+            data=verdicts,
+            file_name=f"{handle.name}-verdicts",
+        )
+        if len(verdicts):
+            st.caption(
+                "How the latent (last core block, last position) behaves at the last iteration. "
+                + " ".join(
+                    f"**{v}**: {charts.verdict_help(v)}."
+                    for v in sorted(set(verdicts["verdict"]), key=lambda v: (not v.startswith("fixed"), v))
+                )
+            )
+    facts = st.expander("Manifest", key="overview_manifest", on_change="rerun")  # drawn only when open
+    if facts.open:
+        with facts:
+            _manifest_panel(manifest)
 
     prompts = data.prompt_table(path, mtime)
     st.subheader("Prompts", divider="gray")
     if prompts.empty:
         st.caption("No prompts recorded yet.")
     else:
+        st.caption("Click a row to open that prompt: its top-5 tokens at every layer, per lens.")
         columns = ["prompt_id", "prompt_text", "expected", "intermediate", "generated", "correct", "verdict"]
         if prompts["error"].notna().any():  # prompts `looplens probe` could not probe, with the reason
             columns.append("error")
-        st.dataframe(
+        event = st.dataframe(
             prompts[columns],
             hide_index=True,
             width="stretch",
@@ -175,23 +231,45 @@ def render() -> None:
                 "prompt_id": st.column_config.NumberColumn("id", width="small"),
                 "prompt_text": st.column_config.TextColumn("prompt", width="large"),
                 "correct": st.column_config.CheckboxColumn("correct"),
+                "verdict": st.column_config.TextColumn(
+                    "verdict", help="how the latent ends: fixed-point, cycle-k or drift"
+                ),
             },
+            key="overview_prompts",
+            on_select="rerun",
+            selection_mode="single-row",
+        )
+        picked = list(getattr(getattr(event, "selection", None), "rows", []) or [])
+        if picked:
+            sections.open_prompt(int(prompts["prompt_id"].iloc[picked[0]]))
+        ui.download(
+            prompts[columns], f"{handle.name}-prompts", key="overview_prompts_csv", label="Prompts (CSV)"
         )
 
-    files = data.figure_files(path)
+    files = data.figure_files(path) if not is_reference(path) else {}
     if any(files.values()):
-        with st.expander(f"Figures saved by the study ({len(files['png'])} PNG, {len(files['html'])} HTML)"):
-            pngs = files["png"]
-            for start in range(0, len(pngs), 2):
-                for col, png in zip(st.columns(2), pngs[start : start + 2], strict=False):
-                    col.image(str(png), caption=png.name, width="stretch")
-            if files["damaged"]:
-                st.caption(
-                    "Not readable as PNG images (damaged or not images), left out: "
-                    + ", ".join(f"`figures/{p.name}`" for p in files["damaged"])
-                )
-            if files["html"]:
-                st.caption("Interactive HTML: " + ", ".join(f"`figures/{p.name}`" for p in files["html"]))
+        saved = st.expander(
+            f"Figures saved by the study ({len(files['png'])} PNG, {len(files['html'])} HTML)",
+            key="overview_figures",
+            on_change="rerun",  # lazy: the PNGs are read and sent only while it is open
+        )
+        if saved.open:
+            _saved_figures(saved, files)
+
+
+def _saved_figures(where, files: dict) -> None:
+    with where:
+        pngs = files["png"]
+        for start in range(0, len(pngs), 2):
+            for col, png in zip(st.columns(2), pngs[start : start + 2], strict=False):
+                col.image(str(png), caption=png.name, width="stretch")
+        if files["damaged"]:
+            st.caption(
+                "Not readable as PNG images (damaged or not images), left out: "
+                + ", ".join(f"`figures/{p.name}`" for p in files["damaged"])
+            )
+        if files["html"]:
+            st.caption("Interactive HTML: " + ", ".join(f"`figures/{p.name}`" for p in files["html"]))
 
 
 ui.guarded(render)

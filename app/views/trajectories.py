@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, data, ui
+from app import charts, data, sections, ui
+from probes.palette import lens_order, target_label
 
 
 def render() -> None:
@@ -12,7 +13,7 @@ def render() -> None:
         "Rank trajectories",
         "Rank of the target token (1 = the lens's top token) at every block output, in unrolled "
         "order: prelude, core blocks iteration by iteration, coda. Bold: median over the selected "
-        "prompts; thin: each prompt. Hover a point for the decoded top-5 tokens at that layer.",
+        "prompts (hover for the most frequent top-1 tokens); thin: each prompt (click one to open it).",
     )
     handle = ui.current_run()
     if handle is None:
@@ -33,7 +34,7 @@ def render() -> None:
     kinds = opts["target_kinds"]
     c1, c2 = st.columns([1, 1])
     with c1:
-        lenses = (
+        lenses = lens_order(
             st.pills(
                 "Lenses", opts["lenses"], default=opts["lenses"], selection_mode="multi", key="traj_lenses"
             )
@@ -50,8 +51,9 @@ def render() -> None:
                 main_kinds,
                 default=default,
                 key="traj_targets",
-                help="predicted: the model's own answer token; final: the correct answer; "
-                "intermediate: the parenthesised result; control: an unrelated word",
+                format_func=lambda k: f"{k} ({target_label(k)})" if target_label(k) != k else k,
+                help="predicted: the model's own answer token; final: the correct answer; intermediate: the "
+                "parenthesised result; control: an unrelated word; digit_d: the digit d, a baseline",
             )
             or default
         )
@@ -61,27 +63,26 @@ def render() -> None:
     with c4:
         show_prompts = st.toggle("individual prompts", value=True, key="traj_thin")
 
-    rows = data.rank_rows(path, mtime, tuple(lenses), tuple(targets), tuple(chosen) if chosen else None)
+    picked = tuple(chosen) if chosen else None
+    rows = data.rank_rows(path, mtime, tuple(lenses), tuple(targets), picked)
     single = chosen is not None and len(chosen) == 1
-    hover = (
-        data.hover_per_prompt(path, mtime, tuple(lenses), tuple(chosen) if chosen else None)
-        if (show_prompts or single)
-        else None
-    )
-    agg = (
-        None
-        if single
-        else data.hover_aggregate(path, mtime, tuple(lenses), tuple(chosen) if chosen else None)
-    )
+    hover = data.hover_per_prompt(path, mtime, tuple(lenses), picked) if single else None
+    agg = None if single else data.hover_aggregate(path, mtime, tuple(lenses), picked)
     n = rows["prompt_id"].nunique()
     title = f"{handle.name}: rank of the {', '.join(targets)} token · {n} prompt{'s' if n != 1 else ''}"
     layout = data.layout(path, mtime)
-    ui.chart(
+    event = ui.chart(
         charts.rank_trajectory(
             rows, hover, agg, title=title, show_prompts=show_prompts, height=480, layout=layout
         ),
         key="traj_fig",
+        data=rows,
+        file_name=f"{handle.name}-ranks",
+        on_select="rerun",
     )
+    clicked = sections.chosen_prompt(event)
+    if clicked is not None:
+        sections.open_prompt(clicked)
 
     st.subheader("Iteration × block", divider="gray")
     heat_kind = targets[0]
@@ -92,7 +93,7 @@ def render() -> None:
         )
     st.caption(
         "Median rank over the selected prompts at each core block of each iteration (prelude on top, "
-        "coda at the bottom), log colour scale. Hover: "
+        "coda at the bottom), log colour scale; grey: a layer the lens does not decode. Hover: "
         + ("the prompt's top-5 tokens." if single else "the most frequent top-1 tokens across prompts.")
     )
 

@@ -60,6 +60,22 @@ COMPOSITE = "arithmetic_1dc"
 TASKS: tuple[str, ...] = (COMPOSITE, *BINARY)
 """Every task name, EleutherAI's spelling."""
 
+
+def task_label(task: str) -> str:
+    """A task name a reader understands: ``arithmetic_1dc`` → ``one-digit composite (a ∘ b) ∘ c``,
+    ``arithmetic_2da`` → ``2-digit plus``; any other name is returned as it is.
+
+    >>> task_label("arithmetic_1dc"), task_label("arithmetic_4ds"), task_label("mine")
+    ('one-digit composite (a ∘ b) ∘ c', '4-digit minus', 'mine')
+    """
+    if task == COMPOSITE:
+        return "one-digit composite (a ∘ b) ∘ c"
+    if task in BINARY:
+        digits, word = BINARY[task]
+        return f"{digits}-digit {word}"
+    return task
+
+
 SPLITS: dict[str, tuple[int, int]] = {"train": (0, 70), "validation": (70, 80), "test": (80, 100)}
 """Split → half-open range of hash buckets out of 100 (70 / 10 / 20 %)."""
 

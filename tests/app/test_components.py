@@ -8,6 +8,7 @@ import pytest
 
 from app import charts, data, live
 from app.settings import parse_settings
+from lens.errors import InputError
 from lens.layout import UnrolledLayout
 from probes.store import CorruptRunError, Run
 from studies.synthetic import write_run
@@ -43,16 +44,19 @@ def test_choices_and_prompts(small):
 
 def test_rank_rows_and_hover(small):
     rows = data.q_rank_rows(*small, ("logit", "coda"), ("final",))
-    assert len(rows) == 6 * 10 * 2  # prompts × unrolled layers (1 + 2×4 + 1) × lenses
+    assert len(rows) == 6 * (
+        10 + 9
+    )  # prompts × unrolled layers (1 + 2×4 + 1; the Coda Lens stops before the coda)
     assert rows["unrolled_index"].between(0, 9).all() and (rows["rank"] >= 1).all()
     some = data.q_rank_rows(*small, ("coda",), ("final", "control"), (1, 4))
     assert set(some["prompt_id"]) == {1, 4} and set(some["target_kind"]) == {"final", "control"}
     assert data.q_rank_rows(*small, ("coda",), ("final",), ()).empty
     assert data.q_rank_rows(*small, ("coda') OR TRUE --",), ("final",)).empty  # values are bound, not pasted
-    hover = data.q_hover_per_prompt(*small, ("coda",), (0,))
+    hover = data.q_hover_per_prompt(*small, ("logit",), (0,))
     assert len(hover) == 10 and hover["top"].str.count("<br>").eq(4).all()  # 5 tokens per layer
+    assert hover["top"].str.contains(r"p = 0\.\d{3}").all()
     agg = data.q_hover_aggregate(*small, ("coda",))
-    assert len(agg) == 10 and agg["top"].str.contains("×").all()
+    assert len(agg) == 9 and agg["top"].str.contains("top-1 in [0-9]+ of [0-9]+ prompts").all()
 
 
 def test_headline_and_summaries(small):
@@ -83,7 +87,7 @@ def test_overview_medians_are_the_study_figures_numbers(small):
         {"ranks": Run.open(small[0]).table("ranks")}, Layout(UnrolledLayout(prelude=1, core=2, coda=1), 4)
     )
     ours = med[med["target_kind"] == "predicted"].merge(figure, on=["lens", "unrolled_index"])
-    assert len(ours) == len(figure) == 2 * 10
+    assert len(ours) == len(figure) == 10 + 9  # the Coda Lens stops before the coda
     for column in ("median", "ci_low", "ci_high"):
         np.testing.assert_array_equal(ours[f"{column}_x"], ours[f"{column}_y"])
 
@@ -219,7 +223,11 @@ def test_heatmap_layout():
 
 
 def test_lens_grid_and_token_text():
-    assert charts.token_text(" 7\n<b>") == "␣7↵&lt;b&gt;"
+    assert charts.token_html(" 7\n<b>") == "␣7↵&lt;b&gt;"  # for plotly, which reads markup
+    assert charts.token_label(" 7\n<b>") == "␣7↵<b>"  # for widgets, which show text as it is
+    assert charts.short_token("<|end_text|>", 6) == "⟨end_…"  # cut before escaping: no half entity
+    assert charts.short_token("a<b>c", 4) == "a&lt;b…"
+    assert charts.cell_budget(60) == 2 and charts.cell_budget(4) == 10
     cells = pd.DataFrame(
         {
             "row": ["prelude.0", "prelude.0", "core.0 · t=2"],
@@ -296,15 +304,57 @@ def test_probe_text_every_position(model):
         1 + 2 * 3
     )  # unrolled layers per lens (the coda lens skips the coda)
     assert set(result.hover()["lens"]) == {"logit", "coda"}
-    cells = live.grid_cells(result, "coda", 2)
+    cells = live.grid_cells(result, "coda")
     assert set(cells["position"]) == set(range(n))
-    assert list(dict.fromkeys(cells["row"])) == ["prelude.0", "core.0 · t=2", "core.1 · t=2", "latent · t=3"]
+    assert list(dict.fromkeys(cells["row"])) == ["prelude.0", "core.0 · t=3", "core.1 · t=3", "latent · t=3"]
     assert cells["prob"].between(0, 1).all()
-    every = live.grid_cells(result, "logit", None, (n - 3, n - 1))
+    logit = live.grid_cells(result, "logit")
+    assert list(dict.fromkeys(logit["row"]))[-3:] == ["latent · t=3", "coda.0", "final"]  # the pass's order
+    every = live.grid_cells(result, "logit", True, (n - 3, n - 1))
     assert every["row"].nunique() == 1 + 2 * 3 + 1 + 2 and set(every["position"]) == {n - 3, n - 2, n - 1}
     assert len(result.dynamics) == n * 3
-    with pytest.raises(ValueError, match="type a prompt"):
+    with pytest.raises(InputError, match="The prompt is empty"):
         live.probe_text(model, "", 3)
+    with pytest.raises(InputError, match="context holds 256"):
+        live.probe_text(model, "1 + 1 " * 200, 3)
+    with pytest.raises(InputError, match="Tuned Lens needs"):
+        live.probe_text(model, prompt, 3, ("logit", "tuned"))
+
+
+def test_prompt_and_answer_checks(model):
+    check = live.check_prompt(model, "What is 2 € 3?")
+    assert check.unknown == ("€",) and check.unk_token == "<|unk|>" and check.error is None
+    assert check.limit == 256 and check.n_tokens == len(model.tokenizer.encode("What is 2 € 3?"))
+    assert live.check_prompt(model, "").error.startswith("The prompt is empty")
+    answer = live.check_target(model, " 12")
+    assert answer.ids[0] == model.tokenizer.encode(" 12")[0] and "first token" in answer.note
+    assert live.check_target(model, " 7").note is None
+
+
+def test_exit_trace_is_the_criterion_generation_uses(model):
+    """The adaptive-exit curve: the KL the criterion reads at each iteration, and the exit it implies."""
+    import torch
+
+    from probes.adaptive import exit_trace
+
+    ids = model.tokenizer.encode("Question: What is (2 * 3) + 1?\nAnswer:")
+    trace = exit_trace(model, ids, 12, "kl", threshold=1e-2)
+    assert list(trace["iteration"]) == list(range(1, 13)) and np.isnan(trace["value"].iloc[0])
+    assert (trace["exits"] == (trace["value"] < 1e-2)).all()
+    gen = model.generate(
+        [ids],
+        max_new_tokens=1,
+        num_steps=12,
+        exit_criterion="kl",
+        exit_threshold=1e-2,
+        generator=torch.Generator().manual_seed(0),  # the initial state exit_trace draws (seed 0)
+    )
+    first = int(trace.loc[trace["exits"], "iteration"].iloc[0]) if trace["exits"].any() else 12
+    assert gen.steps_used[0][0] == first
+    fig = charts.exit_trace_chart(trace, "kl")
+    assert fig.layout.yaxis.type == "log" and any("threshold" in a.text for a in fig.layout.annotations)
+    with pytest.raises(InputError, match="exit gate"):
+        exit_trace(model, ids, 4, "gate")
 
 
 def test_adaptive_generation(model):

@@ -11,7 +11,18 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
-PAGES = ["overview", "trajectories", "lens_grid", "dynamics", "wavefront", "live_probe", "compare"]
+PAGES = [
+    "overview",
+    "trajectories",
+    "prompt",
+    "analyses",
+    "lens_grid",
+    "dynamics",
+    "wavefront",
+    "live_probe",
+    "compare",
+]
+RUN_PAGES = ["overview", "trajectories", "prompt", "analyses", "dynamics", "compare"]
 
 
 def start(monkeypatch, runs: Path, model: Path | str) -> AppTest:
@@ -51,6 +62,20 @@ def probe(at: AppTest) -> AppTest:
     return at
 
 
+def open_tab(at: AppTest, label: str, key: str = "live_tab") -> AppTest:
+    """Open a lazy tab of the live probe (only the open tab is drawn)."""
+    at.session_state[key] = label
+    return at.run()
+
+
+def figures(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def downloads(at: AppTest) -> int:
+    return len(at.get("download_button"))
+
+
 # ------------------------------------------------------------------------------------------ complete runs
 
 
@@ -66,6 +91,9 @@ def test_overview(monkeypatch, runs_dir, model_dir):
     assert "arith-small" in [s.value for s in at.subheader]
     assert at.sidebar.selectbox(key="run").value == "arith-small"
     assert len(at.dataframe) >= 2  # all runs, prompts (+ manifest facts)
+    assert not at.image  # the study's PNGs are read only when their expander is opened
+    at.session_state["overview_figures"] = True
+    at.run()
     assert at.image  # the study's PNG
 
 
@@ -75,11 +103,13 @@ def test_trajectories_hover_and_heatmaps(monkeypatch, runs_dir, model_dir):
     assert charts(at) == 3  # trajectory + one heat map per lens
     fig = at.get("plotly_chart")[0].proto.spec
     assert '"type":"log"' in fig.replace(" ", "")
-    assert "1. " in fig  # decoded top-5 tokens in the hover text
+    assert "top-1 in" in fig and "of 6 prompts" in fig  # the median's hover: most frequent top-1 tokens
+    assert "click to open this prompt" in fig  # thin per-prompt lines ship only their ids, no token text
     # two targets, one prompt: per-prompt hover and a heat-map target picker
     at.multiselect(key="traj_targets").set_value(["final", "intermediate"]).run()
     at.multiselect(key="traj_prompts").set_value([2]).run()
     assert_clean(at)
+    assert "1. " in at.get("plotly_chart")[0].proto.spec  # the prompt's own top-5 tokens
     assert at.segmented_control(key="traj_heat_kind").value == "final"
     at.segmented_control(key="traj_heat_kind").set_value("intermediate").run()
     assert_clean(at)
@@ -103,14 +133,49 @@ def test_compare_two_runs(monkeypatch, runs_dir, model_dir):
     assert at.selectbox(key="cmp_left_run").value == "arith-small"
     assert at.selectbox(key="cmp_right_run").value == "huginn-ref"
     assert at.toggle(key="cmp_relative").value is True  # 10 vs 36 unrolled layers
+    # overlay (the default): one axis, a legend naming both runs, distinct colours, stage marks
+    assert at.segmented_control(key="cmp_mode").value == "overlay"
     assert charts(at) == 3
+    overlay = figures(at)[0]
+    lines = [t for t in overlay["data"] if t.get("mode") == "lines+markers"]
+    assert len(lines) == 2 and lines[0]["line"]["color"] != lines[1]["line"]["color"]
+    assert {"arith-small", "huginn-ref"} <= {t["name"].split(" · ")[0] for t in lines}
+    assert overlay["layout"].get("showlegend", True)
+    assert any("prelude | core" in a["text"] for a in overlay["layout"]["annotations"])
+    # side by side: a shared y axis, the stages named in each panel
+    at.segmented_control(key="cmp_mode").set_value("side by side").run()
+    assert_clean(at)
     spec = at.get("plotly_chart")[0].proto.spec
-    assert '"matches":"y"' in spec.replace(" ", "")  # shared y axis
+    assert '"matches":"y"' in spec.replace(" ", "")
+    assert sum(a["text"] == "prelude" for a in figures(at)[0]["layout"]["annotations"]) == 2
     # two lenses of one run
     at.selectbox(key="cmp_right_run").set_value("arith-small").run()
     at.selectbox(key="cmp_right_lens").set_value("coda").run()
     assert_clean(at)
     assert at.toggle(key="cmp_relative").value in (True, False)
+
+
+def test_the_reference_study_is_a_run_on_every_page(monkeypatch, runs_dir, model_dir):
+    """The released Huginn-3.5B results are selectable like a run: trajectories, compare, analyses."""
+    from app.reference import REFERENCE_NAME
+
+    at = start(monkeypatch, runs_dir, model_dir)
+    assert REFERENCE_NAME in at.sidebar.selectbox(key="run").options[-1]
+    at.sidebar.selectbox(key="run").set_value(REFERENCE_NAME).run()
+    assert_clean(at)
+    assert {m.label: m.value for m in at.metric}["prompts probed"] == "167"
+    assert {m.label: m.value for m in at.metric}["accuracy"] == "—"  # selected problems: not a measurement
+    for page in RUN_PAGES:
+        goto(at, page)
+        assert_clean(at)
+    goto(at, "trajectories")
+    assert at.pills(key="traj_lenses").options == ["logit", "coda"]
+    rows = figures(at)[0]
+    assert rows["layout"]["xaxis"]["range"][1] > 67  # Huginn-3.5B's 68 unrolled layers
+    goto(at, "compare")
+    assert REFERENCE_NAME in at.selectbox(key="cmp_right_run").options[-1]
+    goto(at, "analyses")
+    assert charts(at) == 2  # intermediate vs final, numeric share
 
 
 def test_switching_runs_keeps_every_page_clean(monkeypatch, runs_dir, model_dir):
@@ -121,6 +186,82 @@ def test_switching_runs_keeps_every_page_clean(monkeypatch, runs_dir, model_dir)
         assert_clean(at)
         assert charts(at) >= 3, page
     assert at.sidebar.selectbox(key="run").value == "huginn-ref"
+
+
+def test_every_chart_has_its_data_to_download(monkeypatch, runs_dir, model_dir):
+    at = start(monkeypatch, runs_dir, model_dir)
+    for page in ["overview", "trajectories", "analyses", "dynamics", "compare"]:
+        goto(at, page)
+        assert_clean(at)
+        assert downloads(at) >= charts(at) - 2, page  # heat maps side by side share one download
+    goto(at, "overview")
+    button = at.get("download_button")[0]
+    assert button.proto.label == "Data (CSV)"
+
+
+def test_prompt_drill_down(monkeypatch, runs_dir, model_dir):
+    """The paper's qualitative table: top-5 tokens with probabilities at every layer, per lens."""
+    at = start(monkeypatch, runs_dir, model_dir)
+    at.session_state["prompt_id"] = 3  # what a click in the overview or on a trajectory sets
+    goto(at, "prompt")
+    assert_clean(at)
+    assert at.selectbox(key="prompt_id").value == 3
+    table = at.dataframe[-1].value
+    assert list(table.columns) == ["layer", "site", "t", "1.", "2.", "3.", "4.", "5."]
+    sites = table["site"].tolist()
+    assert sites[0] == "prelude.0" and sites[-1] == "final"
+    assert sites.index("latent") < sites.index("coda.0")  # the order of the forward pass
+    assert len(table) == 10 + 2  # 10 unrolled layers, latent and final
+    assert table["1."].str.contains(r"\(0\.\d{3}\)").all()  # each token with its probability
+    at.segmented_control(key="prompt_lens").set_value("coda").run()
+    assert_clean(at)
+    assert charts(at) == 1 and downloads(at) >= 2
+
+
+def test_latent_cot_analyses(monkeypatch, runs_dir, model_dir):
+    at = goto(start(monkeypatch, runs_dir, model_dir), "analyses")
+    assert_clean(at)
+    assert charts(at) == 2
+    ivf, numeric = figures(at)
+    names = {t.get("name") for t in ivf["data"]}
+    assert {"intermediate result", "final answer", "control token"} <= names
+    assert numeric["layout"]["yaxis"]["tickformat"] == ".0%"
+    at.segmented_control(key="ivf_lens").set_value("coda").run()
+    at.pills(key="ivf_targets").set_value(["intermediate", "final"]).run()
+    assert_clean(at)
+    assert {t.get("name") for t in figures(at)[0]["data"]} - {None} == {"intermediate result", "final answer"}
+
+
+def test_rank_one_has_room_below_it_and_bands_carry_no_markers(monkeypatch, tmp_path, model_dir):
+    """Issue #17 points 2 and 3: rank 1 is not drawn on the axis's bottom edge; a run with T <= 8 has no
+    stray markers on its overview bands."""
+    from studies.synthetic import write_run
+
+    write_run(tmp_path, "arith-t4", n_prompts=4, figures=False)
+    at = start(monkeypatch, tmp_path, model_dir)
+    overview = figures(at)[0]
+    assert overview["layout"]["yaxis"]["range"][0] <= -0.3  # log10 of the axis bottom: rank ~0.5
+    bands = [t for t in overview["data"] if t.get("fill") == "toself"]
+    assert bands and all(t.get("mode") == "lines" for t in bands)
+    goto(at, "trajectories")
+    assert figures(at)[0]["layout"]["yaxis"]["range"][0] <= -0.3
+    assert "k" not in "".join(figures(at)[0]["layout"]["yaxis"]["ticktext"])  # 1,000, never "1k"
+
+
+def test_jargon_is_explained(monkeypatch, runs_dir, model_dir):
+    at = start(monkeypatch, runs_dir, model_dir)
+    specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
+    assert "one-digit composite" in specs and "2-digit plus" in specs  # task codes in words
+    depth = next(f for f in figures(at) if f["layout"].get("yaxis", {}).get("tickformat") == ".0%")
+    assert depth["layout"]["legend"]["x"] > 1  # the legend sits beside the lines, not over them
+    assert "fixed-point" in texts(at) and "stopped moving" in texts(at)  # verdicts explained
+    goto(at, "trajectories")
+    assert (
+        "p̄" not in at.get("plotly_chart")[0].proto.spec and "mean p" in at.get("plotly_chart")[0].proto.spec
+    )
+    goto(at, "dynamics")
+    step = figures(at)[0]
+    assert step["layout"]["yaxis"]["exponentformat"] == "power"  # 10⁻⁴, not "100μ"
 
 
 # ------------------------------------------------------------------------------------------ the live model
@@ -137,15 +278,27 @@ def test_live_probe_and_generation(monkeypatch, runs_dir, model_dir):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["iterations"] == "4"
     assert int(metrics["prompt tokens"]) > 5
-    assert charts(at) >= 7  # trajectory, 2 heat maps, grid, step, cosine, PCA
+    assert charts(at) == 3  # only the open tab is drawn: trajectory and 2 heat maps
     assert "final" in at.pills(key="live_rank_kinds").options
-    # move along the positions and the core iterations
     at.selectbox(key="live_rank_pos").set_value(3).run()
+    assert_clean(at)
+    open_tab(at, "Probability & entropy")
+    assert charts(at) == 1
+    pe = figures(at)[0]
+    assert {t["name"] for t in pe["data"]} == {"logit lens", "coda lens"}
+    open_tab(at, "Lens grid")
+    assert charts(at) == 1
     at.slider(key="live_grid_iter").set_value(2).run()
     at.toggle(key="live_grid_all").set_value(True).run()
     at.segmented_control(key="live_grid_lens").set_value("logit").run()
     assert_clean(at)
-    # adaptive-depth generation: iterations per generated token as bars
+    open_tab(at, "Latent dynamics")
+    assert charts(at) == 3
+    # why adaptive depth exits where it does, then generation
+    open_tab(at, "Adaptive exit")
+    trace = figures(at)[0]
+    assert trace["layout"]["yaxis"]["type"] == "log"
+    assert any("threshold" in a["text"] for a in trace["layout"]["annotations"])
     at.selectbox(key="live_gen_crit").set_value("kl")
     at.slider(key="live_gen_steps").set_value(8)
     next(b for b in at.button if b.label == "Generate").click().run()
@@ -189,15 +342,45 @@ def test_wavefront_page_on_a_run_without_one(monkeypatch, runs_dir, model_dir):
     assert "no wavefront records" in " ".join(i.value for i in at.info)
 
 
-def test_live_probe_arithmetic_picker(monkeypatch, runs_dir, model_dir):
-    pytest.importorskip("studies.tasks.arithmetic")
+def test_live_probe_with_one_iteration(monkeypatch, runs_dir, model_dir):
+    """Issue #17 point 1: T = 1 (the paper's central comparison) probes, draws and grids without a slider
+    whose min equals its max."""
     at = goto(start(monkeypatch, runs_dir, model_dir), "live_probe")
-    at.segmented_control(key="live_source").set_value("Arithmetic problem").run()
-    assert at.selectbox(key="live_problem").options
+    at.slider(key="live_steps").set_value(1).run()
     probe(at)
     assert_clean(at)
-    kinds = at.pills(key="live_rank_kinds").options
-    assert {"predicted", "final", "intermediate"} <= set(kinds)
+    assert {m.label: m.value for m in at.metric}["iterations"] == "1"
+    for tab in ("Lens grid", "Probability & entropy", "Latent dynamics", "Adaptive exit"):
+        open_tab(at, tab)
+        assert_clean(at)
+    open_tab(at, "Lens grid")
+    assert "the only one" in texts(at)
+    open_tab(at, "Latent dynamics")
+    assert "One iteration: the latent has taken no step yet" in texts(at)
+    goto(at, "lens_grid")
+    at.slider(key="grid_steps").set_value(1).run()
+    probe(at)
+    assert_clean(at)
+    assert charts(at) == 1
+
+
+def test_live_probe_input_mistakes(monkeypatch, runs_dir, model_dir):
+    """Issue #17 point 6: one limit (the model's context), a token counter, an out-of-vocabulary warning,
+    an answer cut to its first token said so, and no probe of what cannot be probed."""
+    at = goto(start(monkeypatch, runs_dir, model_dir), "live_probe")
+    assert "tokens** of the model's 256-token context" in texts(at)
+    at.text_area(key="live_text").input("").run()
+    assert "The prompt is empty" in at.error[0].value
+    assert next(b for b in at.button if b.label == "Probe").disabled
+    at.text_area(key="live_text").input("1 + 1 " * 200).run()
+    message = at.error[0].value
+    assert "tokens; the model's context holds 256" in message and "Something went wrong" not in message
+    at.text_area(key="live_text").input("Question: What is 2 € 3?\nAnswer:").run()
+    assert "€" in at.warning[0].value and "<|unk|>" in at.warning[0].value
+    at.text_input(key="live_expected").input(" 12").run()
+    assert "first token" in at.info[0].value
+    probe(at)
+    assert not at.exception and not at.error
 
 
 def test_lens_grid_page(monkeypatch, runs_dir, model_dir):
@@ -211,12 +394,86 @@ def test_lens_grid_page(monkeypatch, runs_dir, model_dir):
     assert charts(at) == 1
     spec = at.get("plotly_chart")[0].proto.spec
     assert '"type":"heatmap"' in spec.replace(" ", "") and "texttemplate" in spec
+    # bottom to top in the order of the forward pass (the Coda Lens ends at the latent it decodes exactly)
+    ticks = figures(at)[0]["layout"]["yaxis"]["ticktext"]
+    assert ticks == ["prelude.0", "core.0 · t=4", "core.1 · t=4", "latent · t=4"]
     at.segmented_control(key="grid_lens").set_value("logit").run()
+    ticks = figures(at)[0]["layout"]["yaxis"]["ticktext"]
+    assert ticks == ["prelude.0", "core.0 · t=4", "core.1 · t=4", "latent · t=4", "coda.0", "final"]
     at.slider(key="grid_iter").set_value(1).run()
     assert_clean(at)
-    # read the figure as JSON: plotly escapes "·" as \\u00b7 unless orjson happens to be installed
-    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
-    assert "core.0 · t=1" in figure["layout"]["yaxis"]["ticktext"]
+    # the iteration slider moves every row: the grid of the model stopped after iteration 1
+    figure = figures(at)[0]
+    assert figure["layout"]["yaxis"]["ticktext"] == [
+        "prelude.0",
+        "core.0 · t=1",
+        "core.1 · t=1",
+        "latent · t=1",
+        "coda.0",
+        "final",
+    ]
+    assert "stopped after 1 of 4" in figure["layout"]["title"]["text"]
+
+
+def test_widget_labels_are_not_html_escaped(monkeypatch, runs_dir, model_dir):
+    """Issue #17 point 4: a special token reads ``<|end_text|>`` in a widget, never ``&lt;|end_text|&gt;``."""
+    at = goto(start(monkeypatch, runs_dir, model_dir), "live_probe")
+    at.text_area(key="live_text").input("Question: 1<|end_text|>2\nAnswer:")
+    probe(at)
+    assert_clean(at)
+    labels = at.selectbox(key="live_rank_pos").options
+    assert any("<|end_text|>" in label for label in labels)
+    assert not any("&lt;" in label for label in labels)
+
+
+def test_heat_maps_follow_the_lens_order_and_line_up(monkeypatch, runs_dir, model_dir):
+    """Issue #17 point 5: panels in the lenses' reading order whatever the click order, with the same rows;
+    the Coda Lens's coda row is there, grey, and says why."""
+    at = goto(start(monkeypatch, runs_dir, model_dir), "trajectories")
+    at.pills(key="traj_lenses").set_value(["coda", "logit"]).run()  # clicked coda first
+    assert_clean(at)
+    heat = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]
+    assert [f["layout"]["title"]["text"].split(" ")[0] for f in heat] == ["logit", "coda"]
+    assert heat[0]["data"][0]["y"] == heat[1]["data"][0]["y"]
+    assert heat[1]["data"][0]["y"][-1] == "coda"
+    coda_row = heat[1]["data"][0]["customdata"][-1][0]
+    assert "no coda rows" in coda_row
+
+
+def test_live_probe_tuned_lens(monkeypatch, tmp_path):
+    """The Tuned Lens in the live probe, from a run of the same model (its tuned_lens folder)."""
+    from lens.loading import weights_fingerprint
+    from probes.lenses import TunedLens
+    from studies.synthetic import write_run
+    from tests.conftest import save_arith_model
+
+    model = save_arith_model(tmp_path / "tiny-random", block_size=256)
+    run = write_run(tmp_path / "runs", "with-tuned", n_prompts=2, figures=False)
+    doc = json.loads((run / "manifest.json").read_text())
+    doc["model"]["weights"] = weights_fingerprint(model)
+    (run / "manifest.json").write_text(json.dumps(doc))
+    import lens
+
+    TunedLens(lens.load_model(str(model)), "shared", 4).save(run / "tuned_lens")
+    at = goto(start(monkeypatch, tmp_path / "runs", model), "live_probe")
+    assert at.multiselect(key="live_lenses").value == ["logit", "coda", "tuned"]
+    assert at.selectbox(key="live_tuned").value == "from run with-tuned"
+    probe(at)
+    assert_clean(at)
+    assert {m.label: m.value for m in at.metric}["iterations"] == "4"
+    lines = [t["name"] for t in figures(at)[0]["data"]]
+    assert any(name.startswith("tuned lens") for name in lines)
+
+
+def test_live_probe_arithmetic_picker(monkeypatch, runs_dir, model_dir):
+    pytest.importorskip("studies.tasks.arithmetic")
+    at = goto(start(monkeypatch, runs_dir, model_dir), "live_probe")
+    at.segmented_control(key="live_source").set_value("Arithmetic problem").run()
+    assert at.selectbox(key="live_problem").options
+    probe(at)
+    assert_clean(at)
+    kinds = at.pills(key="live_rank_kinds").options
+    assert {"predicted", "final", "intermediate"} <= set(kinds)
 
 
 def test_dynamics_live(monkeypatch, runs_dir, model_dir):
@@ -247,15 +504,18 @@ def test_model_that_fails_to_load(monkeypatch, runs_dir, tmp_path):
 
 
 def test_no_runs_yet(monkeypatch, empty_runs_dir, model_dir):
+    """An empty runs folder: every page says how to make a run, and shows the reference study meanwhile."""
     at = start(monkeypatch, empty_runs_dir, model_dir)
     for page in ["overview", "trajectories", "dynamics", "compare"]:
         goto(at, page)
         assert_clean(at)
         assert "looplens study arithmetic" in " ".join(i.value for i in at.info), page
+    goto(at, "trajectories")
+    assert charts(at) >= 3  # the reference study's trajectories
     goto(at, "live_probe")
     probe(at)
     assert_clean(at)
-    assert charts(at) >= 7  # the live model needs no run
+    assert charts(at) >= 3  # the live model needs no run
 
 
 def test_run_still_being_written(monkeypatch, partial_runs_dir, model_dir):
@@ -351,11 +611,16 @@ def test_every_page_on_an_ouro_run_and_model(monkeypatch, ouro_runs_dir, ouro_mo
     goto(at, "trajectories")
     assert at.pills(key="traj_lenses").options == ["logit"]
     goto(at, "live_probe")
-    assert at.multiselect(key="live_lenses").options == ["logit"]
+    assert at.multiselect(key="live_lenses").options == ["logit", "tuned"]
     probe(at)
     assert_clean(at)
+    open_tab(at, "Exit gate")
     specs = [c.proto.spec for c in at.get("plotly_chart")]
     assert any("P(exited)" in s for s in specs)  # the exit-gate map of the live prompt
+    open_tab(at, "Adaptive exit")
+    assert "gate" in at.selectbox(key="live_trace_crit").options
+    at.selectbox(key="live_trace_crit").set_value("gate").run()
+    assert_clean(at)
     assert "gate" in at.selectbox(key="live_gen_crit").options
     assert not at.get("segmented_control") or all(
         c.key != "live_gen_sampler" for c in at.segmented_control
@@ -368,6 +633,9 @@ def test_every_page_on_an_ouro_run_and_model(monkeypatch, ouro_runs_dir, ouro_mo
     assert_clean(at)
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert figure["layout"]["yaxis"]["ticktext"] == ["core.0 · t=4", "core.1 · t=4", "latent · t=4", "final"]
+    for page in ["prompt", "analyses"]:
+        goto(at, page)
+        assert_clean(at)
 
 
 def test_live_probe_on_a_retrofit_model(monkeypatch, runs_dir, tmp_path):
@@ -376,10 +644,11 @@ def test_live_probe_on_a_retrofit_model(monkeypatch, runs_dir, tmp_path):
     model = save_arith_model(tmp_path / "tiny-retrofit", family="retrofit", block_size=256)
     at = goto(start(monkeypatch, runs_dir, model), "live_probe")
     assert "retrofit" in texts(at)
-    assert at.multiselect(key="live_lenses").options == ["logit", "coda"]
+    assert at.multiselect(key="live_lenses").options == ["logit", "coda", "tuned"]
     probe(at)
     assert_clean(at)
-    assert charts(at) >= 7
+    assert charts(at) >= 3
+    open_tab(at, "Adaptive exit")
     assert "gate" not in at.selectbox(key="live_gen_crit").options
 
 
@@ -413,11 +682,13 @@ def test_damaged_runs_are_shown_as_damaged_and_the_rest_stay_usable(monkeypatch,
     at = start(monkeypatch, tmp_path, model_dir)
     picker = at.sidebar.selectbox(key="run")
     assert picker.value == "arith-good" and set(picker.options) >= {f"✗ {n}" for n in damages}
-    for page in ["overview", "trajectories", "dynamics", "compare"]:
+    for page in RUN_PAGES:
         goto(at, page)
         assert_clean(at)
         assert charts(at) >= 1, page
     goto(at, "overview")
+    at.session_state["overview_figures"] = True
+    at.run()
     assert at.image and "figures/notes.png" in texts(at)  # named, the real figure still shown
     for name in damages:
         at.sidebar.selectbox(key="run").set_value(name).run()

@@ -57,7 +57,7 @@ def rank_rows(batch: int, prompts: int = 2, layers: int = 3) -> list[dict]:
 def test_schemas_name_the_tables_and_nullable_columns():
     assert set(SCHEMAS) == {
         "ranks", "topk", "answers", "dynamics", "prompts", "verdicts", "exit_gate", "prompt_meta", "patching",
-        "patch_pairs",
+        "patch_pairs", "wavefront", "sampler",
     }  # fmt: skip
     nullable = {name: sorted(f.name for f in s if f.nullable) for name, s in SCHEMAS.items()}
     assert nullable == {

@@ -39,9 +39,13 @@ class _Recording(ExitCriterion):
     stops: list[bool] = field(default_factory=list, init=False)
 
     def update(
-        self, latent: Tensor, logits: Tensor | None, gate: Tensor | None = None
+        self,
+        latent: Tensor,
+        logits: Tensor | None,
+        gate: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        value, stop = super().update(latent, logits, gate)
+        value, stop = super().update(latent, logits, gate, mask)
         self.values.append(float(value[0]))
         self.stops.append(bool(stop[0]))
         return value, torch.zeros_like(stop)
@@ -68,6 +72,7 @@ def exit_trace(
     generator = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         model(ids, num_steps=int(num_steps), logits="none", exit_criterion=recorder, generator=generator)
+    assert recorder.threshold is not None  # ExitCriterion.__post_init__ fills in the default
     return pd.DataFrame(
         {
             "iteration": range(1, len(recorder.values) + 1),

@@ -12,7 +12,7 @@ Example:
     >>> model = lens.load_model("tiny-arith")
     >>> trace = exit_trace(model, model.tokenizer.encode("Question: What is (2 * 3) + 1?\\nAnswer:"), 8)
     >>> list(trace.columns), len(trace), float(trace["threshold"].iloc[0])
-    (['iteration', 'value', 'threshold', 'exits'], 8, 0.0005)
+    (['iteration', 'value', 'threshold', 'exits'], 8, 0.001)
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from lens.families import Family, detect_family
 from lens.looped import LoopedLM
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
-EMBEDDED_MODELS = ("tiny-arith",)
+EMBEDDED_MODELS = ("tiny-arith", "tiny-chains")
 _WHOLE_FILE_LIMIT = 256 * 2**20  # larger weight files are fingerprinted from samples
 _SAMPLE_BYTES = 2**20
 

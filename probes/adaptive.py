@@ -39,11 +39,7 @@ class _Recording(ExitCriterion):
     stops: list[bool] = field(default_factory=list, init=False)
 
     def update(
-        self,
-        latent: Tensor,
-        logits: Tensor | None,
-        gate: Tensor | None = None,
-        mask: Tensor | None = None,
+        self, latent: Tensor, logits: Tensor | None, gate: Tensor | None = None, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         value, stop = super().update(latent, logits, gate, mask)
         self.values.append(float(value[0]))

@@ -13,6 +13,7 @@ Tables (one row is …):
   ``eval``: an evaluation run), so no reader decodes it from prompt ids.
 - ``dynamics``: one latent state's movement (step norm, cosine to the last iteration, PCA).
 - ``prompts``: one prompt as it was built from a task.
+- ``linear_probes``: one linear probe's held-out accuracy at one site × iteration.
 - ``exit_gate``: one exit-gate reading (λ_t, p_t, cumulative) at one prompt × position × iteration
   (exit-gated families: Ouro).
 - ``patching``: one patched forward pass (exact) or its gradient estimate (attribution): a prompt pair
@@ -101,6 +102,7 @@ TABLE_DOCS: dict[str, str] = {
     "dynamics": "one latent state's movement across iterations",
     "prompts": "one prompt as built from its task",
     "verdicts": "one latent trajectory's classification (fixed point, cycle, drift)",
+    "linear_probes": "one linear probe: a target read from one site × iteration at one anchor position",
     "exit_gate": "one exit-gate reading at one prompt × position × iteration",
     "patching": "one patched run: prompt pair × experiment × direction × method × site × iteration × position",
     "patch_pairs": "one prompt pair of a patching experiment and its unpatched runs",
@@ -155,6 +157,24 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _POSITION,
         _SITE,
         _f("verdict", pa.string(), "fixed-point, cycle-k or drift"),
+    ],
+    "linear_probes": [
+        _RUN,
+        _TASK,
+        _f("target", pa.string(), "what the probe reads, e.g. value_2 (the chain's third value)"),
+        _f(
+            "anchor",
+            pa.string(),
+            "where in each prompt: last (token) or statement (of the target's variable)",
+        ),
+        _SITE,
+        _ITERATION,
+        _UNROLLED,
+        _f("train_accuracy", pa.float32(), "accuracy on the probe's training prompts"),
+        _f("test_accuracy", pa.float32(), "accuracy on held-out prompts"),
+        _f("majority_baseline", pa.float32(), "held-out accuracy of always answering the commonest label"),
+        _f("n_train", pa.int32(), "training prompts"),
+        _f("n_test", pa.int32(), "held-out prompts"),
     ],
     "exit_gate": [
         _RUN,

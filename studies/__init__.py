@@ -12,6 +12,12 @@ def _arithmetic(**kwargs: Any) -> Any:
     return run_arithmetic_study(**kwargs)
 
 
+def _chains(**kwargs: Any) -> Any:
+    from studies.chains import run_chains_study
+
+    return run_chains_study(**kwargs)
+
+
 def _patching(**kwargs: Any) -> Any:
     from studies.patching import run_patching_study
 
@@ -26,6 +32,8 @@ def _sampler(**kwargs: Any) -> Any:
 
 STUDIES: dict[str, Callable[..., Any]] = {
     "arithmetic": _arithmetic,
+    "chains": _chains,
     "patching": _patching,
     "sampler": _sampler,
 }
+"""Study name → its runner; every runner takes the options of ``looplens study`` as keywords."""

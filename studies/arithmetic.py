@@ -409,6 +409,15 @@ def _drop_missing(ranks: pd.DataFrame, missing: dict[str, list[bool]], start: in
 
 def _tuned_lens(net: LoopedLM, run: Run, template: PromptTemplate, steps: int, seed: int) -> TunedLens:
     """Train (once per run; reloaded on resume) a shared Tuned Lens on training-split prompts."""
+    training = TUNED_LENS_TRAINING
+    problems = arithmetic.sample(TASK, training["prompts"], split=training["split"], seed=seed + 1)
+    return tuned_lens_for_run(net, run, template, problems, steps, seed)
+
+
+def tuned_lens_for_run(
+    net: LoopedLM, run: Run, template: PromptTemplate, problems: Sequence[Any], steps: int, seed: int
+) -> TunedLens:
+    """A shared Tuned Lens fitted on ``problems`` (prompt + answer) once per run, reloaded on resume."""
     where = run.path / "tuned_lens"
     if (where / "tuned_lens.json").is_file():
         return TunedLens.load(where, net)
@@ -421,7 +430,6 @@ def fit_study_tuned_lens(net: LoopedLM, template: PromptTemplate, steps: int, se
     """The study's Tuned Lens (``TUNED_LENS_TRAINING``: shared over iterations, fitted on training-split
     arithmetic problems with their answers); the explorer trains the same one for its live model."""
     training = TUNED_LENS_TRAINING
-    problems = arithmetic.sample(TASK, training["prompts"], split=training["split"], seed=seed + 1)
     prompts = [
         net.tokenizer.encode(template.render(p.context, net.tokenizer) + p.completion) for p in problems
     ]

@@ -1,12 +1,14 @@
 """Exact-match accuracy of greedy answers, per task format and number of recurrent iterations.
 
-``looplens eval`` writes the answers as a run with the depth-scaling figure and, with ``--card``,
-regenerates the accuracy table of the embedded model's card (between its table markers).
+``looplens eval`` evaluates a model on its own task family (tiny-arith: the arithmetic formats,
+tiny-chains: the variable chains by hops and form), writes the answers as a run with the
+depth-scaling figure and, with ``--card``, regenerates the accuracy table of the embedded model's
+card (between its table markers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,13 @@ from rich.table import Table
 from tqdm import tqdm
 
 import lens
+from lens.errors import InputError
 from lens.generation import generate
 from lens.model import RecurrentDepthLM
 from lens.runtime import configure_threads
 from probes.records import records
-from studies.tasks import arithmetic
+from studies import tasks as task_registry
+from studies.tasks import arithmetic, chains
 from studies.tasks.prompts import PromptTemplate, resolve_template
 
 CARD_BEGIN = "<!-- accuracy-table:begin -->"
@@ -76,28 +80,76 @@ def evaluate_answers(
     return records("answers", rows)
 
 
+FAMILY_OF_MODEL: dict[str, str] = {"tiny-arith": "arithmetic", "tiny-chains": "chains"}
+"""Task family a model is evaluated on, by its config name; other models get ``arithmetic``."""
+
+CARD_TASKS: dict[str, tuple[str, ...]] = {
+    "arithmetic": arithmetic.TASKS,
+    "chains": tuple(f"chains_{h}hop" for h in chains.HOPS)
+    + tuple(f"chains_{h}hop_trace" for h in (1, 2, 3, 4)),
+}
+"""The rows of each family's card: every arithmetic format; chains of 0–6 hops with a short answer,
+and the long answer from one to four hops (longer traces run to 100+ tokens)."""
+
+DEFAULT_N: dict[str, int] = {"arithmetic": 400, "chains": 300}
+"""Problems per task when ``n`` is not given (``arithmetic_1dc`` then uses its whole test split)."""
+
+
+def default_tasks(model: RecurrentDepthLM) -> tuple[str, ...]:
+    """The tasks of the model's own family (its card's rows)."""
+    return CARD_TASKS[FAMILY_OF_MODEL.get(model.config.name, "arithmetic")]
+
+
+def problem_counts(tasks: Sequence[str], n: int | None) -> dict[str, int | None]:
+    """Problems per task: ``n`` for every task when given; else the family's :data:`DEFAULT_N`, and
+    ``None`` (the whole held-out split, 1,870 problems) for one-digit composite, as the tiny-arith card
+    measures it."""
+    if n is not None and n < 1:
+        raise InputError(f"--n must be >= 1, got {n}")
+    return {
+        t: n
+        if n is not None
+        else None
+        if t == arithmetic.COMPOSITE
+        else DEFAULT_N[task_registry.family_of(t)]
+        for t in tasks
+    }
+
+
+def task_problems(task: str, count: int | None, split: str = "test", seed: int = 0) -> list[Any]:
+    """``count`` held-out problems of ``task`` (``None``: every problem of the split, small tasks only)."""
+    if count is None:
+        return list(arithmetic.enumerate_all(task, split))
+    return task_registry.sample(task, count, split=split, seed=seed)
+
+
+def answer_budget(tokenizer: Any, problems: Sequence[Any]) -> int:
+    """New tokens to generate: the longest expected answer and two more (so a longer answer shows)."""
+    return max(len(tokenizer.encode(p.completion)) for p in problems) + 2
+
+
 def evaluate_tasks(
     model: RecurrentDepthLM,
     tasks: Sequence[str],
     num_steps: int,
-    n: int,
+    n: int | None,
     seed: int = 0,
     template: PromptTemplate | None = None,
     batch_size: int = 64,
     split: str = "test",
     id_offset: int = 0,
-    all_composite: bool = False,
+    counts: Mapping[str, int | None] | None = None,
+    progress: Callable[[int], None] | None = None,
     purpose: str = "eval",
 ) -> pd.DataFrame:
-    """Answers for ``n`` held-out problems of each task at one depth (``all_composite``: every
-    one-digit composite problem of the split instead of ``n``)."""
+    """Answers for ``n`` held-out problems of each task at one depth (``counts`` overrides ``n`` per
+    task; a count of ``None`` takes the whole split). ``progress`` is called with each batch's work
+    (prompt and answer tokens × blocks run), the unit of :func:`work_units`."""
     template = template or resolve_template(None, model.tokenizer)
     frames = []
     for t, task in enumerate(tasks):
-        if all_composite and task == "arithmetic_1dc":
-            problems = list(arithmetic.enumerate_all(task, split))
-        else:
-            problems = arithmetic.sample(task, n, split=split, seed=seed)
+        count = counts[task] if counts is not None and task in counts else n
+        problems = task_problems(task, count, split, seed)
         texts = [template.render(p.context, model.tokenizer) for p in problems]
         for start in range(0, len(problems), batch_size):
             chunk = problems[start : start + batch_size]
@@ -117,7 +169,35 @@ def evaluate_tasks(
                     purpose=purpose,
                 )
             )
+            if progress is not None:
+                progress(sum(_work(model, x, p, num_steps) for x, p in zip(ids, chunk, strict=True)))
     return pd.concat(frames, ignore_index=True)
+
+
+def _work(model: RecurrentDepthLM, prompt_ids: Sequence[int], problem: Any, num_steps: int) -> int:
+    """One problem's work: its prompt and expected answer tokens × the blocks each token runs through."""
+    tokens = len(prompt_ids) + len(model.tokenizer.encode(problem.completion)) + 1
+    return tokens * (model.layout.prelude + num_steps * model.layout.core + model.layout.coda)
+
+
+def work_units(
+    model: RecurrentDepthLM,
+    tasks: Sequence[str],
+    depths: Sequence[int],
+    counts: Mapping[str, int | None],
+    template: PromptTemplate,
+    seed: int = 0,
+    split: str = "test",
+) -> dict[tuple[int, str], int]:
+    """Work per (depth, task) in :func:`evaluate_tasks`'s progress unit, so a progress bar's rate and
+    time left hold across depths (a T=64 problem costs about 30 times a T=1 problem)."""
+    out = {}
+    for task in tasks:
+        problems = task_problems(task, counts[task], split, seed)
+        ids = [model.tokenizer.encode(template.render(p.context, model.tokenizer)) for p in problems]
+        for depth in depths:
+            out[(depth, task)] = sum(_work(model, x, p, depth) for x, p in zip(ids, problems, strict=True))
+    return out
 
 
 def accuracy_table(answers: pd.DataFrame) -> pd.DataFrame:
@@ -128,9 +208,10 @@ def accuracy_table(answers: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def markdown_table(acc: pd.DataFrame) -> str:
-    """Accuracy (%) as a Markdown table: tasks as rows, iterations as columns."""
-    wide = acc.pivot(index="task", columns="num_steps", values="accuracy").sort_index()
+def markdown_table(acc: pd.DataFrame, order: Sequence[str] | None = None) -> str:
+    """Accuracy (%) as a Markdown table: tasks as rows (in ``order``, else sorted), iterations as columns."""
+    wide = acc.pivot(index="task", columns="num_steps", values="accuracy")
+    wide = wide.reindex([t for t in order if t in wide.index]) if order is not None else wide.sort_index()
     counts = acc.groupby("task")["n"].max()
     head = "| task | n | " + " | ".join(f"T={c}" for c in wide.columns) + " |"
     rule = "|---|---:|" + "---:|" * len(wide.columns)
@@ -144,7 +225,7 @@ def markdown_table(acc: pd.DataFrame) -> str:
 def write_card_table(card: Path, table_md: str) -> None:
     text = card.read_text()
     if CARD_BEGIN not in text or CARD_END not in text:
-        raise ValueError(f"{card} has no accuracy-table markers")
+        raise InputError(f"{card} has no accuracy-table markers")
     before, rest = text.split(CARD_BEGIN, 1)
     _, after = rest.split(CARD_END, 1)
     card.write_text(f"{before}{CARD_BEGIN}\n{table_md}\n{CARD_END}{after}")
@@ -181,22 +262,28 @@ def card_accuracy(model_name: str | Path, task: str, num_steps: int) -> tuple[fl
 
 
 def default_depths(mean_recurrence: int) -> list[int]:
-    """Powers of two up to 64 plus the model's default depth and four times it."""
-    return sorted({1, 2, 4, 8, 16, 32, 64, mean_recurrence, 4 * mean_recurrence})
+    """Powers of two up to four times the model's default depth, and the default depth itself
+    (tiny-arith, default 16: 1 … 64; tiny-chains, default 8: 1 … 32)."""
+    top = 4 * mean_recurrence
+    return sorted({2**k for k in range(top.bit_length()) if 2**k <= top} | {mean_recurrence, top})
 
 
 def run_evaluation(
     model_name: str,
     depths: Sequence[int] | None = None,
-    n: int = 400,
+    n: int | None = None,
     out: Path = Path("runs"),
     seed: int = 0,
     card: bool = False,
     console: Console | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Evaluate every task at every depth, write a run with answers + figure, optionally the card table.
 
-    One-digit composite uses its whole held-out split (1,870 problems); other tasks ``n`` each."""
+    ``tasks`` defaults to the model's family (:func:`default_tasks`); ``n`` problems per task, or the
+    card's counts when ``None`` (:func:`problem_counts`). Each (depth, task) is one shard: an
+    interrupted evaluation resumes where it stopped and says so.
+    """
     from probes.store import Run
     from studies.figures import FIGURES, Layout, render_figure
 
@@ -205,12 +292,22 @@ def run_evaluation(
     configure_threads(model.num_parameters())
     depths = list(depths) if depths else default_depths(model.config.mean_recurrence)
     if any(d < 1 for d in depths):
-        raise ValueError(f"depths must be >= 1, got {list(depths)}")
+        raise InputError(f"depths must be >= 1, got {list(depths)}")
+    tasks = list(tasks) if tasks else list(default_tasks(model))
+    for task in tasks:
+        task_registry.family_of(task)
+    counts = problem_counts(tasks, n)
     template = resolve_template(None, model.tokenizer)
-    settings = {"depths": list(depths), "n": n, "seed": seed, "tasks": list(arithmetic.TASKS)}
+    settings = {
+        "depths": list(depths),
+        "n": n,
+        "counts": {t: c for t, c in counts.items()},
+        "seed": seed,
+        "tasks": tasks,
+    }
     run = Run.create(
         out,
-        f"eval-{Path(str(model_name)).name}-n{n}-s{seed}",
+        f"eval-{Path(str(model_name)).name}-n{n if n is not None else 'card'}-s{seed}",
         {
             "model": {
                 "name": str(model_name),
@@ -221,12 +318,47 @@ def run_evaluation(
             "prompt_template": template.to_dict(),
         },
     )
-    for depth in tqdm(depths, desc="eval depths"):
-        if not run.has_shard("answers", depth):
-            frame = evaluate_tasks(
-                model, arithmetic.TASKS, depth, n, seed=seed, template=template, all_composite=True
-            )
-            run.write_shard("answers", depth, frame.assign(run=run.name))
+    work = work_units(model, tasks, depths, counts, template, seed)
+    sizes = {t: len(task_problems(t, c, "test", seed)) if c is None else c for t, c in counts.items()}
+    answers = sum(sizes.values()) * len(depths)
+    console.print(
+        f"[bold]eval {model_name}[/]: {len(tasks)} tasks × {len(depths)} depths "
+        f"(T = {', '.join(map(str, depths))}) × {_count_text(sizes)} problems = {answers:,} greedy answers "
+        f"on the held-out test split → {run.path}",
+        soft_wrap=True,
+    )
+    done = [(d, t) for d in depths for t in tasks if run.has_shard("answers", _shard(d, t))]
+    if done:
+        console.print(
+            f"resuming: {len(done)} of {len(work)} (depth, task) parts already done "
+            f"({sum(work[k] for k in done) / sum(work.values()):.0%} of the work), computing the rest",
+            soft_wrap=True,
+        )
+    with tqdm(
+        total=sum(work.values()),
+        initial=sum(work[k] for k in done),
+        desc="eval",
+        unit=" token-blocks",
+        unit_scale=True,
+        bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}",
+    ) as bar:
+        for depth in depths:
+            for t, task in enumerate(tasks):
+                if run.has_shard("answers", _shard(depth, task)):
+                    continue
+                bar.set_postfix_str(f"T={depth} {task}")
+                frame = evaluate_tasks(
+                    model,
+                    [task],
+                    depth,
+                    n,
+                    seed=seed,
+                    template=template,
+                    counts=counts,
+                    id_offset=t * 100_000,
+                    progress=bar.update,
+                )
+                run.write_shard("answers", _shard(depth, task), frame.assign(run=run.name))
     acc = accuracy_table(run.table("answers"))
     layout = Layout(model.layout, steps=model.config.mean_recurrence)
     render_figure(
@@ -237,7 +369,7 @@ def run_evaluation(
         f"{model_name}: exact-match accuracy vs iterations",
     )
     run.mark_complete()
-    table_md = markdown_table(acc)
+    table_md = markdown_table(acc, order=tasks)
     rich_table = Table(title=f"exact-match accuracy (%) of {model_name}")
     for col in table_md.splitlines()[0].strip("|").split("|"):
         rich_table.add_column(col.strip(), no_wrap=True)
@@ -250,3 +382,19 @@ def run_evaluation(
         console.print(f"model card table rewritten: {card_path}")
     console.print(f"run: {run.path}")
     return acc
+
+
+def _shard(depth: int, task: str) -> str:
+    return f"T{depth:04d}-{task}"
+
+
+def _count_text(sizes: Mapping[str, int]) -> str:
+    values = sorted(set(sizes.values()))
+    if len(values) == 1:
+        return f"{values[0]:,}"
+    return (
+        " / ".join(f"{c:,}" for c in values)
+        + " ("
+        + ", ".join(f"{t}: {c:,}" for t, c in sizes.items() if c != values[0])
+        + ")"
+    )

@@ -17,7 +17,13 @@ HTML) and ``headline(table, layout)`` (a few numbers for the one-screen summary)
 ``wavefront``               diffusion step × position: frozen, iterations, lens ranks (sampler study)
 ==========================  =====================================================================
 
-:func:`render_all` draws every figure whose input tables are present.
+:func:`render_all` draws every figure whose input tables are present. The chains study adds
+:data:`CHAIN_FIGURES` (drawn with :func:`render_figure`):
+
+==========================  =====================================================================
+``chain_ranks``             rank of every value along a variable chain, per hops and lens
+``chain_probes``            linear-probe accuracy for every value of the chain, per hops and anchor
+==========================  =====================================================================
 
 Example:
     >>> sorted(FIGURES)[:3]
@@ -34,6 +40,8 @@ from pathlib import Path
 import pandas as pd
 
 from studies.figures import (
+    chain_probes,
+    chain_ranks,
     depth_scaling,
     exit_gate,
     intermediate_vs_final,
@@ -51,6 +59,7 @@ from studies.figures.patching import PATCHING_FIGURES
 from studies.figures.style import LENS_COLORS, save_html, save_png, save_table
 
 __all__ = [
+    "CHAIN_FIGURES",
     "FIGURES",
     "LENS_COLORS",
     "Figure",
@@ -80,6 +89,10 @@ FIGURES: dict[str, FigureSpec] = {
         wavefront.FIGURE,
     )
 }
+
+
+#: The chains study's own figures (``looplens study chains``).
+CHAIN_FIGURES: dict[str, FigureSpec] = {spec.name: spec for spec in (chain_ranks.FIGURE, chain_probes.FIGURE)}
 
 
 def render_figure(figure: Figure, tables: Tables, layout: Layout, out_dir: Path, title: str) -> dict | None:

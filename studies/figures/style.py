@@ -45,6 +45,7 @@ __all__ = [
     "TARGET_LABELS",
     "TARGET_DASH",
     "TARGET_ORDER",
+    "VALUE_COLORS",
     "decorate_unrolled",
     "decorate_unrolled_plotly",
     "lens_color",
@@ -61,6 +62,7 @@ __all__ = [
     "save_html",
     "save_png",
     "save_table",
+    "value_color",
     "write_plotly_bundle",
 ]
 
@@ -72,6 +74,16 @@ TARGET_DASH: dict[str, tuple[str, str]] = {  # (matplotlib linestyle, plotly das
     "control": (":", "dot"),
     "digit_baseline": ("--", "dash"),
 }
+
+#: Values along a variable chain (value_0 = the chain's constant, …): one colour per position in
+#: the chain, the same in every figure; the final answer keeps ``TARGET_COLORS["final"]``.
+VALUE_COLORS = ("#56B4E9", "#009E73", "#E69F00", "#CC79A7", "#0072B2", "#D55E00", "#999933")
+
+
+def value_color(index: int) -> str:
+    """Colour of the chain's ``index``-th value (0 = its constant)."""
+    return VALUE_COLORS[index % len(VALUE_COLORS)]
+
 
 _RC = {
     "font.size": 9,

@@ -1,1 +1,1 @@
-"""The embedded ``tiny-arith`` model: its tokenizer, training recipe and evaluation."""
+"""The embedded models' tokenizer (shared by ``tiny-arith`` and ``tiny-chains``)."""

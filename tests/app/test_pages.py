@@ -312,6 +312,7 @@ def test_live_generation_with_the_diffusion_sampler(monkeypatch, runs_dir, model
     at = goto(start(monkeypatch, runs_dir, model_dir), "live_probe")
     at.text_area(key="live_text").input("Question: What is (4 + 3) - 2?\nAnswer:")
     probe(at)
+    open_tab(at, "Adaptive exit")  # tabs are drawn when opened
     assert at.segmented_control(key="live_gen_sampler").options == ["autoregressive", "diffusion"]
     at.segmented_control(key="live_gen_sampler").set_value("diffusion")
     next(b for b in at.button if b.label == "Generate").click().run()

@@ -8,7 +8,7 @@ import lens
 from probes.dynamics import DynamicsRecorder, classify_trajectory
 from probes.lenses import TunedLens
 from probes.lenses.tuned_training import train_and_compare
-from probes.linear import collect_for_probe, linear_probe
+from probes.linear import collect_at_positions, collect_for_probe, linear_probe
 from tests.conftest import small_config
 
 
@@ -77,6 +77,21 @@ def test_linear_probe_finds_linearly_encoded_labels(model):
     assert chance["test_accuracy"].iloc[0] < 0.7
     with pytest.raises(ValueError, match="two distinct labels"):
         linear_probe(noise, [1] * 200)
+
+
+def test_collect_at_positions_reads_each_prompt_at_its_own_positions(model):
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 7, 5, 4)]
+    where = {"second": [1, 1, 1, 1], "from_end": [-1, -3, -2, -4]}
+    feats = collect_at_positions(model, prompts, where, 2, sites=["core.1"], batch_size=3, init_state="zeros")
+    for i, prompt in enumerate(prompts):
+        trace = model(torch.tensor([prompt]), 2, "zeros", return_trace=["core.1"]).trace
+        for name, positions in where.items():
+            for t in (1, 2):
+                expected = trace["core.1"][t - 1, 0, positions[i]].numpy()
+                assert np.allclose(feats[name][("core.1", t)][i], expected, atol=1e-5), (name, i, t)
+    with pytest.raises(ValueError, match="has no position"):
+        collect_at_positions(model, prompts, {"x": [5, 0, 0, 0]}, 2)
 
 
 def test_nan_states_or_logits_are_an_error_never_rank_one():

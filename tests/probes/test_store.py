@@ -57,7 +57,7 @@ def rank_rows(batch: int, prompts: int = 2, layers: int = 3) -> list[dict]:
 def test_schemas_name_the_tables_and_nullable_columns():
     assert set(SCHEMAS) == {
         "ranks", "topk", "answers", "dynamics", "prompts", "verdicts", "exit_gate", "prompt_meta", "patching",
-        "patch_pairs", "wavefront", "sampler",
+        "patch_pairs", "wavefront", "sampler", "linear_probes",
     }  # fmt: skip
     nullable = {name: sorted(f.name for f in s if f.nullable) for name, s in SCHEMAS.items()}
     assert nullable == {
@@ -67,6 +67,7 @@ def test_schemas_name_the_tables_and_nullable_columns():
         "dynamics": ["pc1", "pc2", "pc3", "step_norm"],
         "prompts": ["intermediate"],
         "verdicts": [],
+        "linear_probes": [],
         "exit_gate": [],
         "prompt_meta": ["error", "metadata", "steps_used", "targets"],
         "patching": [
@@ -74,6 +75,8 @@ def test_schemas_name_the_tables_and_nullable_columns():
             "follow_rank", "outcome", "positions", "top_prob", "top_token_id", "top_tokens",
         ],
         "patch_pairs": ["clean_exit_step", "corrupt_exit_step", "follow_answer_id", "group"],
+        "wavefront": ["guess", "token"],
+        "sampler": ["stopped"],
     }  # fmt: skip
     assert SCHEMAS["topk"].field("k").type == pa.int8()
     assert SCHEMAS["ranks"].field("position").type == pa.int32()

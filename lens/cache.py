@@ -218,11 +218,14 @@ class KVCache:
                 if old_k is None:
                     self.keys[slot], self.values[slot] = k, v
                 else:
+                    assert old_v is not None  # a slot's keys and values are stored together
                     self.keys[slot] = torch.cat([old_k, k], 2)
                     self.values[slot] = torch.cat([old_v, v], 2)
                 return
             if active is None and stored >= start and self.present.get(slot) is None:
                 # re-running the same slot in one forward (a check's coda, compression): replace
+                # (stored > start >= 0 here, so the slot holds columns, keys and values alike)
+                assert old_k is not None and old_v is not None
                 self.keys[slot] = torch.cat([old_k[:, :, :start], k, old_k[:, :, start + S :]], 2)
                 self.values[slot] = torch.cat([old_v[:, :, :start], v, old_v[:, :, start + S :]], 2)
                 return
@@ -388,9 +391,8 @@ class KVCache:
             for slot in store:
                 store[slot] = store[slot][rows.to(store[slot].device)]
         for slot, present in self.present.items():
-            self.present[slot] = None if present is None else present[rows.to(present.device)]
-            if self.present[slot] is not None and bool(self.present[slot].all()):
-                self.present[slot] = None
+            kept = None if present is None else present[rows.to(present.device)]
+            self.present[slot] = None if kept is not None and bool(kept.all()) else kept
         if self.key_mask is not None:
             self.key_mask = self.key_mask[rows.to(self.key_mask.device)]
         if self.lengths is not None:

@@ -279,10 +279,11 @@ class _Sequence:
     width: int
     frozen: list[int] = field(default_factory=list)
     seq: list[int] = field(default_factory=list)
-    states: Tensor | None = None  # [W, d]
+    # states, counter and stable are set before first use (counter/stable in generate, states in _start)
+    states: Tensor = field(init=False)  # [W, d]
     start: int = 0  # c: the window's first position = committed cache length
-    counter: Tensor | None = None
-    stable: Tensor | None = None
+    counter: Tensor = field(init=False)
+    stable: Tensor = field(init=False)
     old_embeds: Tensor | None = None
     old_start: int = 0
     prev_states: Tensor | None = None
@@ -718,6 +719,9 @@ class DiffusionSampler:
         c = s.start
         strategy = cfg.freeze_strategy
         prev_offset = (c - s.old_start) if cfg.faithful else (c - s.prev_start)
+        # _start sets prev_states for every "latent" strategy, prev_delta / prev_prev_states for the
+        # "latent-acceleration" ones, and only those strategies reach here
+        assert s.prev_states is not None
         prev = s.prev_states[prev_offset:]
         current = states[: len(prev)]
         base = c  # the absolute position of criterion index 0
@@ -725,12 +729,14 @@ class DiffusionSampler:
             crit = (current - prev).float().norm(dim=-1) / current.float().norm(dim=-1)
         elif strategy == "latent-acceleration-1":
             delta = current - prev
+            assert s.prev_delta is not None
             prev_delta = s.prev_delta if cfg.faithful else s.prev_delta[c - s.prev_delta_start :]
             n = min(len(delta), len(prev_delta))
             accel = delta[:n] - prev_delta[:n]
             crit = accel.float().norm(dim=-1) / current[:n].float().norm(dim=-1)
             s.prev_delta, s.prev_delta_start = delta.clone(), c
         else:  # latent-acceleration-2: the positions all three windows share
+            assert s.prev_prev_states is not None
             pp_start = s.old_old_start if cfg.faithful else s.prev_prev_start
             p_start = s.old_start if cfg.faithful else s.prev_start
             lo = max(c, p_start, pp_start)
@@ -822,7 +828,8 @@ class DiffusionSampler:
     # ---- the result ---------------------------------------------------------------------------------------------
     def _result(self, seqs: list[_Sequence], prompts: list[list[int]], seconds: float) -> DiffusionResult:
         cfg, tok = self.settings, self.model.tokenizer
-        tokens, steps, stats, tablets, reasons = [], [], [], [], []
+        tokens, steps, stats, reasons = [], [], [], []
+        tablets: list[Tablets | None] = []
         for s in seqs:
             st = s.stats
             st.diffusion_steps = s.step

@@ -117,6 +117,7 @@ class ExitCriterion:
         self, latent: Tensor, logits: Tensor | None, gate: Tensor | None, mask: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         name, thr = self.name, self.threshold
+        assert thr is not None  # __post_init__ fills in the default threshold
         if latent.dim() == 2:
             latent = latent[:, None]
         B = latent.shape[0]
@@ -146,11 +147,13 @@ class ExitCriterion:
         if name == "argmax-stability":
             top = logits.argmax(-1)
             if self._prev is None:
-                self._count = torch.zeros_like(top)
+                count = torch.zeros_like(top)
             else:
-                self._count = torch.where(top == self._prev, self._count + 1, torch.zeros_like(self._count))
+                assert self._count is not None  # this criterion sets _count whenever it sets _prev
+                count = torch.where(top == self._prev, self._count + 1, torch.zeros_like(self._count))
+            self._count = count
             self._prev = top
-            return self._count.float(), self._count >= thr
+            return count.float(), count >= thr
         if name == "entropy-diff":
             probs = logits.softmax(-1)
             entropy = -(probs * (probs + 1e-10).log()).sum(-1)

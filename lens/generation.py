@@ -6,9 +6,9 @@ what a researcher studying adaptive compute wants to look at.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -259,12 +259,13 @@ def _as_token_lists(model: LoopedLM, prompts: object) -> list[list[int]]:
         if prompts.dim() == 1:
             prompts = prompts[None]
         return [row.tolist() for row in prompts]
-    prompts = list(prompts)  # type: ignore[arg-type]
-    if prompts and isinstance(prompts[0], str):
+    # any other iterable of prompts (a non-iterable raises TypeError here, as list() does)
+    items = list(cast(Iterable[Any], prompts))
+    if items and isinstance(items[0], str):
         if model.tokenizer is None:
             raise InputError("text prompts need a model with a tokenizer; pass token ids instead")
-        return [model.tokenizer.encode(p) for p in prompts]
-    return [list(map(int, p)) for p in prompts]
+        return [model.tokenizer.encode(p) for p in items]
+    return [list(map(int, p)) for p in items]
 
 
 def _hit_stop_string(tok: object, tokens: list[int], stop_strings: Sequence[str]) -> bool:

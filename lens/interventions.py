@@ -398,6 +398,7 @@ class Ablate(_Located):
             value = torch.zeros(d, dtype=binding.dtype, device=binding.device)
         elif self.kind in ("mean", "resample"):
             binding.check_reference(ref, f"the reference states of the {self.kind} ablation")
+            assert isinstance(ref, Tensor)  # check_reference raised otherwise
             if self.kind == "resample" or self.per_position:
                 if ref.dim() != 3 or ref.shape[1] != binding.seq_len:
                     raise InputError(
@@ -535,6 +536,7 @@ class Reinject(Intervention):
                 )
             embedded = prelude_output(binding.model, ids.to(binding.device))
         else:
+            assert self.embedded is not None  # exactly one of input_ids / embedded (checked above)
             embedded = self.embedded
         B_src = embedded.shape[0] if isinstance(embedded, Tensor) and embedded.dim() == 3 else 1
         if B_src not in (1, binding.batch):

@@ -124,6 +124,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         self.Wqkv = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=False)
+        self.qk_bias: nn.Parameter | None
         if config.qk_bias:
             self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_head, self.head_dim))
         else:
@@ -185,6 +186,8 @@ class RotaryEmbedding(nn.Module):
     cos and sin stacked on the last axis, ``[B, S, 1, D, 2]``. Supported ``rope_scaling`` types:
     default, ``linear`` and ``llama3`` (Llama-3.x conversions); anything else is a ``ConfigError``.
     """
+
+    inv_freq: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()

@@ -11,9 +11,9 @@ stop rows early.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -118,7 +118,8 @@ class LoopedLM(HookedModule):
     def stage(self, name: str) -> nn.ModuleList:
         """The blocks of ``prelude``, ``core`` or ``coda`` (an empty list where the family has none)."""
         path = getattr(self.layout.modules, name)
-        return self.get_submodule(path) if path is not None else nn.ModuleList()
+        # the layout's stage paths name ModuleLists (get_submodule is typed as returning any Module)
+        return cast(nn.ModuleList, self.get_submodule(path)) if path is not None else nn.ModuleList()
 
     @property
     def final_norm_layer(self) -> RMSNorm:
@@ -261,7 +262,7 @@ class LoopedLM(HookedModule):
         first_iteration: int = 1,
         on_prelude: Callable[[Tensor], Tensor] | None = None,
         wavefront: Wavefront | None = None,
-    ) -> Iterator[tuple[str, int, Tensor]]:
+    ) -> Generator[tuple[str, int, Tensor], None, RecurrentDepthOutput]:
         """The forward pass as a generator of ``(site, iteration, tensor)``; returns the output.
 
         ``forward`` drives it; iterate it yourself to interleave work with the pass.
@@ -310,6 +311,7 @@ class LoopedLM(HookedModule):
         if first_iteration == 1:
             x = self.initial_state(e, init_state, generator)
         else:  # resuming: the state iteration first_iteration - 1 handed on
+            assert isinstance(init_state, Tensor)  # _check_resume raised otherwise
             x = init_state.to(device=e.device, dtype=e.dtype).expand_as(e).clone()
         injection = self.injection(e) if layout.adapter else None
         exited = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -350,6 +352,8 @@ class LoopedLM(HookedModule):
                     lam = self.hook_exit_lambda(self.exit_lambda(self.to_latent(x)))
                     lambdas.append(lam)
                 if readout is not None:
+                    # a readout needs gate_exit, which needs an exit gate (checked above): lam was computed
+                    assert lam is not None
                     readout.update(t, x[:, kept], lam[:, kept])
             if exit_criterion is None:
                 continue

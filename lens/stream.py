@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import torch
 from jaxtyping import Float
@@ -56,8 +56,10 @@ class Wavefront:
 
     def select(self, positions: Positions) -> Wavefront:
         """The same positions a consumer selected from the states (``"all"``, ``"last"`` or indices)."""
-        fields = [select_positions(t[..., None], positions)[0][..., 0] for t in self._tensors()]
-        return Wavefront(self.step, *fields, self.sequence)
+        pos, rec, tok, frozen, stab = (
+            select_positions(t[..., None], positions)[0][..., 0] for t in self._tensors()
+        )
+        return Wavefront(self.step, pos, rec, tok, frozen, stab, self.sequence)
 
     def _tensors(self) -> tuple[Tensor, ...]:
         return (self.positions, self.recurrence, self.token, self.frozen, self.stability)
@@ -171,7 +173,8 @@ class Dispatcher:
             for consumer in self.consumers:
                 if not self._subscribed(consumer, site):
                     continue
-                wanted = getattr(consumer, "positions", "all")
+                # consumers that are not StateConsumers proper may lack the attribute: "all" then
+                wanted = cast(Positions, getattr(consumer, "positions", "all"))
                 selected, positions = select_positions(tensor, wanted)
                 gate = select_positions(exit_lambda, wanted)[0] if exit_lambda is not None else None
                 front = self.wavefront.select(wanted) if self.wavefront is not None else None

@@ -68,6 +68,7 @@ def exit_trace(
     generator = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         model(ids, num_steps=int(num_steps), logits="none", exit_criterion=recorder, generator=generator)
+    assert recorder.threshold is not None  # ExitCriterion.__post_init__ fills in the default
     return pd.DataFrame(
         {
             "iteration": range(1, len(recorder.values) + 1),

@@ -389,6 +389,7 @@ def _forward_batched(
         for site in np.unique(site_of):
             sel = torch.as_tensor(np.nonzero(site_of == site)[0])
             patches.append(RowPatches(str(site), its[sel], pos[sel], values[sel], rows=rows[sel]))
+    init: Tensor | None
     if start > 1:  # resume from the recipient's own state after iteration start - 1
         init = recipient.states[_handed_on(model)][start - 2][pair]
     else:
@@ -401,8 +402,13 @@ def _forward_batched(
     if (
         out.exit_lambda is not None
     ):  # the gate values of the iterations before the resumed ones are the recipient's
-        before = recipient.exit_lambda[pair, : start - 1] if start > 1 else out.exit_lambda[:, -1, :0]
+        if start > 1:
+            assert recipient.exit_lambda is not None  # the same exit-gated model traced the recipient
+            before = recipient.exit_lambda[pair, : start - 1]
+        else:
+            before = out.exit_lambda[:, -1, :0]
         lam = torch.cat([before, out.exit_lambda[:, -1]], -1)
+    assert out.logits is not None  # logits="last"
     return out.logits[:, -1], _expected_exit(lam)
 
 
@@ -411,7 +417,8 @@ def _forward_one_by_one(
 ) -> tuple[Tensor, Tensor | None]:
     """The naive way, for checking and benchmarks: one full forward pass per patch."""
     rows, pos, values = _source_values(model, source, items, kind)
-    logits, exits = [], []
+    logits: list[Tensor] = []
+    exits: list[Tensor] = []  # one per patch on exit-gated models, none otherwise
     for r in range(len(items)):
         sel = rows == r
         i = int(items.pair[r])
@@ -432,9 +439,13 @@ def _forward_one_by_one(
                 init_state=recipient.init[i : i + 1] if recipient.init is not None else None,
                 logits="last",
             )
+        assert out.logits is not None  # logits="last"
         logits.append(out.logits[:, -1])
-        exits.append(_expected_exit(out.exit_lambda[:, -1]) if out.exit_lambda is not None else None)
-    return torch.cat(logits), (torch.cat(exits) if exits and exits[0] is not None else None)
+        if out.exit_lambda is not None:
+            exit_step = _expected_exit(out.exit_lambda[:, -1])
+            assert exit_step is not None  # gate values in, expected exit out
+            exits.append(exit_step)
+    return torch.cat(logits), (torch.cat(exits) if exits else None)
 
 
 def _patched_runs(
@@ -449,8 +460,8 @@ def _patched_runs(
 ) -> tuple[Tensor, np.ndarray | None]:
     """Last-position logits ``[N, V]`` and expected exit steps of every patched run, in item order."""
     if not batched:
-        logits, exits = _forward_one_by_one(model, recipient, source, items, kind, num_steps)
-        return logits, (exits.cpu().numpy() if exits is not None else None)
+        all_logits, exit_steps = _forward_one_by_one(model, recipient, source, items, kind, num_steps)
+        return all_logits, (exit_steps.cpu().numpy() if exit_steps is not None else None)
     starts = np.array(
         [
             _resume_at(model, str(s), int(t), num_steps)
@@ -671,7 +682,7 @@ def iter_patching(
     ids_all = list(pair_ids) if pair_ids is not None else list(range(len(pairs)))
     if len(ids_all) != len(pairs):
         raise InputError(f"{len(ids_all)} pair ids for {len(pairs)} pairs")
-    settings = dict(
+    settings: dict[str, Any] = dict(
         kind=kind, sites=sites, iterations=its, positions=positions, directions=directions,
         experiment=experiment, init_state=init_state, seed=seed, batched=batched,
         rows_per_forward=rows_per_forward, attribution=attribution, exact=exact,

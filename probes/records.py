@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import pandas as pd
 import pyarrow as pa
@@ -62,7 +62,7 @@ __all__ = [
 #: Why an answer was generated (the ``purpose`` column of ``answers``).
 PURPOSES = ("probe", "depth", "eval")
 #: Patching directions: clean states into the corrupted run (denoise) or corrupted into the clean (noise).
-DIRECTIONS = ("denoise", "noise")
+DIRECTIONS: tuple[Literal["denoise", "noise"], ...] = ("denoise", "noise")
 #: How a patching row was obtained: a patched forward pass, or the gradient (attribution) estimate.
 METHODS = ("exact", "attribution")
 #: The patched run's top-1 token: the recipient's own answer, the source's, the hypothesis's, another.

@@ -90,7 +90,8 @@ class WavefrontRecorder:
                             known[col] = state.tensor[row, p].detach()
 
     def _decode(self, state: State, front: Wavefront) -> None:
-        cpu_front = Wavefront(front.step, *(t.cpu() for t in front._tensors()), front.sequence.cpu())
+        pos, rec, tok, frozen, stab = (t.cpu() for t in front._tensors())
+        cpu_front = Wavefront(front.step, pos, rec, tok, frozen, stab, front.sequence.cpu())
         for lens in self.lenses:
             if not lens.supports(state.site):
                 continue
@@ -182,8 +183,9 @@ class WavefrontRecorder:
                 self.model, torch.cat(hidden), normalize, torch.cat(targets)[:, None].to(self.model.device)
             )
             frame = pd.concat(meta, ignore_index=True)
-            frame["rank"] = stats.target_ranks[:, 0].cpu().numpy().astype(np.int64)
-            frame["logprob"] = stats.target_logprobs[:, 0].float().cpu().numpy()
+            # the targets were passed, so the kernel computed their ranks and log-probabilities
+            frame["rank"] = stats.require("target_ranks")[:, 0].cpu().numpy().astype(np.int64)
+            frame["logprob"] = stats.require("target_logprobs")[:, 0].float().cpu().numpy()
             frames.append(frame)
         if not frames:
             return records("wavefront", [])

@@ -55,8 +55,8 @@ def exit_trace(
     threshold: float | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """One row per iteration: ``iteration``, the criterion's ``value`` at the last position (NaN where it
-    has nothing to compare yet, e.g. KL at t = 1), the ``threshold`` and ``exits`` (whether the criterion
+    """One row per iteration: ``iteration``, the criterion's ``value`` at the last position (at t = 1 the
+    KL criterion compares with a uniform distribution, as Huginn's code does), the ``threshold`` and ``exits`` (whether the criterion
     would let the token stop there). The initial state is drawn as ``probes.probe_prompts`` draws it for
     the same ``seed``, so the curve belongs to the probed pass."""
     if not token_ids:

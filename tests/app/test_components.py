@@ -339,7 +339,9 @@ def test_exit_trace_is_the_criterion_generation_uses(model):
 
     ids = model.tokenizer.encode("Question: What is (2 * 3) + 1?\nAnswer:")
     trace = exit_trace(model, ids, 12, "kl", threshold=1e-2)
-    assert list(trace["iteration"]) == list(range(1, 13)) and np.isnan(trace["value"].iloc[0])
+    assert (
+        list(trace["iteration"]) == list(range(1, 13)) and np.isfinite(trace["value"]).all()
+    )  # t = 1 vs uniform
     assert (trace["exits"] == (trace["value"] < 1e-2)).all()
     gen = model.generate(
         [ids],

@@ -234,6 +234,29 @@ def model_description(name: str, model: LoopedLM, device: str, dtype: torch.dtyp
     }
 
 
+def open_model_run(
+    out: Path,
+    name: str,
+    model_name: str,
+    model: LoopedLM,
+    device: str,
+    dtype: torch.dtype | None,
+    prompt_template: Any,
+    settings: Mapping[str, Any],
+    overwrite: bool = False,
+) -> Run:
+    """Create (or resume) a study's run whose manifest holds everything its numbers depend on: the
+    model (:func:`model_description`), its config, the prompt template and the settings. A resume
+    compares all of it (``probes.store.Run.create``)."""
+    manifest = {
+        "model": model_description(model_name, model, device, dtype),
+        "config": model.config.to_dict(),
+        "prompt_template": prompt_template.to_dict(),
+        "settings": dict(settings),
+    }
+    return Run.create(out, name, manifest, resume=not overwrite, overwrite=overwrite)
+
+
 def _positions(positions: Any) -> str | tuple[int, ...]:
     if isinstance(positions, str):
         if positions not in ("last", "all"):

@@ -27,7 +27,7 @@ from lens.errors import InputError
 from lens.model import LoopedLM
 from lens.runtime import configure_threads
 from probes.api import probe_prompts
-from probes.dataset import model_description
+from probes.dataset import open_model_run
 from probes.lenses import TunedLens, applicable_lenses
 from probes.lenses.tuned_training import collect_states, fit_tuned_lens
 from probes.records import records
@@ -166,13 +166,7 @@ def run_arithmetic_study(
     if ray is not None:  # the workers compute: on their GPUs where the cluster has GPUs
         cluster = init_ray(ray)
         computed_on = "cuda" if cluster.cluster_resources().get("GPU", 0) else "cpu"
-    manifest = {
-        "model": model_description(model, net, computed_on, dtype),
-        "config": net.config.to_dict(),
-        "prompt_template": prompt_template.to_dict(),
-        "settings": settings,
-    }
-    run = Run.create(out, run_name, manifest, resume=not overwrite, overwrite=overwrite)
+    run = open_model_run(out, run_name, model, net, computed_on, dtype, prompt_template, settings, overwrite)
     console.print(
         f"[bold]arithmetic study[/] → {run.path}  ({len(problems)} problems, T={steps}; "
         f"{net.layout.family}: {net.layout.describe()}; lenses {', '.join(settings['lenses'])})"

@@ -34,7 +34,7 @@ from lens.errors import InputError
 from lens.model import LoopedLM
 from lens.runtime import configure_threads
 from probes.api import probe_prompts
-from probes.dataset import model_description
+from probes.dataset import open_model_run
 from probes.linear import collect_at_positions, linear_probe
 from probes.store import Run
 from studies.arithmetic import TUNED_LENS_TRAINING, control_token, single_token, tuned_lens_for_run
@@ -148,13 +148,7 @@ def run_chains_study(
         "tuned_lens_training": dict(TUNED_LENS_TRAINING, prompts=32 * len(hops)) if tuned_lens else None,
     }
     run_name = name or f"chains-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
-    manifest = {
-        "model": model_description(model, net, device, dtype),
-        "config": net.config.to_dict(),
-        "prompt_template": prompt_template.to_dict(),
-        "settings": settings,
-    }
-    run = Run.create(out, run_name, manifest, resume=not overwrite, overwrite=overwrite)
+    run = open_model_run(out, run_name, model, net, device, dtype, prompt_template, settings, overwrite)
     console.print(
         f"[bold]chains study[/] → {run.path}  (hops {hops[0]}–{hops[-1]}: {n} problems each through "
         f"{len(lens_names)} lenses at T={steps}, {probe_n} for linear probes, {depth_n} at T = "

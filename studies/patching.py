@@ -49,7 +49,7 @@ from lens.errors import InputError
 from lens.model import LoopedLM
 from lens.runtime import configure_threads
 from probes.api import probe_prompts
-from probes.dataset import model_description
+from probes.dataset import open_model_run
 from probes.lenses import applicable_lenses
 from probes.patching import PromptPair, attribution_agreement, initial_states, iter_patching
 from probes.store import Run, atomic_write
@@ -307,13 +307,7 @@ def run_patching_study(
         "lenses": applicable_lenses(net),
     }
     run_name = name or f"patching-{Path(str(model)).name}-T{steps}-n{n}-s{seed}"
-    manifest = {
-        "model": model_description(model, net, device, dtype),
-        "config": net.config.to_dict(),
-        "prompt_template": prompt_template.to_dict(),
-        "settings": settings,
-    }
-    run = Run.create(out, run_name, manifest, resume=not overwrite, overwrite=overwrite)
+    run = open_model_run(out, run_name, model, net, device, dtype, prompt_template, settings, overwrite)
     console.print(
         f"[bold]patching study[/] → {run.path}  ({n} pairs, T={steps}; {layout.family}: {layout.describe()}; "
         f"experiments {', '.join(experiments)})"

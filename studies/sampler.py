@@ -44,7 +44,7 @@ import lens
 from lens.errors import InputError
 from lens.model import LoopedLM
 from lens.runtime import configure_threads
-from probes.dataset import model_description
+from probes.dataset import open_model_run
 from probes.records import records
 from probes.store import Run
 from probes.wavefront import WavefrontRecorder
@@ -236,13 +236,7 @@ def run_sampler_study(
         "wavefront_lenses": [lens_name for lens_name in net.layout.lenses() if lens_name != "tuned"],
     }
     run_name = name or f"sampler-{Path(str(model)).name}-T{steps}-N{new_tokens}-n{n}-s{seed}"
-    manifest = {
-        "model": model_description(model, net, device, dtype),
-        "config": net.config.to_dict(),
-        "prompt_template": prompt_template.to_dict(),
-        "settings": settings,
-    }
-    run = Run.create(out, run_name, manifest, resume=not overwrite, overwrite=overwrite)
+    run = open_model_run(out, run_name, model, net, device, dtype, prompt_template, settings, overwrite)
     console.print(
         f"[bold]sampler study[/] → {run.path}  ({n} prompts × {new_tokens} new tokens, {len(grid)} settings; "
         f"{net.layout.family}: {net.layout.describe()})"

@@ -33,7 +33,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from lens.layout import Unrolled
-from probes.palette import LENS_ORDER, TARGET_ORDER, lens_color, rgba, target_color
+from probes.palette import LENS_ORDER, TARGET_ORDER, band_trace, lens_color, rgba, target_color
 
 __all__ = [
     "DASHES",
@@ -1128,17 +1128,7 @@ def overview_figure(
         color = target_color(kind)
         name = series_label(lens, kind)
         fig.add_trace(
-            go.Scatter(
-                x=list(g["unrolled_index"]) + list(g["unrolled_index"][::-1]),
-                y=list(g["ci_high"]) + list(g["ci_low"][::-1]),
-                fill="toself",
-                mode="lines",  # a band: no markers (plotly adds them to short traces by default)
-                fillcolor=rgba(color, 0.10),
-                line=dict(width=0),
-                hoverinfo="skip",
-                showlegend=False,
-                legendgroup=name,
-            )
+            band_trace(g["unrolled_index"], g["ci_low"], g["ci_high"], color, 0.10, legendgroup=name)
         )
         labels = [layer_label(s, t) for s, t in zip(g["site"], g["iteration"], strict=True)]
         fig.add_trace(
@@ -1208,16 +1198,7 @@ def exit_gate_curves(rows: pd.DataFrame, *, threshold: float = 0.5, height: int 
     )
     t = per_t.index.tolist()
     fig.add_trace(
-        go.Scatter(
-            x=t + t[::-1],
-            y=per_t["q75"].tolist() + per_t["q25"].tolist()[::-1],
-            fill="toself",
-            mode="lines",
-            fillcolor=rgba(_GATE_COLORS["cdf"], 0.15),
-            line=dict(width=0),
-            hoverinfo="skip",
-            showlegend=False,
-        ),
+        band_trace(t, per_t["q25"], per_t["q75"], _GATE_COLORS["cdf"], 0.15),
         row=1,
         col=1,
     )
@@ -1594,19 +1575,7 @@ def intermediate_vs_final(
         s = d[d["target"] == target].sort_values("iteration")
         color = target_color(target)
         x = s["iteration"].tolist()
-        fig.add_trace(
-            go.Scatter(
-                x=x + x[::-1],
-                y=s["ci_high"].tolist() + s["ci_low"].tolist()[::-1],
-                fill="toself",
-                mode="lines",
-                fillcolor=rgba(color, 0.13),
-                line=dict(width=0),
-                hoverinfo="skip",
-                showlegend=False,
-                legendgroup=target,
-            )
-        )
+        fig.add_trace(band_trace(x, s["ci_low"], s["ci_high"], color, 0.13, legendgroup=target))
         fig.add_trace(
             go.Scatter(
                 x=x,

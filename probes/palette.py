@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "EXTRA_COLORS",
@@ -26,6 +27,7 @@ __all__ = [
     "lens_color",
     "lens_label",
     "lens_order",
+    "band_trace",
     "rgba",
     "target_color",
     "target_label",
@@ -107,3 +109,21 @@ def rgba(color: str, alpha: float) -> str:
     """``#RRGGBB`` → ``rgba(r,g,b,alpha)`` (plotly fills and bands)."""
     r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
+
+
+def band_trace(x: list, low: list, high: list, color: str, alpha: float, **kwargs: Any) -> Any:
+    """A plotly interval band (``low``..``high`` over ``x``): a filled outline with no line, no markers
+    and no hover, kept out of the legend; ``kwargs`` go to ``go.Scatter`` (``legendgroup``, ``name``)."""
+    import plotly.graph_objects as go
+
+    return go.Scatter(
+        x=list(x) + list(x)[::-1],
+        y=list(high) + list(low)[::-1],
+        fill="toself",
+        mode="lines",  # plotly adds markers to short traces by default
+        fillcolor=rgba(color, alpha),
+        line=dict(width=0),
+        hoverinfo="skip",
+        showlegend=False,
+        **kwargs,
+    )

@@ -28,6 +28,7 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
+from probes.palette import band_trace
 from studies.figures.base import FigureSpec, Headline, Tables, require_columns
 from studies.figures.chain_ranks import target_label
 from studies.figures.layout import Layout
@@ -40,7 +41,6 @@ from studies.figures.style import (
     mpl_style,
     new_figure,
     plotly_layout,
-    rgba,
     unrolled_xlabel,
     value_color,
 )
@@ -179,17 +179,7 @@ def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
                 label = "final answer" if final else target_label(f"value_{k}", 99)
                 x = s["unrolled_index"].tolist()
                 fig.add_trace(
-                    go.Scatter(
-                        x=x + x[::-1],
-                        y=s["ci_high"].tolist() + s["ci_low"].tolist()[::-1],
-                        fill="toself",
-                        mode="lines",
-                        fillcolor=rgba(color, 0.10),
-                        line=dict(width=0),
-                        hoverinfo="skip",
-                        showlegend=False,
-                        legendgroup=label,
-                    ),
+                    band_trace(x, s["ci_low"], s["ci_high"], color, 0.10, legendgroup=label),
                     row=r,
                     col=c,
                 )

@@ -32,6 +32,7 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
+from probes.palette import band_trace
 from probes.trajectory import summarize_ranks
 from studies.figures.base import (
     RANK_COLUMNS,
@@ -57,7 +58,6 @@ from studies.figures.style import (
     plotly_layout,
     rank_axis,
     rank_axis_plotly,
-    rgba,
     unrolled_xlabel,
     value_color,
 )
@@ -223,17 +223,7 @@ def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
                 )
                 x = s["unrolled_index"].tolist()
                 fig.add_trace(
-                    go.Scatter(
-                        x=x + x[::-1],
-                        y=s["ci_high"].tolist() + s["ci_low"].tolist()[::-1],
-                        fill="toself",
-                        mode="lines",
-                        fillcolor=rgba(color, 0.10),
-                        line=dict(width=0),
-                        hoverinfo="skip",
-                        showlegend=False,
-                        legendgroup=label,
-                    ),
+                    band_trace(x, s["ci_low"], s["ci_high"], color, 0.10, legendgroup=label),
                     row=r,
                     col=c,
                 )

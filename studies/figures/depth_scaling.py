@@ -22,10 +22,11 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from probes.palette import band_trace
 from studies.figures.base import FigureSpec, Headline, Tables, require_columns, to_builtin
 from studies.figures.layout import Layout
 from studies.figures.stats import wilson_interval
-from studies.figures.style import mpl_style, new_figure, plotly_layout, rgba
+from studies.figures.style import mpl_style, new_figure, plotly_layout
 
 __all__ = ["FIGURE", "draw", "headline", "table", "task_colors"]
 
@@ -124,19 +125,7 @@ def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
     for task in tasks:
         d = tab[tab["task"] == task]
         x = d["num_steps"].tolist()
-        fig.add_trace(
-            go.Scatter(
-                x=x + x[::-1],
-                y=d["ci_high"].tolist() + d["ci_low"].tolist()[::-1],
-                fill="toself",
-                mode="lines",
-                fillcolor=rgba(colors[task], 0.12),
-                line=dict(width=0),
-                hoverinfo="skip",
-                showlegend=False,
-                legendgroup=task,
-            )
-        )
+        fig.add_trace(band_trace(x, d["ci_low"], d["ci_high"], colors[task], 0.12, legendgroup=task))
         fig.add_trace(
             go.Scatter(
                 x=x,

@@ -25,10 +25,11 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
+from probes.palette import band_trace
 from studies.figures.base import FigureSpec, Headline, Tables, require_columns, to_builtin
 from studies.figures.layout import Layout
 from studies.figures.stats import last_position
-from studies.figures.style import mpl_style, new_figure, plotly_layout, rgba
+from studies.figures.style import mpl_style, new_figure, plotly_layout
 
 __all__ = ["FIGURE", "THRESHOLD", "draw", "headline", "table"]
 
@@ -136,16 +137,7 @@ def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
     )
     for col, color, name in (("lambda", _LAMBDA, "gate λ_t"), ("cdf", _CDF, "P(exited by t)")):
         fig.add_trace(
-            go.Scatter(
-                x=t + t[::-1],
-                y=tab[f"{col}_q75"].tolist() + tab[f"{col}_q25"].tolist()[::-1],
-                fill="toself",
-                fillcolor=rgba(color, 0.15),
-                line=dict(width=0),
-                hoverinfo="skip",
-                showlegend=False,
-                legendgroup=name,
-            ),
+            band_trace(t, tab[f"{col}_q25"], tab[f"{col}_q75"], color, 0.15, legendgroup=name),
             row=1,
             col=1,
         )

@@ -28,6 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
+from probes.palette import band_trace
 from probes.trajectory import summarize_ranks
 from studies.figures.base import (
     RANK_COLUMNS,
@@ -52,7 +53,6 @@ from studies.figures.style import (
     plotly_layout,
     rank_axis,
     rank_axis_plotly,
-    rgba,
 )
 
 __all__ = [
@@ -280,17 +280,7 @@ def add_panel_plotly(
         color = TARGET_COLORS[target]
         x = s["iteration"].tolist()
         fig.add_trace(
-            go.Scatter(
-                x=x + x[::-1],
-                y=s["ci_high"].tolist() + s["ci_low"].tolist()[::-1],
-                fill="toself",
-                mode="lines",
-                fillcolor=rgba(color, 0.14),
-                line=dict(width=0),
-                hoverinfo="skip",
-                showlegend=False,
-                legendgroup=target,
-            ),
+            band_trace(x, s["ci_low"], s["ci_high"], color, 0.14, legendgroup=target),
             row=row,
             col=col,
         )

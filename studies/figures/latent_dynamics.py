@@ -23,10 +23,11 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import MaxNLocator
 from plotly.subplots import make_subplots
 
+from probes.palette import band_trace
 from studies.figures.base import FigureSpec, Headline, Tables, require_columns, to_builtin
 from studies.figures.layout import Layout
 from studies.figures.stats import last_position
-from studies.figures.style import mpl_style, new_figure, plotly_layout, rgba
+from studies.figures.style import mpl_style, new_figure, plotly_layout
 
 __all__ = ["FIGURE", "MAX_TRAJECTORIES", "draw", "headline", "pick_site", "table"]
 
@@ -284,17 +285,7 @@ def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
     s = it.dropna(subset=["step_norm_median"])
     x = s["iteration"].astype(float).tolist()
     fig.add_trace(
-        go.Scatter(
-            x=x + x[::-1],
-            y=s["step_norm_q75"].tolist() + s["step_norm_q25"].tolist()[::-1],
-            fill="toself",
-            mode="lines",
-            fillcolor=rgba(STEP_COLOR, 0.18),
-            line=dict(width=0),
-            hoverinfo="skip",
-            name="step norm IQR",
-            showlegend=False,
-        ),
+        band_trace(x, s["step_norm_q25"], s["step_norm_q75"], STEP_COLOR, 0.18, name="step norm IQR"),
         row=1,
         col=1,
     )
@@ -314,16 +305,7 @@ def _plotly(tab: pd.DataFrame, layout: Layout, title: str) -> go.Figure:
     fig.update_xaxes(title_text="iteration t", dtick=1, row=1, col=1)
     x = it["iteration"].astype(float).tolist()
     fig.add_trace(
-        go.Scatter(
-            x=x + x[::-1],
-            y=it["cos_to_last_q75"].tolist() + it["cos_to_last_q25"].tolist()[::-1],
-            fill="toself",
-            mode="lines",
-            fillcolor=rgba(COS_COLOR, 0.18),
-            line=dict(width=0),
-            hoverinfo="skip",
-            showlegend=False,
-        ),
+        band_trace(x, it["cos_to_last_q25"], it["cos_to_last_q75"], COS_COLOR, 0.18),
         row=1,
         col=3,
     )

@@ -27,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
+from probes.palette import band_trace
 from probes.trajectory import summarize_ranks
 from studies.figures.base import (
     RANK_COLUMNS,
@@ -50,7 +51,6 @@ from studies.figures.style import (
     plotly_layout,
     rank_axis,
     rank_axis_plotly,
-    rgba,
 )
 
 __all__ = ["FIGURE", "add_panel_plotly", "draw", "draw_panel", "headline", "table"]
@@ -183,17 +183,7 @@ def add_panel_plotly(
         color = lens_color(lens)
         x = d["unrolled_index"].tolist()
         fig.add_trace(
-            go.Scatter(
-                x=x + x[::-1],
-                y=d["ci_high"].tolist() + d["ci_low"].tolist()[::-1],
-                fill="toself",
-                mode="lines",
-                fillcolor=rgba(color, 0.18),
-                line=dict(width=0),
-                hoverinfo="skip",
-                showlegend=False,
-                legendgroup=lens,
-            ),
+            band_trace(x, d["ci_low"], d["ci_high"], color, 0.18, legendgroup=lens),
             row=row,
             col=col,
         )

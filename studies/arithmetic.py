@@ -33,6 +33,7 @@ from probes.lenses.tuned_training import collect_states, fit_tuned_lens
 from probes.records import records
 from probes.scale import ShardTask, init_ray, require_ray, run_shards
 from probes.store import Run
+from studies.console import fmt_number, print_run_footer
 from studies.evaluation import accuracy_table, card_accuracy, evaluate_answers
 from studies.tasks import arithmetic
 from studies.tasks.prompts import PromptTemplate, resolve_template
@@ -480,7 +481,7 @@ def headline_items(name: str, headline: dict[str, Any]) -> list[str]:
     """The few numbers of a figure worth a line in the one-screen summary."""
     wanted = SUMMARY_KEYS.get(name, ())
     return [
-        f"{k}={_fmt(v)}"
+        f"{k}={fmt_number(v)}"
         for k, v in headline.items()
         if v is not None and any(k == w or k.endswith(w) or k.startswith(w) for w in wanted)
     ]
@@ -530,15 +531,4 @@ def _summary(run: Run, model: str, figures: dict[str, dict], seconds: float, con
         accuracy.add_row(*row)
     console.print(accuracy)
 
-    footer = Table.grid(padding=(0, 2))
-    footer.add_column(style="bold", no_wrap=True)
-    footer.add_column(overflow="fold")
-    footer.add_row("figures", f"{run.figures_dir}  (PNG + interactive HTML)")
-    footer.add_row("tables", ", ".join(run.tables()))
-    footer.add_row("explore", f"looplens explore {run.path.parent}")
-    footer.add_row("time", f"{seconds:.0f} s")
-    console.print(footer)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    print_run_footer(console, run, seconds)

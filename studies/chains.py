@@ -38,6 +38,7 @@ from probes.dataset import open_model_run
 from probes.linear import collect_at_positions, linear_probe
 from probes.store import Run
 from studies.arithmetic import TUNED_LENS_TRAINING, control_token, single_token, tuned_lens_for_run
+from studies.console import print_run_footer
 from studies.evaluation import accuracy_table, default_depths, evaluate_answers, evaluate_tasks
 from studies.tasks import chains
 from studies.tasks.prompts import PromptTemplate, resolve_template
@@ -362,5 +363,4 @@ def _summary(run: Run, figures: dict[str, dict], steps: int, seconds: float, con
         "decodable: first unrolled layer where a linear probe reads the value at its own statement "
         "with ≥ 80 % held-out accuracy (-1: never)"
     )
-    console.print(f"figures (PNG + interactive HTML): {run.figures_dir}")
-    console.print(f"explore: looplens explore {run.path.parent}  ·  time: {seconds:.0f} s")
+    print_run_footer(console, run, seconds, page="Trajectories")

@@ -54,6 +54,7 @@ from probes.lenses import applicable_lenses
 from probes.patching import PromptPair, attribution_agreement, initial_states, iter_patching
 from probes.store import Run, atomic_write
 from studies.arithmetic import TASK, problem_targets
+from studies.console import fmt_number, print_run_footer
 from studies.tasks import arithmetic
 from studies.tasks.prompts import PromptTemplate, resolve_template
 
@@ -473,15 +474,15 @@ def _summary(
     table.add_column("figure", no_wrap=True)
     table.add_column("headline numbers")
     for name, info in figures.items():
-        items = [f"{k}={_fmt(v)}" for k, v in (info.get("headline") or {}).items() if v is not None]
+        items = [f"{k}={fmt_number(v)}" for k, v in (info.get("headline") or {}).items() if v is not None]
         table.add_row(f"{name}.png", "\n".join(items))
     console.print(table)
     if agreement:
-        by = ", ".join(f"{d} {_fmt(v)}" for d, v in agreement["rho_by_direction"].items())
+        by = ", ".join(f"{d} {fmt_number(v)}" for d, v in agreement["rho_by_direction"].items())
         console.print(
             f"attribution patching vs exact patching (Spearman ρ of the effect): "
-            f"{_fmt(agreement['rho_cells'])} over {agreement['cells']:,} cells, "
-            f"{_fmt(agreement['rho_heatmap'])} over the mean heat maps; by direction: {by}"
+            f"{fmt_number(agreement['rho_cells'])} over {agreement['cells']:,} cells, "
+            f"{fmt_number(agreement['rho_heatmap'])} over the mean heat maps; by direction: {by}"
         )
     cot = (figures.get("cot_patching") or {}).get("headline") or {}
     lens_line = (figures.get("intermediate_vs_final") or {}).get("headline") or {}
@@ -493,15 +494,4 @@ def _summary(
             "latent chain of thought, lenses: the intermediate result ranks above the final answer in "
             + ", ".join(f"{k.split('_')[0]} {v} iteration(s)" for k, v in above.items())
         )
-    footer = Table.grid(padding=(0, 2))
-    footer.add_column(style="bold", no_wrap=True)
-    footer.add_column(overflow="fold")
-    footer.add_row("figures", f"{run.figures_dir}  (PNG + interactive HTML)")
-    footer.add_row("tables", ", ".join(run.tables()))
-    footer.add_row("explore", f"looplens explore {run.path.parent}  (page: Patching)")
-    footer.add_row("time", f"{seconds:.0f} s")
-    console.print(footer)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    print_run_footer(console, run, seconds, page="Patching")

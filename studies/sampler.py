@@ -48,6 +48,7 @@ from probes.dataset import open_model_run
 from probes.records import records
 from probes.store import Run
 from probes.wavefront import WavefrontRecorder
+from studies.console import print_run_footer
 from studies.evaluation import _answer_text
 from studies.tasks import arithmetic
 from studies.tasks.prompts import PromptTemplate, resolve_template
@@ -446,10 +447,4 @@ def _print_summary(run: Run, summary: pd.DataFrame, figures: dict, seconds: floa
             f"{row.tokens_per_s:.0f}",
         )
     console.print(table)
-    footer = Table.grid(padding=(0, 2))
-    footer.add_column(style="bold", no_wrap=True)
-    footer.add_column(overflow="fold")
-    footer.add_row("figures", ", ".join(f"{k}.png" for k in figures) + f"  in {run.figures_dir}")
-    footer.add_row("explore", f"looplens explore {run.path.parent}  (page: Wavefront)")
-    footer.add_row("time", f"{seconds:.0f} s")
-    console.print(footer)
+    print_run_footer(console, run, seconds, page="Wavefront")

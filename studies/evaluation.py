@@ -318,57 +318,58 @@ def run_evaluation(
             "prompt_template": template.to_dict(),
         },
     )
-    work = work_units(model, tasks, depths, counts, template, seed)
-    sizes = {t: len(task_problems(t, c, "test", seed)) if c is None else c for t, c in counts.items()}
-    answers = sum(sizes.values()) * len(depths)
-    console.print(
-        f"[bold]eval {model_name}[/]: {len(tasks)} tasks × {len(depths)} depths "
-        f"(T = {', '.join(map(str, depths))}) × {_count_text(sizes)} problems = {answers:,} greedy answers "
-        f"on the held-out test split → {run.path}",
-        soft_wrap=True,
-    )
-    done = [(d, t) for d in depths for t in tasks if run.has_shard("answers", _shard(d, t))]
-    if done:
+    with run:  # an error from here on marks the run failed, with the reason, before it propagates
+        work = work_units(model, tasks, depths, counts, template, seed)
+        sizes = {t: len(task_problems(t, c, "test", seed)) if c is None else c for t, c in counts.items()}
+        answers = sum(sizes.values()) * len(depths)
         console.print(
-            f"resuming: {len(done)} of {len(work)} (depth, task) parts already done "
-            f"({sum(work[k] for k in done) / sum(work.values()):.0%} of the work), computing the rest",
+            f"[bold]eval {model_name}[/]: {len(tasks)} tasks × {len(depths)} depths "
+            f"(T = {', '.join(map(str, depths))}) × {_count_text(sizes)} problems = {answers:,} greedy answers "
+            f"on the held-out test split → {run.path}",
             soft_wrap=True,
         )
-    with tqdm(
-        total=sum(work.values()),
-        initial=sum(work[k] for k in done),
-        desc="eval",
-        unit=" token-blocks",
-        unit_scale=True,
-        bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}",
-    ) as bar:
-        for depth in depths:
-            for t, task in enumerate(tasks):
-                if run.has_shard("answers", _shard(depth, task)):
-                    continue
-                bar.set_postfix_str(f"T={depth} {task}")
-                frame = evaluate_tasks(
-                    model,
-                    [task],
-                    depth,
-                    n,
-                    seed=seed,
-                    template=template,
-                    counts=counts,
-                    id_offset=t * 100_000,
-                    progress=bar.update,
-                )
-                run.write_shard("answers", _shard(depth, task), frame.assign(run=run.name))
-    acc = accuracy_table(run.table("answers"))
-    layout = Layout(model.layout, steps=model.config.mean_recurrence)
-    render_figure(
-        FIGURES["depth_scaling"],
-        {"depth": acc},
-        layout,
-        run.figures_dir,
-        f"{model_name}: exact-match accuracy vs iterations",
-    )
-    run.mark_complete()
+        done = [(d, t) for d in depths for t in tasks if run.has_shard("answers", _shard(d, t))]
+        if done:
+            console.print(
+                f"resuming: {len(done)} of {len(work)} (depth, task) parts already done "
+                f"({sum(work[k] for k in done) / sum(work.values()):.0%} of the work), computing the rest",
+                soft_wrap=True,
+            )
+        with tqdm(
+            total=sum(work.values()),
+            initial=sum(work[k] for k in done),
+            desc="eval",
+            unit=" token-blocks",
+            unit_scale=True,
+            bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}",
+        ) as bar:
+            for depth in depths:
+                for t, task in enumerate(tasks):
+                    if run.has_shard("answers", _shard(depth, task)):
+                        continue
+                    bar.set_postfix_str(f"T={depth} {task}")
+                    frame = evaluate_tasks(
+                        model,
+                        [task],
+                        depth,
+                        n,
+                        seed=seed,
+                        template=template,
+                        counts=counts,
+                        id_offset=t * 100_000,
+                        progress=bar.update,
+                    )
+                    run.write_shard("answers", _shard(depth, task), frame.assign(run=run.name))
+        acc = accuracy_table(run.table("answers"))
+        layout = Layout(model.layout, steps=model.config.mean_recurrence)
+        render_figure(
+            FIGURES["depth_scaling"],
+            {"depth": acc},
+            layout,
+            run.figures_dir,
+            f"{model_name}: exact-match accuracy vs iterations",
+        )
+        run.mark_complete()
     table_md = markdown_table(acc, order=tasks)
     rich_table = Table(title=f"exact-match accuracy (%) of {model_name}")
     for col in table_md.splitlines()[0].strip("|").split("|"):

@@ -127,3 +127,18 @@ def test_answers_never_show_special_tokens(checkpoint):
     prompt = model.tokenizer.encode(problem.context)
     answers = evaluate_answers(model, [problem], [prompt], num_steps=2)
     assert answers["generated"].tolist() == [" 7"] and answers["correct"].tolist() == [True]
+
+
+def test_an_eval_that_fails_marks_its_run_failed(checkpoint, tmp_path, monkeypatch):
+    """#11.11: a crash after the run exists leaves it ``failed`` with the reason, never ``running``."""
+    import studies.evaluation as evaluation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(evaluation, "evaluate_tasks", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_evaluation(str(checkpoint), [1], n=2, out=tmp_path / "runs")
+    (path,) = (tmp_path / "runs").iterdir()
+    run = Run.open(path)
+    assert run.status == "failed" and "RuntimeError: out of memory" in run.manifest["error"]

@@ -1,8 +1,10 @@
 """Autoregressive decoding against the diffusion sampler, in one run, on CPU.
 
 Models: the embedded ``tiny-arith`` (trained: the sampler study's task, arithmetic prompts continued for
-``--new-tokens`` tokens), a random model of tiny-arith's size, and a wider random model (both Huginn
-layout, zeros initial state, random prompts). Per model and setting: sequential model calls, sequential
+``--new-tokens`` tokens), the embedded ``tiny-chains`` (trained on its long answers: two-hop chain
+traces, 28 tokens, the sampler study's task for this model; the reference depth is its default), a random
+model of tiny-arith's size, and a wider random model (both Huginn layout, zeros initial state, random
+prompts). Per model and setting: sequential model calls, sequential
 core iterations and core-block applications (compute) per generated token, wall time and tokens/s
 (median of ``--rounds`` interleaved rounds: every setting once per round), accuracy = the share of
 prompts whose continuation equals fixed-depth decoding at the reference depth (for tiny-arith also the
@@ -28,7 +30,7 @@ import torch
 import lens
 from benchmarks.common import report
 from lens.runtime import configure_threads
-from studies.sampler import Setting, generate_batch, score, summarize
+from studies.sampler import CHAINS_TASK, Setting, generate_batch, sample_problems, score, summarize
 from studies.tasks import arithmetic
 from studies.tasks.prompts import resolve_template
 
@@ -80,44 +82,65 @@ def random_model(width: int, heads: int, core: int, seed: int) -> lens.Recurrent
     return lens.RecurrentDepthLM(cfg).eval()
 
 
-def workloads(quick: bool, n: int) -> list[dict[str, Any]]:
-    """(name, model, prompts, expected answers or None)."""
+WORKLOADS = ("tiny-arith", "tiny-chains", "random-128", "random-512")
+"""The benchmark's models by key (``--models``); ``random-512`` is left out of ``--quick``."""
+
+
+def workloads(keys: list[str], n: int) -> list[dict[str, Any]]:
+    """(name, model, prompts, expected answers or None, optionally new tokens and reference depth) per key."""
     out = []
-    arith = lens.load_model("tiny-arith")
-    tok = arith.tokenizer
-    template = resolve_template(None, tok)
-    problems = arithmetic.sample("arithmetic_1dc", n, split="test", seed=0)
-    out.append(
-        {
-            "model": "tiny-arith (trained, arithmetic)",
-            "net": arith,
-            "prompts": [tok.encode(template.render(p.context, tok)) for p in problems],
-            "answers": [template.expected_answer(p.completion) for p in problems],
-        }
-    )
     gen = torch.Generator().manual_seed(1)
     random_prompts = [torch.randint(0, 1024, (12,), generator=gen).tolist() for _ in range(n)]
-    shapes = [(128, 4, 1, "random, tiny-arith size (d 128, core 1)")]
-    if not quick:
-        shapes.append((512, 8, 2, "random, wider (d 512, core 2)"))
-    for width, heads, core, label in shapes:
-        out.append(
-            {
-                "model": label,
-                "net": random_model(width, heads, core, seed=width),
-                "prompts": random_prompts,
-                "answers": None,
-            }
-        )
+    for key in keys:
+        if key == "tiny-arith":
+            arith = lens.load_model("tiny-arith")
+            tok = arith.tokenizer
+            template = resolve_template(None, tok)
+            problems = arithmetic.sample("arithmetic_1dc", n, split="test", seed=0)
+            out.append(
+                {
+                    "model": "tiny-arith (trained, arithmetic)",
+                    "net": arith,
+                    "prompts": [tok.encode(template.render(p.context, tok)) for p in problems],
+                    "answers": [template.expected_answer(p.completion) for p in problems],
+                }
+            )
+        elif key == "tiny-chains":
+            chains = lens.load_model("tiny-chains")
+            tok = chains.tokenizer
+            template = resolve_template(None, tok)
+            problems = sample_problems(CHAINS_TASK, n, seed=0)
+            out.append(
+                {
+                    "model": "tiny-chains (trained, two-hop traces)",
+                    "net": chains,
+                    "prompts": [tok.encode(template.render(p.context, tok)) for p in problems],
+                    "answers": [template.expected_answer(p.completion) for p in problems],
+                    "new_tokens": max(len(tok.encode(p.completion)) for p in problems),
+                    "steps": chains.config.mean_recurrence,
+                }
+            )
+        else:
+            width, heads, core = {"random-128": (128, 4, 1), "random-512": (512, 8, 2)}[key]
+            out.append(
+                {
+                    "model": f"random, d {width}, core {core}"
+                    + (" (tiny-arith size)" if width == 128 else ""),
+                    "net": random_model(width, heads, core, seed=width),
+                    "prompts": random_prompts,
+                    "answers": None,
+                }
+            )
     return out
 
 
 def run(
-    quick: bool, n: int, new_tokens: int, rounds: int, steps: int, batch_size: int
+    quick: bool, keys: list[str], n: int, new_tokens: int, rounds: int, steps: int, batch_size: int
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    grid = settings(steps, [1, 2, 4] if not quick else [2])
-    for work in workloads(quick, n):
+    for work in workloads(keys, n):
+        grid = settings(work.get("steps", steps), [1, 2, 4, 8] if not quick else [2])
+        new = work.get("new_tokens", new_tokens)
         net = work["net"]
         configure_threads(net.num_parameters())
         prompts = work["prompts"]
@@ -128,7 +151,7 @@ def run(
             for setting in grid:
                 total, outs = 0.0, []
                 for chunk in batches:
-                    res, seconds = generate_batch(net, chunk, new_tokens, setting)
+                    res, seconds = generate_batch(net, chunk, new, setting)
                     total += seconds
                     outs.append((chunk, res, seconds))
                 times[setting.name].append(total)
@@ -149,11 +172,12 @@ def run(
         for setting in grid:
             s = summary.loc[setting.name]
             ms = 1000 * statistics.median(times[setting.name])
-            tokens = n * new_tokens
+            tokens = n * new
             rows.append(
                 {
                     "model": work["model"],
                     "setting": setting.name,
+                    "new_tokens": new,
                     "accuracy": round(float(s["accuracy"]), 4),
                     "token_agreement": round(float(s["token_agreement"]), 4),
                     "answer_accuracy": None
@@ -186,16 +210,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="the reference depth")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated subset of {', '.join(WORKLOADS)} (default: all; --quick: all but random-512)",
+    )
     args = parser.parse_args()
+    keys = (
+        args.models.split(",")
+        if args.models
+        else [k for k in WORKLOADS if not (args.quick and k == "random-512")]
+    )
+    unknown = sorted(set(keys) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     n = args.n or (8 if args.quick else 32)
     rounds = args.rounds or (1 if args.quick else 3)
-    rows = run(args.quick, n, args.new_tokens, rounds, args.steps, args.batch_size)
+    rows = run(args.quick, keys, n, args.new_tokens, rounds, args.steps, args.batch_size)
     extra = f"load average at the end: {os.getloadavg()[0]:.1f}"
     report(
         "sampler",
         rows,
         args.out,
-        f"autoregressive vs diffusion sampler ({n} prompts × {args.new_tokens} tokens; {extra})",
+        f"autoregressive vs diffusion sampler ({n} prompts per model; {extra})",
     )
 
 

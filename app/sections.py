@@ -463,6 +463,12 @@ def trajectory_views(
             data=dyn,
             file_name=f"{key}-latent-dynamics",
         )
+    st.fragment(pca_view)(dyn, key=key, color_by=color_by, labels=labels)
+
+
+def pca_view(dyn: pd.DataFrame, key: str, color_by: str = "prompt_id", labels: dict | None = None) -> None:
+    """The PCA trajectory with its 2-D / 3 projections / 3-D switch (drawn as a fragment by
+    ``trajectory_views``: the switch reruns and redraws this chart only, not the step curves above)."""
     views = ["2-D", "3 projections", "3-D"]
     dims = (
         st.segmented_control(

@@ -29,8 +29,7 @@ def _from_run() -> None:
     if len(sites) > 1:
         site = st.segmented_control("Site", sites, default=sites[-1], key="dyn_site") or sites[-1]
         dyn = dyn[dyn["site"] == site]
-    # a fragment: switching the PCA view reruns only these charts, not the whole page
-    st.fragment(sections.trajectory_views)(dyn, key="dyn_run", color_by="prompt_id")
+    sections.trajectory_views(dyn, key="dyn_run", color_by="prompt_id")  # its PCA switch: a fragment
     a, b = st.columns([1, 2], gap="large")
     with a:
         counts = data.verdict_counts(path, mtime)

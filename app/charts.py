@@ -743,9 +743,7 @@ def _joined_trajectories(groups: list[tuple[object, pd.DataFrame]], palette: Seq
     return pd.concat(parts, ignore_index=True)
 
 
-def _legend_note(
-    groups: list[tuple[object, pd.DataFrame]], palette: Sequence[str], labels: list[str]
-) -> dict:
+def _legend_note(palette: Sequence[str], labels: list[str]) -> dict:
     """The legend of a one-trace figure as a note above the plot: a coloured ■ and the label of each
     trajectory (an annotation costs no WebGL object; a trace per entry would)."""
     entries = [f"<span style='color:{c}'>■</span> {lab}" for c, lab in zip(palette, labels, strict=True)]
@@ -813,7 +811,7 @@ def pca_trajectories(
             )
         )
         if len(groups) <= 12:
-            fig.add_annotation(**_legend_note(groups, palette, list(names.values())))
+            fig.add_annotation(**_legend_note(palette, list(names.values())))
     for (key, g), color in zip(groups if dims == 2 else [], palette, strict=False):
         g = g.sort_values("iteration")
         label = _trajectory_label(key, color_by, labels)

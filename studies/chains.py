@@ -155,7 +155,7 @@ def run_chains_study(
         f"{len(lens_names)} lenses at T={steps}, {probe_n} for linear probes, {depth_n} at T = "
         f"{', '.join(map(str, depths))})"
     )
-    try:
+    with run:  # any error, an interrupt too, marks the run failed with the reason; re-running resumes it
         lenses: list[Any] = ["logit", "coda"]
         if tuned_lens:
             train_problems = [
@@ -168,9 +168,6 @@ def run_chains_study(
             )
         _depth_scaling(net, run, prompt_template, hops, depths, depth_n, seed)
         figures = _render(run, steps)
-    except BaseException as err:  # an interrupted run says so too; re-running resumes it
-        run.mark_failed(f"{type(err).__name__}: {err}")
-        raise
     run.mark_complete()
     _summary(run, figures, steps, time.monotonic() - t0, console)
     return run

@@ -743,6 +743,15 @@ def _joined_trajectories(groups: list[tuple[object, pd.DataFrame]], palette: Seq
     return pd.concat(parts, ignore_index=True)
 
 
+def _faded(color: str, share: float) -> str:
+    """``color`` mixed with white, from a pale quarter of it (``share`` 0) to all of it (``share`` 1)."""
+    import plotly.colors as pc
+
+    rgb = pc.convert_colors_to_same_type([color], colortype="tuple")[0][0]
+    mix = 0.25 + 0.75 * float(share)
+    return "rgb({:.0f},{:.0f},{:.0f})".format(*(255 * (1 - mix + mix * v) for v in rgb))
+
+
 def _legend_note(palette: Sequence[str], labels: list[str]) -> dict:
     """The legend of a one-trace figure as a note above the plot: a coloured ■ and the label of each
     trajectory (an annotation costs no WebGL object; a trace per entry would)."""
@@ -770,12 +779,15 @@ def pca_trajectories(
     title: str | None = None,
     height: int = 480,
 ) -> go.Figure:
-    """Latent trajectories across iterations in their first principal components (2-D or 3-D); each
-    trajectory a line from ○ (t=1) to ◆ (t=T), markers shaded by iteration.
+    """Latent trajectories across iterations in their first principal components (2-D or 3-D). In 2-D
+    each trajectory is a line from ○ (t=1) to ◆ (t=T), markers shaded by iteration; in 3-D a line that
+    goes from pale (t=1) to its full colour (t=T).
 
-    The 3-D scene draws every trajectory in ONE trace (per-vertex colours, a NaN row between
-    trajectories), its legend a note above the plot: a browser without a graphics card renders WebGL in
-    software, and each trace there costs ~0.1 s (8 prompts: 2.4 s -> ~1 s to switch to 3-D)."""
+    The 3-D scene is kept to what a browser without a graphics card draws quickly (it renders WebGL in
+    software): every trajectory in ONE trace (per-vertex colours, a NaN row between trajectories), its
+    legend a note above the plot, lines without markers, no axis text or spikes. Each trace, the markers
+    and the axis text each cost a few tenths of a second there (in a bare page, 0.9-1.5 s for the scene
+    with markers, axis titles and tick labels, 0.6-0.7 s without)."""
     cols = ["pc1", "pc2", "pc3"][:dims]
     data = dyn.dropna(subset=cols) if dyn is not None and len(dyn) else None
     if data is None or data.empty:
@@ -788,21 +800,16 @@ def pca_trajectories(
         joined = _joined_trajectories(groups, palette)
         names = {key: _trajectory_label(key, color_by, labels) for key, _ in groups}
         t = joined["iteration"]
+        shade = ((t - 1) / max(T - 1, 1)).fillna(1.0)
         fig.add_trace(
             go.Scatter3d(
                 x=joined["pc1"],
                 y=joined["pc2"],
                 z=joined["pc3"],
-                mode="lines+markers",
+                mode="lines",
                 name="trajectories",
-                line=dict(color=joined["_color"], width=4),
-                marker=dict(
-                    color=t.fillna(0),
-                    colorscale="Greys",
-                    cmin=0,
-                    cmax=T,
-                    size=[7 if v in (1, T) else 3 for v in t],
-                    line=dict(color=joined["_color"], width=1.5),
+                line=dict(
+                    color=[_faded(c, s) for c, s in zip(joined["_color"], shade, strict=True)], width=5
                 ),
                 customdata=np.column_stack([joined["_key"].map(names), t.fillna(0).astype(int)]),
                 hovertemplate="%{customdata[0]}<br>t=%{customdata[1]}<extra></extra>",
@@ -848,8 +855,11 @@ def pca_trajectories(
         legend=dict(font=dict(size=11)),
     )
     if dims == 3:
+        # No axis text: in software WebGL it costs more than the lines (titles ~0.25 s), and a PC's values
+        # mean little here (each trajectory has its own PCs); the title names the axes.
+        plain = dict(title=dict(text=""), showticklabels=False, showspikes=False)
         fig.update_layout(
-            scene=dict(xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"),
+            scene=dict(xaxis=plain, yaxis=plain, zaxis=plain),
             margin=dict(l=0, r=0, t=70, b=0),
         )
     else:

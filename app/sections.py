@@ -481,7 +481,12 @@ def pca_view(dyn: pd.DataFrame, key: str, color_by: str = "prompt_id", labels: d
         )
         or "2-D"
     )
-    title = "Latent trajectory across iterations (first principal components; ○ first iteration, ◆ last)"
+    ends = (
+        "PC1–PC3; pale at the first iteration, full colour at the last"
+        if dims == "3-D"
+        else "○ first iteration, ◆ last"
+    )
+    title = f"Latent trajectory across iterations (first principal components; {ends})"
     if dims == "3 projections":
         figure = charts.pca_projections(dyn, color_by=color_by, labels=labels, title=title)
     else:

@@ -258,7 +258,14 @@ def test_other_figures_and_empty_inputs():
     )
     fig = charts.step_curves(dyn)
     assert fig.layout.yaxis.type == "log" and len(fig.data) == 3  # two prompts and the median
-    assert charts.pca_trajectories(dyn, 3).data[0].type == "scatter3d"
+    scene3d = charts.pca_trajectories(dyn, 3)
+    (trace,) = scene3d.data  # one trace for every trajectory: each WebGL object costs in software rendering
+    assert trace.type == "scatter3d" and trace.mode == "lines"
+    assert not scene3d.layout.scene.xaxis.showticklabels and not scene3d.layout.scene.zaxis.showspikes
+    # each trajectory fades from pale at t=1 to its full colour at t=T; a NaN row breaks the line
+    first, last = trace.line.color[0], trace.line.color[3]
+    assert first != last and last == charts._faded(charts._palette(2)[0], 1.0)
+    assert np.isnan(trace.x[4]) and trace.line.color[5] == charts._faded(charts._palette(2)[1], 0.0)
     assert charts.pca_trajectories(dyn, 2).layout.yaxis.scaleanchor == "x"
     bar = charts.steps_used_bar([" 7", "\n"], [3, 16], 16)
     assert list(bar.data[0].y) == [3, 16]

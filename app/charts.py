@@ -785,9 +785,9 @@ def pca_trajectories(
 
     The 3-D scene is kept to what a browser without a graphics card draws quickly (it renders WebGL in
     software): every trajectory in ONE trace (per-vertex colours, a NaN row between trajectories), its
-    legend a note above the plot, lines without markers, no axis text or spikes. Each trace, the markers
-    and the axis text each cost a few tenths of a second there (in a bare page, 0.9-1.5 s for the scene
-    with markers, axis titles and tick labels, 0.6-0.7 s without)."""
+    legend a note above the plot, lines without markers, no axes. Each trace, the markers and the axes
+    (box, grid, titles, tick labels) each cost tenths of a second there: switching to 3-D in the explorer
+    took 1.8-2.4 s with a trace per trajectory, markers and axes, 0.7-1.1 s without them."""
     cols = ["pc1", "pc2", "pc3"][:dims]
     data = dyn.dropna(subset=cols) if dyn is not None and len(dyn) else None
     if data is None or data.empty:
@@ -855,11 +855,11 @@ def pca_trajectories(
         legend=dict(font=dict(size=11)),
     )
     if dims == 3:
-        # No axis text: in software WebGL it costs more than the lines (titles ~0.25 s), and a PC's values
-        # mean little here (each trajectory has its own PCs); the title names the axes.
-        plain = dict(title=dict(text=""), showticklabels=False, showspikes=False)
+        # No axes (box, grid, text, spikes): in software WebGL they cost more than the lines, and a PC's
+        # values mean little here (each trajectory has its own PCs); the title names the axes.
+        hidden = dict(visible=False)
         fig.update_layout(
-            scene=dict(xaxis=plain, yaxis=plain, zaxis=plain),
+            scene=dict(xaxis=hidden, yaxis=hidden, zaxis=hidden),
             margin=dict(l=0, r=0, t=70, b=0),
         )
     else:

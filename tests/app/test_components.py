@@ -261,7 +261,7 @@ def test_other_figures_and_empty_inputs():
     scene3d = charts.pca_trajectories(dyn, 3)
     (trace,) = scene3d.data  # one trace for every trajectory: each WebGL object costs in software rendering
     assert trace.type == "scatter3d" and trace.mode == "lines"
-    assert not scene3d.layout.scene.xaxis.showticklabels and not scene3d.layout.scene.zaxis.showspikes
+    assert scene3d.layout.scene.xaxis.visible is False and scene3d.layout.scene.zaxis.visible is False
     # each trajectory fades from pale at t=1 to its full colour at t=T; a NaN row breaks the line
     first, last = trace.line.color[0], trace.line.color[3]
     assert first != last and last == charts._faded(charts._palette(2)[0], 1.0)

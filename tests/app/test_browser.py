@@ -314,6 +314,14 @@ def test_analyses_and_dynamics(session, shots, timings):
         rerun(page, lambda: choice(page, "3 projections").click()),
     )
     shot(page, shots, "dynamics_projections", chart=2)
+    record(
+        timings, "interaction", "dynamics: PCA 3-D (WebGL)", rerun(page, lambda: choice(page, "3-D").click())
+    )
+    scene = figures(page)[2]  # one WebGL trace for every trajectory, its legend a note above the plot
+    assert [(t["type"], t["mode"]) for t in scene["traces"]] == [("scatter3d", "lines")]
+    assert "■" in scene["annotations"][0]
+    assert page.locator(".js-plotly-plot").nth(2).locator("canvas").count() >= 1
+    shot(page, shots, "dynamics_3d", chart=2)
 
 
 def test_live_probe_input_checks(session, shots):

@@ -787,7 +787,7 @@ def pca_trajectories(
     software): every trajectory in ONE trace (per-vertex colours, a NaN row between trajectories), its
     legend a note above the plot, lines without markers, no axes. Each trace, the markers and the axes
     (box, grid, titles, tick labels) each cost tenths of a second there: switching to 3-D in the explorer
-    took 1.8-2.4 s with a trace per trajectory, markers and axes, 0.7-1.1 s without them."""
+    took 1.8-2.4 s before (a trace per trajectory, markers, axes), 0.7-1.1 s now."""
     cols = ["pc1", "pc2", "pc3"][:dims]
     data = dyn.dropna(subset=cols) if dyn is not None and len(dyn) else None
     if data is None or data.empty:

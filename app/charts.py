@@ -715,12 +715,42 @@ def step_curves(
         yaxis=dict(
             title=names.get(metric, metric),
             type="log" if metric == "step_norm" else "linear",
-            dtick=1 if metric == "step_norm" else None,
             exponentformat="power",  # 10⁻⁴, not "100μ": a relative step has no unit
             gridcolor="rgba(0,0,0,0.08)",
+            **(_log_axis_ticks(data[metric]) if metric == "step_norm" else {}),
         ),
     )
     return fig
+
+
+def _log_axis_ticks(values: pd.Series) -> dict:
+    """Ticks of a log axis for ``values``: one per power of ten when they span one; within one decade
+    (where plotly would label nothing, or a lone digit) at 1, 2, 5 × 10ᵏ, every digit × 10ᵏ, or else the
+    two ends, labelled as plain numbers (never an SI prefix)."""
+    positive = values[values > 0]
+    if positive.empty:
+        return dict(dtick=1)
+    lo, hi = float(positive.min()), float(positive.max())
+    first = math.floor(math.log10(lo))
+    if math.floor(math.log10(hi)) > first:
+        return dict(dtick=1)
+    ticks = [lo, hi] if hi > lo else [lo]
+    for digits in ((1, 2, 5), range(1, 10)):
+        steps = [d * 10.0**first for d in digits if lo <= d * 10.0**first <= hi * (1 + 1e-9)]
+        if len(steps) >= 2:
+            ticks = steps
+            break
+    return dict(tickvals=ticks, ticktext=[_plain_number(t) for t in ticks])
+
+
+def _plain_number(value: float) -> str:
+    """Three significant digits, ``2.5×10⁻⁵`` outside 0.001 … 9,999 (never ``25μ``)."""
+    exponent = math.floor(math.log10(value))
+    if -3 <= exponent <= 2:
+        return f"{value:.3g}"
+    if exponent == 3:
+        return f"{value:,.0f}"
+    return f"{value / 10.0**exponent:.3g}×{power_label(exponent)}"
 
 
 def _palette(n: int) -> list[str]:

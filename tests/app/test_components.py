@@ -258,6 +258,12 @@ def test_other_figures_and_empty_inputs():
     )
     fig = charts.step_curves(dyn)
     assert fig.layout.yaxis.type == "log" and len(fig.data) == 3  # two prompts and the median
+    # steps 0.1-0.5 lie within one decade, where plotly's own log ticks would label nothing
+    assert fig.layout.yaxis.ticktext == ("0.1", "0.2", "0.5")
+    wide = dyn.assign(step_norm=[np.nan, 0.5, 0.02, 0.001] * 2)
+    assert charts.step_curves(wide).layout.yaxis.dtick == 1  # three decades: one tick per power of ten
+    tiny = charts.step_curves(dyn.assign(step_norm=[np.nan, 3.1e-5, 3.0e-5, 2.9e-5] * 2)).layout.yaxis
+    assert tiny.ticktext == ("2.9×10⁻⁵", "3.1×10⁻⁵")  # narrower than a digit step: the two ends, no "μ"
     scene3d = charts.pca_trajectories(dyn, 3)
     (trace,) = scene3d.data  # one trace for every trajectory: each WebGL object costs in software rendering
     assert trace.type == "scatter3d" and trace.mode == "lines"

@@ -541,7 +541,9 @@ def adaptive_view(session: LiveSession, key: str, criteria: tuple[str, ...] = li
     a = session.args
     trace = live.cached_exit_trace(session.name, a.prompt, a.num_steps, crit)
     ui.chart(
-        charts.exit_trace_chart(trace, crit, title=f"`{crit}` at every iteration · the prompt's next token"),
+        charts.exit_trace_chart(
+            trace, crit, title=f"exit criterion {crit} at every iteration · the prompt's next token"
+        ),
         key=f"{key}_trace",
         data=trace,
         file_name=f"exit-trace-{crit}",

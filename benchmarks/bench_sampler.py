@@ -82,6 +82,20 @@ def random_model(width: int, heads: int, core: int, seed: int) -> lens.Recurrent
     return lens.RecurrentDepthLM(cfg).eval()
 
 
+def _trained(name: str, task: str, problems: list) -> dict[str, Any]:
+    """An embedded model's workload: its held-out problems rendered with its prompt template."""
+    net = lens.load_model(name)
+    tok = net.tokenizer
+    template = resolve_template(None, tok)
+    return {
+        "model": f"{name} (trained, {task})",
+        "net": net,
+        "problems": problems,
+        "prompts": [tok.encode(template.render(p.context, tok)) for p in problems],
+        "answers": [template.expected_answer(p.completion) for p in problems],
+    }
+
+
 WORKLOADS = ("tiny-arith", "tiny-chains", "random-128", "random-512")
 """The benchmark's models by key (``--models``); ``random-512`` is left out of ``--quick``."""
 
@@ -93,33 +107,17 @@ def workloads(keys: list[str], n: int) -> list[dict[str, Any]]:
     random_prompts = [torch.randint(0, 1024, (12,), generator=gen).tolist() for _ in range(n)]
     for key in keys:
         if key == "tiny-arith":
-            arith = lens.load_model("tiny-arith")
-            tok = arith.tokenizer
-            template = resolve_template(None, tok)
-            problems = arithmetic.sample("arithmetic_1dc", n, split="test", seed=0)
             out.append(
-                {
-                    "model": "tiny-arith (trained, arithmetic)",
-                    "net": arith,
-                    "prompts": [tok.encode(template.render(p.context, tok)) for p in problems],
-                    "answers": [template.expected_answer(p.completion) for p in problems],
-                }
+                _trained(
+                    "tiny-arith", "arithmetic", arithmetic.sample("arithmetic_1dc", n, split="test", seed=0)
+                )
             )
         elif key == "tiny-chains":
-            chains = lens.load_model("tiny-chains")
-            tok = chains.tokenizer
-            template = resolve_template(None, tok)
-            problems = sample_problems(CHAINS_TASK, n, seed=0)
-            out.append(
-                {
-                    "model": "tiny-chains (trained, two-hop traces)",
-                    "net": chains,
-                    "prompts": [tok.encode(template.render(p.context, tok)) for p in problems],
-                    "answers": [template.expected_answer(p.completion) for p in problems],
-                    "new_tokens": max(len(tok.encode(p.completion)) for p in problems),
-                    "steps": chains.config.mean_recurrence,
-                }
-            )
+            work = _trained("tiny-chains", "two-hop traces", sample_problems(CHAINS_TASK, n, seed=0))
+            tok = work["net"].tokenizer
+            work["new_tokens"] = max(len(tok.encode(p.completion)) for p in work["problems"])
+            work["steps"] = work["net"].config.mean_recurrence
+            out.append(work)
         else:
             width, heads, core = {"random-128": (128, 4, 1), "random-512": (512, 8, 2)}[key]
             out.append(

@@ -727,7 +727,7 @@ def _log_axis_ticks(values: pd.Series) -> dict:
     """Ticks of a log axis for ``values``: one per power of ten when they span one; within one decade
     (where plotly would label nothing, or a lone digit) at 1, 2, 5 × 10ᵏ, every digit × 10ᵏ, or else the
     two ends, labelled as plain numbers (never an SI prefix)."""
-    positive = values[values > 0]
+    positive = values[np.isfinite(values) & (values > 0)]  # a damaged run can hold inf (a zero state)
     if positive.empty:
         return dict(dtick=1)
     lo, hi = float(positive.min()), float(positive.max())

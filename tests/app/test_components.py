@@ -264,6 +264,8 @@ def test_other_figures_and_empty_inputs():
     assert charts.step_curves(wide).layout.yaxis.dtick == 1  # three decades: one tick per power of ten
     tiny = charts.step_curves(dyn.assign(step_norm=[np.nan, 3.1e-5, 3.0e-5, 2.9e-5] * 2)).layout.yaxis
     assert tiny.ticktext == ("2.9×10⁻⁵", "3.1×10⁻⁵")  # narrower than a digit step: the two ends, no "μ"
+    damaged = dyn.assign(step_norm=[np.nan, np.inf, 0.2, 0.1] * 2)  # a zero-norm state: an infinite step
+    assert charts.step_curves(damaged).layout.yaxis.ticktext == ("0.1", "0.2")
     scene3d = charts.pca_trajectories(dyn, 3)
     (trace,) = scene3d.data  # one trace for every trajectory: each WebGL object costs in software rendering
     assert trace.type == "scatter3d" and trace.mode == "lines"

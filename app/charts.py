@@ -26,6 +26,7 @@ import inspect
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -88,6 +89,33 @@ def _legend_below(height: int, margin: dict = _MARGIN_LEGEND) -> dict:
     """A horizontal legend 58 px under the plot area (under the x-axis title), whatever the height."""
     plot = max(height - margin["t"] - margin["b"], 100)
     return {**_LEGEND_BELOW, "y": -58 / plot}
+
+
+def _style(
+    fig: go.Figure,
+    *,
+    height: int,
+    title: str | None = None,
+    margin: dict | None = None,
+    legend_below: bool = False,
+    background: str = "white",
+    **layout: Any,
+) -> None:
+    """Every explorer chart's look in one place: the font, the hover box, the plot area's colour and a
+    left-aligned title; ``legend_below`` puts a horizontal legend under the x-axis title (and leaves
+    room for it). ``layout`` is the chart's own (axes, shapes…) and wins over these."""
+    common: dict[str, Any] = dict(
+        height=height,
+        font=_FONT,
+        hoverlabel=_HOVER,
+        margin=margin or (_MARGIN_LEGEND if legend_below else _MARGIN),
+        plot_bgcolor=background,
+    )
+    if title:
+        common["title"] = dict(text=title, x=0, xanchor="left", font=dict(size=16))
+    if legend_below:
+        common["legend"] = _legend_below(height)
+    fig.update_layout(**(common | layout))
 
 
 _SPECIAL = re.compile(r"^<\|(.+)\|>$")
@@ -411,17 +439,14 @@ def rank_trajectory(
     width = layout.n_unrolled if layout is not None else int(rows["unrolled_index"].max()) + 1
     fig = go.Figure(_trajectory_traces(rows, hover, agg_hover, show_prompts=show_prompts, color_by=color_by))
     shapes, notes = _stage_shapes(layout)
-    fig.update_layout(
+    _style(
+        fig,
+        height=height,
+        title=title,
+        legend_below=True,
         shapes=shapes,
         annotations=notes,
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN_LEGEND,
         hovermode="closest",
-        plot_bgcolor="white",
-        legend=_legend_below(height),
         xaxis=dict(
             title="unrolled layer (prelude → core iterations → coda)",
             gridcolor="rgba(0,0,0,0.05)",
@@ -551,13 +576,11 @@ def rank_heatmap(
             ygap=2,
         )
     )
-    fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+    _style(
+        fig,
         height=height or min(900, max(260, 70 + 26 * R)),
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN,
-        plot_bgcolor="#e9e9ee",  # cells without a value (not decoded, no such block) show as grey
+        title=title,
+        background="#e9e9ee",  # cells without a value (not decoded, no such block) show as grey
         yaxis=dict(autorange="reversed", title=None, tickfont=dict(size=11)),
         xaxis=dict(side="bottom", title=dict(text="core block", font=dict(size=12)), tickangle=0),
     )
@@ -615,13 +638,11 @@ def lens_grid(
             colorbar=dict(title=dict(text="p(top-1)"), len=0.9),
         )
     )
-    fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+    _style(
+        fig,
         height=height or min(1400, max(300, 130 + 30 * len(rows))),
-        font=_FONT,
-        hoverlabel=_HOVER,
+        title=title,
         margin=dict(l=120, r=20, t=50, b=80),
-        plot_bgcolor="white",
         xaxis=dict(
             tickmode="array",
             tickvals=list(range(len(positions))),
@@ -697,13 +718,10 @@ def step_curves(
         "cos_to_last": "cosine to the last iteration",
         "norm": "‖hₜ‖",
     }
-    fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+    _style(
+        fig,
         height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN,
-        plot_bgcolor="white",
+        title=title,
         legend=dict(font=dict(size=11)) if len(groups) <= 12 else dict(visible=False),
         showlegend=len(groups) <= 12,
         xaxis=dict(
@@ -880,15 +898,12 @@ def pca_trajectories(
                 hovertemplate=f"{label}<br>t=%{{customdata}}<extra></extra>",
             )
         )
-    fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+    _style(
+        fig,
         height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN,
-        plot_bgcolor="white",
-        showlegend=dims == 2 and len(groups) <= 12,
+        title=title,
         legend=dict(font=dict(size=11)),
+        showlegend=dims == 2 and len(groups) <= 12,
     )
     if dims == 3:
         # No axes (box, grid, text, spikes): in software WebGL they cost more than the lines, and a PC's
@@ -955,15 +970,12 @@ def pca_projections(
             )
     fig.update_xaxes(zeroline=False, gridcolor="rgba(0,0,0,0.06)")
     fig.update_yaxes(zeroline=False, gridcolor="rgba(0,0,0,0.06)")
-    fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+    _style(
+        fig,
         height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN,
-        plot_bgcolor="white",
-        showlegend=len(groups) <= 12,
+        title=title,
         legend=dict(font=dict(size=11)),
+        showlegend=len(groups) <= 12,
     )
     return fig
 
@@ -998,13 +1010,10 @@ def steps_used_bar(
         annotation_text=f"cap {max_steps}",
         annotation_position="top right",
     )
-    fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+    _style(
+        fig,
         height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN,
-        plot_bgcolor="white",
+        title=title,
         showlegend=False,
         xaxis=dict(
             tickmode="array",
@@ -1041,13 +1050,12 @@ def accuracy_by_depth(frame: pd.DataFrame, *, title: str | None = None, height: 
                 "<extra></extra>",
             )
         )
-    fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+    _style(
+        fig,
         height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
+        title=title,
         margin=dict(l=60, r=10, t=60, b=50),
-        plot_bgcolor="white",
+        legend=dict(x=1.02, xanchor="left", y=1, yanchor="top", font=dict(size=11)),  # beside the plot
         xaxis=dict(
             title="iterations T",
             type="log",
@@ -1055,7 +1063,6 @@ def accuracy_by_depth(frame: pd.DataFrame, *, title: str | None = None, height: 
             gridcolor="rgba(0,0,0,0.06)",
         ),
         yaxis=dict(title="accuracy", tickformat=".0%", range=[0, 1.05], gridcolor="rgba(0,0,0,0.08)"),
-        legend=dict(x=1.02, xanchor="left", y=1, yanchor="top", font=dict(size=11)),  # beside the plot
     )
     return fig
 
@@ -1103,13 +1110,11 @@ def verdict_bar(counts: pd.DataFrame, *, height: int = 260) -> go.Figure:
             hovertemplate="<b>%{y}</b>: %{x} trajectories<br>%{customdata}<extra></extra>",
         )
     )
-    fig.update_layout(
+    _style(
+        fig,
         height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
         margin=dict(l=100, r=20, t=40, b=40),
-        plot_bgcolor="white",
-        title=dict(text="latent trajectories end as…", x=0, font=dict(size=15)),
+        title="latent trajectories end as…",
         xaxis=dict(title="trajectories", gridcolor="rgba(0,0,0,0.08)"),
         yaxis=dict(autorange="reversed"),
     )
@@ -1176,12 +1181,9 @@ def compare_trajectories(
     fig.update_yaxes(**_rank_axis(rng), row=1, col=1)
     for col in range(2, len(panels) + 1):
         fig.update_yaxes(type="log", dtick=1, row=1, col=col, gridcolor="rgba(0,0,0,0.08)")
-    fig.update_layout(
+    _style(
+        fig,
         height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN,
-        plot_bgcolor="white",
         hovermode="closest",
         showlegend=False,
         shapes=shapes,
@@ -1237,17 +1239,14 @@ def overview_figure(
             )
         )
     shapes, notes = _stage_shapes(layout)
-    fig.update_layout(
+    _style(
+        fig,
+        height=height,
+        title=title,
+        legend_below=True,
         shapes=shapes,
         annotations=notes,
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN_LEGEND,
-        plot_bgcolor="white",
         hovermode="closest",
-        legend=_legend_below(height),
         xaxis=dict(title="unrolled layer", gridcolor="rgba(0,0,0,0.05)", zeroline=False),
         yaxis=_rank_axis((max(float(data["ci_low"].min()), 1), float(data["ci_high"].max()))),
     )
@@ -1317,13 +1316,10 @@ def exit_gate_curves(rows: pd.DataFrame, *, threshold: float = 0.5, height: int 
     fig.add_hline(y=threshold, line=dict(color="#888", dash="dot", width=1), row=1, col=1)
     fig.update_xaxes(title_text="iteration t", dtick=1)
     fig.update_yaxes(range=[-0.02, 1.02])
-    fig.update_layout(
+    _style(
+        fig,
         height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN_LEGEND,
-        plot_bgcolor="white",
-        legend=_legend_below(height),
+        legend_below=True,
     )
     return fig
 
@@ -1363,7 +1359,10 @@ def exit_gate_heatmap(
         )
     )
     rindex = {t: i for i, t in enumerate(grid.index)}
-    fig.update_layout(
+    _style(
+        fig,
+        height=max(240, 90 + 40 * len(grid.index)),
+        margin=dict(l=60, r=20, t=30, b=80),
         shapes=[
             dict(
                 type="rect",
@@ -1375,11 +1374,6 @@ def exit_gate_heatmap(
             )
             for j, t in enumerate(exits.tolist())
         ],
-        height=max(240, 90 + 40 * len(grid.index)),
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=dict(l=60, r=20, t=30, b=80),
-        plot_bgcolor="white",
         xaxis=dict(
             tickmode="array",
             tickvals=list(range(len(positions))),
@@ -1434,16 +1428,13 @@ def probability_entropy(
         title_text="entropy (nats)", rangemode="tozero", row=2, col=1, gridcolor="rgba(0,0,0,0.08)"
     )
     fig.update_xaxes(title_text="unrolled layer", row=2, col=1, gridcolor="rgba(0,0,0,0.05)")
-    fig.update_layout(
+    _style(
+        fig,
+        height=height,
+        title=title,
+        legend_below=True,
         shapes=shapes,
         annotations=list(fig.layout.annotations) + notes,
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN_LEGEND,
-        plot_bgcolor="white",
-        legend=_legend_below(height),
     )
     return fig
 
@@ -1520,15 +1511,12 @@ def exit_trace_chart(
                 x=t, xref="x", y=1, yref="paper", yanchor="bottom", text=f"exits after t={t}", showarrow=False
             )
         )
-    fig.update_layout(
+    _style(
+        fig,
+        height=height,
+        title=title,
         shapes=shapes,
         annotations=notes,
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN,
-        plot_bgcolor="white",
         showlegend=False,
         xaxis=dict(
             title="iteration t", gridcolor="rgba(0,0,0,0.06)", dtick=max(1, math.ceil(len(trace) / 16))
@@ -1621,17 +1609,16 @@ def overlay_trajectories(
                     )
                 )
     all_rows = [rows for _, rows, _ in series if rows is not None and len(rows)]
-    fig.update_layout(
+    _style(
+        fig,
+        height=height,
+        legend_below=True,
+        margin=dict(l=60, r=20, t=60 + 18 * len(series), b=110),
         shapes=shapes,
         annotations=notes,
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16), y=0.98) if title else None,
-        height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=dict(l=60, r=20, t=60 + 18 * len(series), b=110),
-        plot_bgcolor="white",
+        title=title,
+        title_y=0.98,  # above the stage notes of every run
         hovermode="closest",
-        legend=_legend_below(height),
         xaxis=dict(
             title="fraction of unrolled depth" if relative_depth else "unrolled layer",
             gridcolor="rgba(0,0,0,0.05)",
@@ -1684,15 +1671,12 @@ def intermediate_vs_final(
             )
         )
     steps = int(d["iteration"].max())
-    fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
+    _style(
+        fig,
         height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN_LEGEND,
-        plot_bgcolor="white",
+        title=title,
+        legend_below=True,
         hovermode="closest",
-        legend=_legend_below(height),
         xaxis=dict(
             title="recurrent iteration t",
             range=[0.5, steps + 0.5],
@@ -1738,16 +1722,13 @@ def numeric_share(
             )
         )
     shapes, notes = _stage_shapes(layout)
-    fig.update_layout(
+    _style(
+        fig,
+        height=height,
+        title=title,
+        legend_below=True,
         shapes=shapes,
         annotations=notes,
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=16)) if title else None,
-        height=height,
-        font=_FONT,
-        hoverlabel=_HOVER,
-        margin=_MARGIN_LEGEND,
-        plot_bgcolor="white",
-        legend=_legend_below(height),
         xaxis=dict(title="unrolled layer", gridcolor="rgba(0,0,0,0.05)", zeroline=False),
         yaxis=dict(
             title="numeric share of top-5",

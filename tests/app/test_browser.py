@@ -174,10 +174,23 @@ def slider_key(page, index: int, key: str):
     return act
 
 
+#: True once the sidebar's rerun has caught up with the run selector: the picked label (icon and name)
+#: contains ``label_part`` and the caption under the selector, written by the rerun, repeats its name.
+PICKED_JS = """label => {
+  const bar = document.querySelector('[data-testid="stSidebar"]');
+  const box = bar && bar.querySelector('[data-testid="stSelectbox"] input[role="combobox"]');
+  const shown = box ? box.value.trim() : '';
+  return shown.includes(label) && [...bar.querySelectorAll('[data-testid="stCaptionContainer"]')]
+    .some(c => c.innerText.trim() && shown.endsWith(' ' + c.innerText.trim()));
+}"""
+
+
 def pick_run(page, label_part: str) -> None:
-    """Pick a run in the sidebar's run selector by (part of) its label."""
+    """Pick a run in the sidebar's run selector by (part of) its label, and wait for the rerun it starts
+    (on a loaded machine that rerun can begin after the script already looks idle)."""
     page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
     page.get_by_role("option").filter(has_text=label_part).first.click()
+    page.wait_for_function(PICKED_JS, arg=label_part, timeout=TIMEOUT_MS)
     browser.idle(page, TIMEOUT_MS)
 
 

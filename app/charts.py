@@ -82,13 +82,7 @@ _HOVER = dict(
     bgcolor="rgba(255,255,255,0.95)", bordercolor="#999", font=dict(size=12, color="#222"), align="left"
 )
 _MARGIN_LEGEND = dict(l=60, r=20, t=60, b=110)
-_LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.2, x=0, xanchor="left")
-
-
-def _legend_below(height: int, margin: dict = _MARGIN_LEGEND) -> dict:
-    """A horizontal legend 58 px under the plot area (under the x-axis title), whatever the height."""
-    plot = max(height - margin["t"] - margin["b"], 100)
-    return {**_LEGEND_BELOW, "y": -58 / plot}
+_LEGEND_BELOW = dict(orientation="h", yanchor="top", x=0, xanchor="left")
 
 
 def _style(
@@ -113,8 +107,9 @@ def _style(
     )
     if title:
         common["title"] = dict(text=title, x=0, xanchor="left", font=dict(size=16))
-    if legend_below:
-        common["legend"] = _legend_below(height)
+    if legend_below:  # 58 px under a plot area of the legend margin's height: under the x-axis title
+        plot = max(height - _MARGIN_LEGEND["t"] - _MARGIN_LEGEND["b"], 100)
+        common["legend"] = {**_LEGEND_BELOW, "y": -58 / plot}
     fig.update_layout(**(common | layout))
 
 

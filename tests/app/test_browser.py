@@ -187,7 +187,7 @@ PICKED_JS = """label => {
 
 def pick_run(page, label_part: str) -> None:
     """Pick a run in the sidebar's run selector by (part of) its label, and wait for the rerun it starts
-    (on a loaded machine that rerun can begin after the script already looks idle)."""
+    (the selector sends its new value a moment after the click, so the script can still look idle)."""
     page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
     page.get_by_role("option").filter(has_text=label_part).first.click()
     page.wait_for_function(PICKED_JS, arg=label_part, timeout=TIMEOUT_MS)
